@@ -1,0 +1,153 @@
+"""The engine on its own thread, fed and drained from asyncio.
+
+Torch releases the GIL in its kernels, so the event loop keeps serving RPCs while a step runs.
+Requests and aborts enter through a queue and are applied between steps; each request's outputs
+go back to the event loop on its own asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from services.model_shard.engine.engine import LLMEngine
+from services.model_shard.engine.request import FinishReason, RequestOutput, RequestTimes, SamplingParams
+from services.model_shard.engine.scheduler import QueueFullError
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; requests on it cannot finish."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    outputs: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    accepted: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Add] = {}  # owned by the engine thread
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[list[RequestOutput]]:
+        """Yields the outputs available at each wake-up (several when the reader fell behind).
+
+        Raises ValueError (bad request), QueueFullError, or EngineDeadError. Leaving the loop
+        early (cancellation) aborts the request in the engine.
+        """
+        if self._error is not None:
+            raise EngineDeadError(f"the engine failed: {self._error}")
+        loop = asyncio.get_running_loop()
+        add = _Add(request_id, prompt_token_ids, params, asyncio.Queue(), loop, loop.create_future())
+        self._inbox.put(add)
+        finished = False
+        try:
+            await add.accepted  # raises what add_request raised
+            while not finished:
+                batch = [await add.outputs.get()]
+                while not add.outputs.empty():
+                    batch.append(add.outputs.get_nowait())
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                finished = batch[-1].finished
+                yield batch
+        finally:
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    # --- engine thread ---
+
+    def _apply(self, msg) -> None:
+        if isinstance(msg, _Add):
+            try:
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+            except (ValueError, QueueFullError) as exc:
+                msg.loop.call_soon_threadsafe(_settle, msg.accepted, exc)
+                return
+            self._streams[msg.request_id] = msg
+            msg.loop.call_soon_threadsafe(_settle, msg.accepted, None)
+        elif isinstance(msg, _Abort):
+            if self.engine.abort(msg.request_id):
+                self._deliver(self._aborted_output(msg.request_id))
+
+    def _aborted_output(self, request_id: str) -> RequestOutput:
+        stream = self._streams[request_id]
+        return RequestOutput(request_id, [], FinishReason.ABORTED, len(stream.prompt_token_ids), 0, RequestTimes())
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finished:
+            del self._streams[out.request_id]
+        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                # Block only when idle; otherwise take what arrived and step.
+                msg = self._inbox.get() if not self.engine.has_work else self._get_nowait()
+                while msg is not None:
+                    self._apply(msg)
+                    msg = self._get_nowait()
+                if self.engine.has_work:
+                    for out in self.engine.step():
+                        self._deliver(out)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+            log.exception("engine thread failed")
+            self._error = exc
+            dead = EngineDeadError(f"the engine failed: {exc}")
+            for stream in list(self._streams.values()):
+                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, dead)
+            self._streams.clear()
+
+    def _get_nowait(self):
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+
+def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)

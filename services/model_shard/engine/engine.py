@@ -1,0 +1,89 @@
+"""The engine: a scheduler and an executor, stepped one batch at a time."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.model_shard.engine.kv_blocks import BlockPool
+from services.model_shard.engine.request import RequestOutput, SamplingParams, Sequence
+from services.model_shard.engine.scheduler import Scheduler, SchedulerConfig
+from services.model_shard.executor.local import LocalExecutor, kv_cache_bytes_per_block
+from services.model_shard.model.llama import LlamaForServing, load_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "float32"
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    max_model_len: int | None = None  # None: the model's own limit
+    max_running: int = 64
+    max_waiting: int = 256
+    max_batched_tokens: int = 4096
+
+
+class LLMEngine:
+    def __init__(self, model: LlamaForServing, config: EngineConfig):
+        self.model = model
+        self.config = config
+        cfg = model.cfg
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        dtype = model.embed_tokens.weight.dtype
+        num_blocks = config.kv_cache_bytes // kv_cache_bytes_per_block(model, config.block_size, dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {config.block_size} tokens")
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_model_len=self.max_model_len,
+                max_running=config.max_running,
+                max_waiting=config.max_waiting,
+                max_batched_tokens=config.max_batched_tokens,
+            ),
+            self.pool,
+        )
+        self.executor = LocalExecutor(model, num_blocks, config.block_size)
+        self.eos_token_ids = frozenset(cfg.eos_token_ids)
+        log.info("engine ready: %d KV blocks of %d tokens, context %d", num_blocks, config.block_size, self.max_model_len)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, config: EngineConfig) -> "LLMEngine":
+        return cls(load_model(model_dir, DTYPES[config.dtype]), config)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+        params.validate()
+        vocab = self.model.cfg.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled = self.executor.execute(out)
+        return self.scheduler.update_from_output(out, sampled)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion together (offline use and tests)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(f"offline-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        while self.has_work:
+            self.step()
+        return [s.output_token_ids for s in seqs]

@@ -1,0 +1,97 @@
+"""Runs scheduled steps on the model in this process: builds the flat batch, runs it, samples."""
+
+from __future__ import annotations
+
+import torch
+
+from services.model_shard.engine.request import SamplingParams
+from services.model_shard.engine.sampler import sample
+from services.model_shard.engine.scheduler import SchedulerOutput
+from services.model_shard.model.llama import AttentionMetadata, DecodeBatch, LlamaForServing, PrefillSpan
+
+
+def kv_cache_bytes_per_block(model: LlamaForServing, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.cfg
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    return per_token * block_size
+
+
+class LocalExecutor:
+    def __init__(self, model: LlamaForServing, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        cfg = model.cfg
+        dtype = model.embed_tokens.weight.dtype
+        num_slots = num_blocks * block_size
+        self.kv_caches = [
+            (
+                torch.zeros(num_slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
+                torch.zeros(num_slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        self._generators: dict[str, torch.Generator | None] = {}
+
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
+        if request_id not in self._generators:
+            gen = None
+            if params.seed is not None and not params.greedy:
+                gen = torch.Generator().manual_seed(params.seed)
+            self._generators[request_id] = gen
+        return self._generators[request_id]
+
+    def _slots(self, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def prepare(self, out: SchedulerOutput):
+        """Flat input ids, positions and attention metadata for one step."""
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        sample_index: list[int] = []
+        decode_rows: list[tuple[int, int, list[int]]] = []  # (flat index, context length, blocks)
+        prefills: list[PrefillSpan] = []
+        for item in out.scheduled:
+            seq, start = item.seq, len(input_ids)
+            first = seq.num_computed_tokens
+            end_pos = first + item.num_new_tokens
+            input_ids.extend(seq.token_ids[first:end_pos])
+            pos = torch.arange(first, end_pos)
+            positions.append(pos)
+            slots.append(self._slots(seq.block_ids, pos))
+            sample_index.append(len(input_ids) - 1)
+            if item.num_new_tokens == 1:
+                decode_rows.append((start, end_pos, seq.block_ids))
+            elif first == 0:
+                prefills.append(PrefillSpan(start, len(input_ids), None, None))
+            else:  # a continuation over cached context
+                ctx = torch.arange(end_pos)
+                mask = (ctx.unsqueeze(0) <= pos.unsqueeze(1)).unsqueeze(0)  # [1, q, C]
+                prefills.append(PrefillSpan(start, len(input_ids), self._slots(seq.block_ids, ctx), mask))
+        meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=prefills)
+        if decode_rows:
+            longest = max(n for _, n, _ in decode_rows)
+            width = -(-longest // self.block_size)
+            tables = torch.tensor([b[:width] + [0] * (width - len(b[:width])) for _, _, b in decode_rows])
+            lengths = torch.tensor([n for _, n, _ in decode_rows])
+            ctx = torch.arange(longest)
+            kv_slots = tables[:, ctx // self.block_size] * self.block_size + ctx % self.block_size
+            mask = (ctx.unsqueeze(0) < lengths.unsqueeze(1))[:, None, None, :]
+            meta.decode = DecodeBatch(torch.tensor([i for i, _, _ in decode_rows]), kv_slots, mask)
+        return torch.tensor(input_ids), torch.cat(positions), meta, torch.tensor(sample_index)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        for request_id in out.finished_request_ids:
+            self._generators.pop(request_id, None)
+        if not out.scheduled:
+            return []
+        input_ids, positions, meta, sample_index = self.prepare(out)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        logits = self.model.compute_logits(hidden[sample_index])
+        seqs = [item.seq for item in out.scheduled]
+        params = [s.params for s in seqs]
+        generators = [self._generator(s.request_id, s.params) for s in seqs]
+        histories = [s.token_ids for s in seqs] if any(p.repetition_penalty != 1.0 for p in params) else None
+        return sample(logits, params, generators, histories)

@@ -1,0 +1,279 @@
+"""A compact Llama for serving: one flat batch of tokens over a paged KV cache.
+
+Every sequence in a step contributes its new tokens to one flat batch `[T]`; attention reads each
+sequence's context from the KV cache through slot indices (`AttentionMetadata`), so sequences of any
+length share one forward pass with no padding of the projections or the MLP.
+
+The KV cache of a layer is a pair of tensors `[num_slots, num_kv_heads, head_dim]`, a slot being
+`block_id * block_size + offset`; the block structure lives in the engine's block pool only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "LlamaConfig":
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"unsupported RoPE scaling {rope_type!r}; only 'default' is implemented")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        num_heads = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=d.get("num_key_value_heads", num_heads),
+            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "LlamaConfig":
+        return cls.from_hf_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
+@dataclass
+class DecodeBatch:
+    """Sequences that add exactly one token this step, attended in one padded call."""
+
+    token_index: torch.Tensor  # [B] positions of their tokens in the flat batch
+    kv_slots: torch.Tensor  # [B, L] context slots, padded with slot 0
+    mask: torch.Tensor  # [B, 1, 1, L] True where the key is real context
+
+
+@dataclass
+class PrefillSpan:
+    """A sequence that adds several tokens (a prompt, or a chunk of one)."""
+
+    start: int  # its tokens are flat[start:end]
+    end: int
+    kv_slots: torch.Tensor | None  # [C] all context slots; None when the span is the whole context
+    mask: torch.Tensor | None  # [1, end-start, C] causal mask over the context; None with kv_slots None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    decode: DecodeBatch | None = None
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary positions, non-interleaved halves (HF layout)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1)
+        qf, kf = q.float(), k.float()
+        q = (qf * cos + self._rotate_half(qf) * sin).to(q.dtype)
+        k = (kf * cos + self._rotate_half(kf) * sin).to(k.dtype)
+        return q, k
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # q, k and v fused into one matmul; the loader concatenates the checkpoint's three weights.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.rope = rope
+
+    def forward(self, x, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = self.rope(positions, q, k)
+
+        k_cache, v_cache = kv_cache  # [S, KVH, D]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)  # [T, H, D]
+        if meta.decode is not None:
+            d = meta.decode
+            qd = q.index_select(0, d.token_index).unsqueeze(2)  # [B, H, 1, D]
+            kd = k_cache[d.kv_slots].transpose(1, 2)  # [B, KVH, L, D]
+            vd = v_cache[d.kv_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, enable_gqa=True)
+            out.index_copy_(0, d.token_index, od.squeeze(2))
+        for span in meta.prefills:
+            qp = q[span.start : span.end].transpose(0, 1)  # [H, L, D]
+            if span.kv_slots is None:
+                kp = k[span.start : span.end].transpose(0, 1)  # [KVH, L, D]
+                vp = v[span.start : span.end].transpose(0, 1)
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+            else:
+                kp = k_cache[span.kv_slots].transpose(0, 1)  # [KVH, C, D]
+                vp = v_cache[span.kv_slots].transpose(0, 1)
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, enable_gqa=True)
+            out[span.start : span.end] = op.transpose(0, 1)
+        return self.o_proj(out.view(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForServing(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]; returns the final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, kv_cache, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] (only the rows that sample); returns float32 logits [N, vocab]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(hidden), weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a HF Llama state dict (names as in `LlamaForCausalLM`), fusing q/k/v and gate/up."""
+        params = dict(self.named_parameters())
+
+        def put(name: str, value: torch.Tensor) -> None:
+            param = params.pop(name)
+            if param.shape != value.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}")
+            param.copy_(value)
+
+        put("embed_tokens.weight", tensors["model.embed_tokens.weight"])
+        put("norm.weight", tensors["model.norm.weight"])
+        if self.lm_head is not None:
+            put("lm_head.weight", tensors["lm_head.weight"])
+        for i in range(self.cfg.num_layers):
+            src, dst = f"model.layers.{i}.", f"layers.{i}."
+            attn = src + "self_attn."
+            put(dst + "self_attn.qkv_proj.weight",
+                torch.cat([tensors[attn + f"{p}_proj.weight"] for p in ("q", "k", "v")]))
+            put(dst + "self_attn.o_proj.weight", tensors[attn + "o_proj.weight"])
+            mlp = src + "mlp."
+            put(dst + "mlp.gate_up_proj.weight",
+                torch.cat([tensors[mlp + "gate_proj.weight"], tensors[mlp + "up_proj.weight"]]))
+            put(dst + "mlp.down_proj.weight", tensors[mlp + "down_proj.weight"])
+            put(dst + "input_layernorm.weight", tensors[src + "input_layernorm.weight"])
+            put(dst + "post_attention_layernorm.weight", tensors[src + "post_attention_layernorm.weight"])
+        if params:
+            raise ValueError(f"checkpoint is missing {sorted(params)}")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForServing:
+    """Build the serving model from a folder with config.json and *.safetensors."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    cfg = LlamaConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = LlamaForServing(cfg)
+    model = model.to_empty(device="cpu")
+    # Buffers built on meta are empty: rebuild the RoPE tables for real.
+    rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+    for layer in model.layers:
+        layer.self_attn.rope = rope
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    if not tensors:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    model.load_weights(tensors)
+    model = model.to(dtype).eval()
+    rope.cos, rope.sin = rope.cos.float(), rope.sin.float()  # positions stay exact in any dtype
+    return model

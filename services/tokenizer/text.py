@@ -1,0 +1,78 @@
+"""The model's tokenizer and chat template, loaded from a model folder (no transformers needed)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+class ChatTemplateError(ValueError):
+    pass
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        self.name = model_dir.name
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config = _read_json(model_dir / "tokenizer_config.json")
+        template_file = model_dir / "chat_template.jinja"
+        template = template_file.read_text() if template_file.exists() else config.get("chat_template")
+        # Rendered like transformers does: a sandbox, blocks trimmed.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        self._template = env.from_string(template) if template else None
+        self._special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        eos_ids = set()
+        gen_config = _read_json(model_dir / "generation_config.json")
+        for source in (gen_config.get("eos_token_id"), _read_json(model_dir / "config.json").get("eos_token_id")):
+            eos_ids.update(source if isinstance(source, list) else [] if source is None else [source])
+        if self._special["eos_token"]:
+            eos_ids.add(self.tokenizer.token_to_id(self._special["eos_token"]))
+        self.eos_token_ids = sorted(i for i in eos_ids if i is not None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def render_chat(self, messages: list[Message]) -> str:
+        if self._template is None:
+            raise ChatTemplateError(f"model {self.name} has no chat template; send a prompt instead")
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise ChatTemplateError(f"messages[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        return self._template.render(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True,
+            **self._special,
+        )
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        # The template writes the special tokens itself.
+        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _raise_template_error(message: str):
+    raise ChatTemplateError(message)

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny seeded Llama (fast, deterministic) and the real converted model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_MODEL_DIR = Path(os.environ.get("LLMMESH_MODEL_DIR", ROOT / "models" / "SmolLM2-135M-Instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama saved like a real checkpoint (heads divide 2 and 4 for later TP tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    if not (REAL_MODEL_DIR / "config.json").exists():
+        pytest.fail(f"the real model is missing at {REAL_MODEL_DIR}: run `make model`")
+    return REAL_MODEL_DIR
+
+
+def hf_reference(model_dir: Path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
