@@ -40,6 +40,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Barrier:
+    loop: asyncio.AbstractEventLoop
+    reached: asyncio.Future
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -91,6 +97,13 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    async def sync(self) -> None:
+        """Return once the engine thread has applied everything sent to it before this call."""
+        loop = asyncio.get_running_loop()
+        barrier = _Barrier(loop, loop.create_future())
+        self._inbox.put(barrier)
+        await barrier.reached
+
     # --- engine thread ---
 
     def _apply(self, msg) -> None:
@@ -105,6 +118,8 @@ class AsyncEngine:
         elif isinstance(msg, _Abort):
             if self.engine.abort(msg.request_id):
                 self._deliver(self._aborted_output(msg.request_id))
+        elif isinstance(msg, _Barrier):
+            msg.loop.call_soon_threadsafe(_settle, msg.reached, None)
 
     def _aborted_output(self, request_id: str) -> RequestOutput:
         stream = self._streams[request_id]

@@ -1,0 +1,22 @@
+"""Long-lived client channels between services, traced, with the mesh's message limits."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.telemetry import client_interceptors
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def make_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=client_interceptors())

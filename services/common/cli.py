@@ -1,0 +1,31 @@
+"""Flags shared by every service's command line; each flag may also come from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+
+def env_default(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def add_service_args(parser: argparse.ArgumentParser, service: str, default_listen: str) -> None:
+    prefix = f"LLMMESH_{service.upper()}_"
+    parser.add_argument("--listen", default=env_default(prefix + "LISTEN", default_listen),
+                        help=f"host:port to serve gRPC on (env {prefix}LISTEN)")
+    parser.add_argument("--metrics-port", type=int, default=int(env_default(prefix + "METRICS_PORT", "0")),
+                        help=f"Prometheus /metrics port, 0 for none (env {prefix}METRICS_PORT)")
+    parser.add_argument("--grace", type=float, default=float(env_default("LLMMESH_GRACE_S", "30")),
+                        help="seconds to finish in-flight calls after SIGTERM (env LLMMESH_GRACE_S)")
+    parser.add_argument("--log-level", default=env_default("LLMMESH_LOG_LEVEL", "INFO"))
+
+
+def setup_logging(service: str, level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+
+
+def instance_id(listen: str) -> str:
+    return f"{socket.gethostname()}:{listen.rsplit(':', 1)[-1]}"

@@ -1,0 +1,80 @@
+"""One way to run a gRPC service: health, reflection, tracing, metrics, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common.channels import GRPC_OPTIONS
+from services.common.telemetry import server_interceptor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    name: str
+    listen: str  # host:port
+    metrics_port: int = 0  # 0: no /metrics endpoint
+    grace_s: float = 30.0
+
+
+class ServiceRuntime:
+    """What a running service may touch: its health status and its stop event."""
+
+    def __init__(self, health: HealthServicer, service_names: list[str]):
+        self.health = health
+        self.service_names = service_names
+        self.stopping = asyncio.Event()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+
+async def serve(
+    options: ServeOptions,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    on_start: Callable[[ServiceRuntime], Awaitable[None]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, then report NOT_SERVING, finish in-flight calls within the grace
+    period, and return. `register` adds the servicers and returns their full service names."""
+    server = grpc.aio.server(interceptors=[server_interceptor()], options=GRPC_OPTIONS)
+    service_names = list(register(server))
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    if server.add_insecure_port(options.listen) == 0:
+        raise RuntimeError(f"{options.name}: cannot listen on {options.listen}")
+    if options.metrics_port:
+        host = options.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        start_http_server(options.metrics_port, addr=host)
+    runtime = ServiceRuntime(health, service_names)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runtime.stopping.set)
+    await server.start()
+    if on_start is not None:
+        await on_start(runtime)
+    await runtime.set_serving(True)
+    log.info("%s serving on %s (metrics port %s)", options.name, options.listen, options.metrics_port or "off")
+    await runtime.stopping.wait()
+    log.info("%s draining (grace %.0fs)", options.name, options.grace_s)
+    await health.enter_graceful_shutdown()
+    await server.stop(options.grace_s)
+    if on_stop is not None:
+        await on_stop()
+    log.info("%s stopped", options.name)

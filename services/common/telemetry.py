@@ -1,0 +1,69 @@
+"""OpenTelemetry set-up shared by every service: one tracer provider, W3C context on every gRPC hop.
+
+Exporters follow the standard OTEL_* variables (OTLP when OTEL_EXPORTER_OTLP_ENDPOINT or
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set; OTEL_EXPORTER_OTLP_PROTOCOL picks grpc or http/protobuf;
+OTEL_TRACES_SAMPLER picks sampling). LLMMESH_TRACE_DIR adds a JSON-lines file per process, which
+tests and `make trace` read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+VERSION = "0.1.0"
+
+# Health probes and reflection would drown real traffic in spans.
+_UNTRACED = filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection")))
+
+
+def setup_tracing(service_name: str, instance_id: str) -> TracerProvider:
+    resource = Resource.create(
+        {
+            "service.name": f"llmmesh-{service_name}",
+            "service.namespace": "llmmesh",
+            "service.version": VERSION,
+            "service.instance.id": instance_id,
+        }
+    )
+    provider = TracerProvider(resource=resource)
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+        if protocol.startswith("http"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace_dir = os.environ.get("LLMMESH_TRACE_DIR")
+    if trace_dir:
+        path = Path(trace_dir) / f"{service_name}-{os.getpid()}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+        exporter = ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def server_interceptor():
+    return aio_server_interceptor(filter_=_UNTRACED)
+
+
+def client_interceptors():
+    return aio_client_interceptors(filter_=_UNTRACED)
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name, VERSION)
+
+
+def record_span(name: str, start_ns: int, end_ns: int, attributes: dict | None = None) -> None:
+    """A child span of the current one for a stretch timed elsewhere (e.g. on the engine thread)."""
+    span = tracer("llmmesh").start_span(name, start_time=start_ns, attributes=attributes or {})
+    span.end(end_time=max(end_ns, start_ns))

@@ -1,0 +1,57 @@
+"""python -m services.gateway --tokenizer HOST:PORT --shards HOST:PORT[,HOST:PORT...] [--cache HOST:PORT]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from llmmesh.v1 import cache_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2_grpc
+from services.common.channels import make_channel
+from services.common.cli import add_service_args, env_default, instance_id, setup_logging
+from services.common.server import ServeOptions, serve
+from services.common.telemetry import setup_tracing
+from services.gateway.server import GatewayConfig, GatewayServicer
+from services.gateway.shards import ShardPool
+from services.gateway.validation import Limits
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.gateway", description="llm-mesh gateway")
+    add_service_args(parser, "gateway", "127.0.0.1:50051")
+    parser.add_argument("--tokenizer", default=env_default("LLMMESH_TOKENIZER_ADDR", "127.0.0.1:50052"))
+    parser.add_argument("--cache", default=env_default("LLMMESH_CACHE_ADDR", "127.0.0.1:50053"),
+                        help="cache service address; empty for none")
+    parser.add_argument("--shards", default=env_default("LLMMESH_SHARD_ADDRS", "127.0.0.1:50061"),
+                        help="comma-separated model shard addresses")
+    parser.add_argument("--model-name", default=env_default("LLMMESH_MODEL_NAME", "SmolLM2-135M-Instruct"))
+    parser.add_argument("--max-tokens-limit", type=int, default=int(env_default("LLMMESH_MAX_TOKENS_LIMIT", "4096")))
+    parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--no-response-cache", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging("gateway", args.log_level)
+    setup_tracing("gateway", instance_id(args.listen))
+
+    async def run():
+        # Channels belong to the running event loop: make them inside it.
+        tokenizer = tokenizer_pb2_grpc.TokenizerStub(make_channel(args.tokenizer))
+        cache = cache_pb2_grpc.CacheStub(make_channel(args.cache)) if args.cache else None
+        shards = ShardPool([a.strip() for a in args.shards.split(",") if a.strip()])
+        limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
+        servicer = GatewayServicer(GatewayConfig(args.model_name, limits, not args.no_response_cache),
+                                   tokenizer, cache, shards)
+
+        def register(server):
+            gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+            return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+
+        async def on_stop():
+            await servicer.drain_background()
+            await shards.close()
+
+        await serve(ServeOptions("gateway", args.listen, args.metrics_port, args.grace), register, on_stop=on_stop)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Keys of the response cache: a deterministic request (greedy, or seeded) on the same model
+with the same tokens and sampling gets the same answer."""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+
+from llmmesh.v1 import common_pb2
+
+
+def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams, max_tokens: int) -> bytes:
+    sampling = {
+        "max_tokens": max_tokens,
+        "temperature": round(s.temperature, 6),
+        "top_p": round(s.top_p if 0 < s.top_p < 1 else 1.0, 6),
+        "top_k": s.top_k,
+        "seed": s.seed if s.HasField("seed") else None,
+        "stop": list(s.stop),
+        "repetition_penalty": round(s.repetition_penalty or 1.0, 6),
+    }
+    h = hashlib.sha256(b"llmmesh-response-v1\0")
+    h.update(model.encode() + b"\0")
+    h.update(array.array("I", token_ids).tobytes())
+    h.update(json.dumps(sampling, sort_keys=True).encode())
+    return h.digest()

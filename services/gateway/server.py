@@ -1,0 +1,314 @@
+"""The public Gateway service: tokenize, look up the response cache, stream from a shard, detokenize.
+
+Per request: one Encode RPC, one shard Generate stream, one DetokenizeStream — never an RPC per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
+
+from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
+from llmmesh.v1 import tokenizer_pb2_grpc
+from services.gateway.response_cache import response_key
+from services.gateway.shards import NoShardAvailable, Replica, ShardPool
+from services.gateway.stop_strings import StopStringMatcher
+from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
+REQUESTS = Counter("llmmesh_requests", "Finished requests by gRPC status", ["method", "code"])
+TTFT = Histogram("llmmesh_time_to_first_token_seconds", "Time to the first streamed text", buckets=LATENCY_BUCKETS)
+E2E = Histogram("llmmesh_e2e_request_latency_seconds", "Whole request latency", buckets=LATENCY_BUCKETS)
+GENERATED = Counter("llmmesh_generation_tokens", "Completion tokens returned to clients")
+PROMPT = Counter("llmmesh_prompt_tokens", "Prompt tokens received")
+
+CACHE_TIMEOUT_S = 0.25  # a slow cache must not cost more than this
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: str
+    limits: Limits = Limits()
+    response_cache: bool = True
+    default_timeout_s: float = 600.0  # when the client sets no deadline
+
+
+class RpcError(Exception):
+    """An error status for the client, raised anywhere in the request's path."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class DetokenizeSession:
+    """One DetokenizeStream for one request: push token ids, get the text they complete."""
+
+    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, timeout: float):
+        self._requests: asyncio.Queue = asyncio.Queue()
+        self._call = stub.DetokenizeStream(self._iterate(), timeout=timeout)
+
+    async def _iterate(self):
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def push(self, token_ids) -> str:
+        await self._requests.put(tokenizer_pb2.DetokenizeRequest(token_ids=token_ids))
+        return (await self._call.read()).text
+
+    async def flush(self) -> str:
+        """An empty message asks for the text still held; then the stream closes."""
+        await self._requests.put(tokenizer_pb2.DetokenizeRequest())
+        text = (await self._call.read()).text
+        await self._requests.put(None)
+        return text
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, config: GatewayConfig, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
+                 cache: cache_pb2_grpc.CacheStub | None, shards: ShardPool):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.shards = shards
+        self._background: set[asyncio.Task] = set()
+
+    # --- RPCs ---
+
+    async def GenerateStream(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        code = grpc.StatusCode.OK
+        try:
+            async for chunk in self._generate(request, context):
+                yield chunk
+        except RpcError as exc:
+            code = exc.code
+            await context.abort(exc.code, str(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            REQUESTS.labels("GenerateStream", code.name).inc()
+
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        code = grpc.StatusCode.OK
+        response = gateway_pb2.GenerateResponse()
+        texts = []
+        try:
+            async for chunk in self._generate(request, context):
+                texts.append(chunk.text)
+                response.token_ids.extend(chunk.token_ids)
+                response.request_id = chunk.request_id
+                if chunk.finish_reason:
+                    response.finish_reason = chunk.finish_reason
+                    response.usage.CopyFrom(chunk.usage)
+            response.text = "".join(texts)
+            return response
+        except RpcError as exc:
+            code = exc.code
+            await context.abort(exc.code, str(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            REQUESTS.labels("Generate", code.name).inc()
+
+    # --- the request path ---
+
+    async def _generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        start = time.monotonic()
+        remaining = context.time_remaining()
+        deadline = start + (remaining if remaining is not None else self.config.default_timeout_s)
+        span = trace.get_current_span()
+        try:
+            check_request(request, self.config.limits)
+        except InvalidRequest as exc:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        request_id = request.request_id or uuid.uuid4().hex
+        span.set_attribute("llmmesh.request_id", request_id)
+
+        prompt_ids = await self._encode(request, deadline)
+        info = await self._shard_info(deadline)
+        try:
+            max_tokens = resolve_max_tokens(request.sampling, len(prompt_ids), info.max_model_len, self.config.limits)
+        except InvalidRequest as exc:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        PROMPT.inc(len(prompt_ids))
+        span.set_attribute("llmmesh.prompt_tokens", len(prompt_ids))
+
+        key = None
+        if self.cache is not None and self.config.response_cache and is_deterministic(request.sampling):
+            key = response_key(self.config.model, prompt_ids, request.sampling, max_tokens)
+            cached = await self._cache_get(key)
+            span.set_attribute("llmmesh.response_cache_hit", cached is not None)
+            if cached is not None:
+                u = cached.usage
+                usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                         cached=u.prompt_tokens + u.completion_tokens, from_response_cache=True)
+                TTFT.observe(time.monotonic() - start)
+                E2E.observe(time.monotonic() - start)
+                yield gateway_pb2.GenerateStreamResponse(
+                    text=cached.text, token_ids=cached.token_ids, finish_reason=cached.finish_reason,
+                    usage=usage, request_id=request_id)
+                return
+
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        sampling.max_tokens = max_tokens
+        shard_request = shard_pb2.ShardGenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+                                                       sampling=sampling)
+        matcher = StopStringMatcher(list(request.sampling.stop))
+        texts, token_ids = [], []
+        usage = common_pb2.Usage(prompt_tokens=len(prompt_ids))
+        finish_reason = ""
+        first = True
+        detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001))
+        replica, call = None, None
+        try:
+            replica, call, first_msg = await self._open_shard_stream(shard_request, deadline)
+            usage.cached = first_msg.cached_tokens
+            msg = first_msg
+            while msg is not None:
+                token_ids.extend(msg.token_ids)
+                text = await detok.push(msg.token_ids) if msg.token_ids else ""
+                text, stopped = matcher.feed(text)
+                if stopped:
+                    finish_reason = "stop"
+                elif msg.finish_reason:
+                    finish_reason = msg.finish_reason
+                if finish_reason:
+                    if not stopped:
+                        text += matcher.feed(await detok.flush())[0] + matcher.flush()
+                    usage.completion_tokens = len(token_ids)
+                texts.append(text)
+                chunk = gateway_pb2.GenerateStreamResponse(text=text, token_ids=msg.token_ids, request_id=request_id)
+                if finish_reason:
+                    chunk.finish_reason = finish_reason
+                    chunk.usage.CopyFrom(usage)
+                if first and (text or finish_reason):
+                    first = False
+                    TTFT.observe(time.monotonic() - start)
+                yield chunk
+                if finish_reason:
+                    break
+                msg = await self._next_shard_message(call)
+            if not finish_reason:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, "the model shard ended the stream without finishing")
+        except grpc.aio.AioRpcError as exc:
+            raise self._downstream_error(exc, "tokenizer") from None
+        finally:
+            if call is not None and not call.done():
+                call.cancel()  # a stop string, a client cancel or an error: free the shard's work now
+            detok.cancel()
+            if replica is not None:
+                replica.outstanding -= 1
+        GENERATED.inc(len(token_ids))
+        E2E.observe(time.monotonic() - start)
+        if key is not None:
+            value = gateway_pb2.GenerateResponse(text="".join(texts), token_ids=token_ids, finish_reason=finish_reason,
+                                                 usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
+                                                                        completion_tokens=usage.completion_tokens))
+            self._spawn(self._cache_put(key, value))
+
+    async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> list[int]:
+        encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages)
+        try:
+            reply = await self.tokenizer.Encode(encode, timeout=max(deadline - time.monotonic(), 0.001))
+        except grpc.aio.AioRpcError as exc:
+            raise self._downstream_error(exc, "tokenizer") from None
+        if not reply.token_ids:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt encodes to no tokens")
+        return list(reply.token_ids)
+
+    async def _shard_info(self, deadline: float) -> shard_pb2.ShardInfo:
+        try:
+            return await self.shards.info(timeout=min(5.0, max(deadline - time.monotonic(), 0.001)))
+        except NoShardAvailable as exc:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    async def _open_shard_stream(self, shard_request, deadline: float):
+        """Start the shard stream and read its first message. A replica that fails before that is
+        marked down and the next one is tried: nothing was sent to the client yet."""
+        errors = []
+        for replica in self.shards.ordered():
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a shard answered")
+            call = replica.stub.Generate(shard_request, timeout=timeout)
+            replica.outstanding += 1
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                replica.outstanding -= 1
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._downstream_error(exc, "model shard") from None
+                self.shards.mark_down(replica)
+                errors.append(f"{replica.address}: {exc.details() or exc.code().name}")
+                continue
+            except BaseException:
+                replica.outstanding -= 1
+                call.cancel()
+                raise
+            if first is grpc.aio.EOF:
+                replica.outstanding -= 1
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, f"model shard {replica.address} closed the stream")
+            self.shards.mark_up(replica)
+            return replica, call, first
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no model shard is available ({'; '.join(errors)})")
+
+    async def _next_shard_message(self, call):
+        try:
+            msg = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._downstream_error(exc, "model shard") from None
+        return None if msg is grpc.aio.EOF else msg
+
+    @staticmethod
+    def _downstream_error(exc: grpc.aio.AioRpcError, service: str) -> RpcError:
+        code = exc.code()
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            return RpcError(code, exc.details() or code.name)
+        log.warning("%s failed: %s %s", service, code.name, exc.details())
+        return RpcError(grpc.StatusCode.UNAVAILABLE, f"the {service} is unavailable ({code.name})")
+
+    # --- response cache (best effort: a slow or absent cache never fails a request) ---
+
+    async def _cache_get(self, key: bytes) -> gateway_pb2.GenerateResponse | None:
+        with trace.get_tracer(__name__).start_as_current_span("cache.lookup") as span:
+            try:
+                reply = await self.cache.GetResponse(cache_pb2.GetResponseRequest(key=key), timeout=CACHE_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                span.set_attribute("llmmesh.cache_error", exc.code().name)
+                return None
+            span.set_attribute("llmmesh.hit", reply.found)
+            if not reply.found:
+                return None
+            return gateway_pb2.GenerateResponse.FromString(reply.value)
+
+    async def _cache_put(self, key: bytes, value: gateway_pb2.GenerateResponse) -> None:
+        try:
+            await self.cache.PutResponse(cache_pb2.PutResponseRequest(key=key, value=value.SerializeToString()),
+                                         timeout=CACHE_TIMEOUT_S * 4)
+        except grpc.aio.AioRpcError as exc:
+            log.info("response cache put failed: %s", exc.code().name)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain_background(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)

@@ -1,0 +1,74 @@
+"""The model shard replicas behind the gateway: long-lived channels, load, and failure back-off."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from llmmesh.v1 import shard_pb2, shard_pb2_grpc
+from services.common.channels import make_channel
+
+
+class NoShardAvailable(Exception):
+    """Becomes UNAVAILABLE."""
+
+
+@dataclass
+class Replica:
+    address: str
+    channel: grpc.aio.Channel = field(repr=False)
+    stub: shard_pb2_grpc.ModelShardStub = field(repr=False)
+    outstanding: int = 0
+    down_until: float = 0.0  # monotonic seconds; tried only as a last resort before then
+
+    @property
+    def suspect(self) -> bool:
+        return time.monotonic() < self.down_until
+
+
+class ShardPool:
+    def __init__(self, addresses: list[str], backoff_s: float = 2.0):
+        if not addresses:
+            raise ValueError("at least one model shard address is needed")
+        self.replicas = []
+        for address in addresses:
+            channel = make_channel(address)
+            self.replicas.append(Replica(address, channel, shard_pb2_grpc.ModelShardStub(channel)))
+        self.backoff_s = backoff_s
+        self._info: shard_pb2.ShardInfo | None = None
+        self._info_lock = asyncio.Lock()
+
+    def ordered(self) -> list[Replica]:
+        """Replicas to try, best first: healthy before suspect, then fewest outstanding requests."""
+        return sorted(self.replicas, key=lambda r: (r.suspect, r.outstanding))
+
+    def mark_down(self, replica: Replica) -> None:
+        replica.down_until = time.monotonic() + self.backoff_s
+
+    def mark_up(self, replica: Replica) -> None:
+        replica.down_until = 0.0
+
+    async def info(self, timeout: float) -> shard_pb2.ShardInfo:
+        """The shards' limits (they serve one model with one configuration), asked once."""
+        if self._info is not None:
+            return self._info
+        async with self._info_lock:
+            errors = []
+            for replica in self.ordered():
+                if self._info is not None:
+                    break
+                try:
+                    self._info = await replica.stub.Info(shard_pb2.ShardInfoRequest(), timeout=timeout)
+                    self.mark_up(replica)
+                except grpc.aio.AioRpcError as exc:
+                    self.mark_down(replica)
+                    errors.append(f"{replica.address}: {exc.code().name}")
+            if self._info is None:
+                raise NoShardAvailable(f"no model shard answered ({'; '.join(errors)})")
+        return self._info
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.channel.close() for r in self.replicas))

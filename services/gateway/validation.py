@@ -1,0 +1,80 @@
+"""Checks on a client's GenerateRequest, with messages a caller can act on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmmesh.v1 import common_pb2, gateway_pb2
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class InvalidRequest(ValueError):
+    """Becomes INVALID_ARGUMENT with this message."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens: int = 4096  # largest max_tokens a client may ask for
+    default_max_tokens: int = 256
+    max_prompt_chars: int = 1 << 20
+    max_messages: int = 256
+    max_stop_strings: int = 8
+    max_stop_chars: int = 128
+    max_request_id_chars: int = 128
+
+
+def check_request(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
+    has_prompt, has_messages = bool(request.prompt), len(request.messages) > 0
+    if has_prompt and has_messages:
+        raise InvalidRequest("send either prompt or messages, not both")
+    if not has_prompt and not has_messages:
+        raise InvalidRequest("the request is empty: send a non-empty prompt or messages")
+    if has_prompt and not request.prompt.strip():
+        raise InvalidRequest("prompt is blank")
+    if len(request.messages) > limits.max_messages:
+        raise InvalidRequest(f"{len(request.messages)} messages; at most {limits.max_messages}")
+    chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+    if chars > limits.max_prompt_chars:
+        raise InvalidRequest(f"the prompt is {chars} characters; at most {limits.max_prompt_chars}")
+    for i, m in enumerate(request.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequest(f"messages[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}")
+    if len(request.request_id) > limits.max_request_id_chars:
+        raise InvalidRequest(f"request_id is longer than {limits.max_request_id_chars} characters")
+    check_sampling(request.sampling, limits)
+
+
+def check_sampling(s: common_pb2.SamplingParams, limits: Limits) -> None:
+    if s.max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"max_tokens is {s.max_tokens}; this server allows at most {limits.max_tokens}")
+    if not s.temperature >= 0 or s.temperature > 100:  # also refuses NaN
+        raise InvalidRequest(f"temperature must be in [0, 100], got {s.temperature}")
+    if not 0 <= s.top_p <= 1:
+        raise InvalidRequest(f"top_p must be in [0, 1], got {s.top_p}")
+    if not s.repetition_penalty >= 0 or s.repetition_penalty > 10:
+        raise InvalidRequest(f"repetition_penalty must be in (0, 10] (0 = off), got {s.repetition_penalty}")
+    if len(s.stop) > limits.max_stop_strings:
+        raise InvalidRequest(f"{len(s.stop)} stop strings; at most {limits.max_stop_strings}")
+    for i, stop in enumerate(s.stop):
+        if not stop or len(stop) > limits.max_stop_chars:
+            raise InvalidRequest(f"stop[{i}] must be 1..{limits.max_stop_chars} characters")
+
+
+def resolve_max_tokens(s: common_pb2.SamplingParams, prompt_tokens: int, max_model_len: int, limits: Limits) -> int:
+    """The max_tokens the shard runs with, once the prompt's length is known."""
+    room = max_model_len - prompt_tokens
+    if room <= 0:
+        raise InvalidRequest(f"the prompt is {prompt_tokens} tokens; the model's context is {max_model_len} tokens")
+    if s.max_tokens == 0:
+        return min(limits.default_max_tokens, room)
+    if s.max_tokens > room:
+        raise InvalidRequest(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({s.max_tokens}) exceeds the model's context "
+            f"of {max_model_len} tokens; lower max_tokens to {room} or shorten the prompt"
+        )
+    return s.max_tokens
+
+
+def is_deterministic(s: common_pb2.SamplingParams) -> bool:
+    return s.temperature == 0 or s.HasField("seed")

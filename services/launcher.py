@@ -1,0 +1,269 @@
+"""Start the whole mesh locally, each service its own process, and wait until every one is healthy.
+
+    python -m services.launcher --model models/SmolLM2-135M-Instruct --shards 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+@dataclass
+class ServiceSpec:
+    name: str  # unique in the mesh, e.g. "shard-0"
+    module: str  # python -m <module>
+    listen: str
+    metrics_port: int = 0
+    args: list[str] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", self.module, "--listen", self.listen,
+                "--metrics-port", str(self.metrics_port), *self.args]
+
+
+@dataclass
+class MeshPlan:
+    gateway: ServiceSpec
+    tokenizer: ServiceSpec
+    cache: ServiceSpec
+    shards: list[ServiceSpec]
+
+    @property
+    def backends(self) -> list[ServiceSpec]:
+        return [self.tokenizer, self.cache, *self.shards]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def plan_mesh(
+    model: str,
+    shards: int = 1,
+    host: str = "127.0.0.1",
+    gateway_port: int = 50051,
+    ports: list[int] | None = None,
+    metrics_ports: list[int] | None = None,
+    shard_args: list[str] | None = None,
+    gateway_args: list[str] | None = None,
+) -> MeshPlan:
+    """ports / metrics_ports: tokenizer, cache, then one per shard (defaults: 50052.. and 9401..)."""
+    n = 2 + shards
+    ports = ports or [50052, 50053, *range(50061, 50061 + shards)]
+    metrics_ports = metrics_ports or [9401, 9402, *range(9410, 9410 + shards)]
+    if len(ports) != n or len(metrics_ports) != n:
+        raise ValueError(f"need {n} ports and {n} metrics ports")
+    addr = [f"{host}:{p}" for p in ports]
+    threads = max(1, (os.cpu_count() or 1) // shards)
+    shard_specs = [
+        ServiceSpec(f"shard-{i}", "services.model_shard", addr[2 + i], metrics_ports[2 + i],
+                    ["--model", model, "--threads", str(threads), *(shard_args or [])])
+        for i in range(shards)
+    ]
+    gateway_metrics = metrics_ports[0] - 1 if metrics_ports[0] > 1 else 0
+    return MeshPlan(
+        gateway=ServiceSpec("gateway", "services.gateway", f"{host}:{gateway_port}", gateway_metrics,
+                            ["--tokenizer", addr[0], "--cache", addr[1], "--shards", ",".join(addr[2:]),
+                             "--model-name", Path(model).name, *(gateway_args or [])]),
+        tokenizer=ServiceSpec("tokenizer", "services.tokenizer", addr[0], metrics_ports[0], ["--model", model]),
+        cache=ServiceSpec("cache", "services.cache", addr[1], metrics_ports[1]),
+        shards=shard_specs,
+    )
+
+
+class ServiceFailed(RuntimeError):
+    pass
+
+
+def wait_healthy(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Block until the service at address reports SERVING on grpc.health.v1 (event-driven: a Watch
+    stream that waits for the channel), failing early if its process exits."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServiceFailed(f"{address} not healthy after {timeout:.0f}s")
+            if process is not None and process.poll() is not None:
+                raise ServiceFailed(f"{address}: process exited with code {process.returncode}")
+            try:
+                # Short slices so a crashed process is noticed; each waits on the channel, not a clock.
+                for reply in stub.Watch(health_pb2.HealthCheckRequest(), timeout=min(left, 1.0), wait_for_ready=True):
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+
+
+class Mesh:
+    """The mesh's processes. Use as a context manager; `stop()` drains with SIGTERM, then kills."""
+
+    def __init__(self, plan: MeshPlan, env: dict[str, str] | None = None, log_dir: Path | None = None):
+        self.plan = plan
+        self.env = {**os.environ, **(env or {})}
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._logs = []
+
+    @property
+    def gateway_address(self) -> str:
+        return self.plan.gateway.listen
+
+    def _spawn(self, spec: ServiceSpec) -> subprocess.Popen:
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._logs.append(out)
+        proc = subprocess.Popen(spec.argv(), env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                cwd=Path(__file__).resolve().parent.parent)
+        self.processes[spec.name] = proc
+        return proc
+
+    def start(self, timeout: float = 180.0) -> "Mesh":
+        try:
+            for spec in self.plan.backends:
+                self._spawn(spec)
+            self._wait(self.plan.backends, timeout)
+            self._spawn(self.plan.gateway)
+            self._wait([self.plan.gateway], timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, specs: list[ServiceSpec], timeout: float) -> None:
+        errors: list[str] = []
+
+        def one(spec: ServiceSpec) -> None:
+            try:
+                wait_healthy(spec.listen, timeout, self.processes[spec.name])
+            except Exception as exc:  # noqa: BLE001 - reported together below
+                errors.append(f"{spec.name}: {exc}{self.log_tail(spec.name)}")
+
+        threads = [threading.Thread(target=one, args=(s,)) for s in specs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise ServiceFailed("\n".join(errors))
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        if self.log_dir is None or not (self.log_dir / f"{name}.log").exists():
+            return ""
+        text = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
+        return "\n  | " + "\n  | ".join(text)
+
+    def terminate(self, name: str, grace: float = 30.0) -> int:
+        """SIGTERM one service and wait for it to drain and exit (SIGKILL after grace)."""
+        proc = self.processes[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill(self, name: str) -> None:
+        proc = self.processes[name]
+        proc.kill()
+        proc.wait()
+
+    def stop(self, grace: float = 15.0) -> None:
+        # The gateway first, so no new work reaches the backends while they drain.
+        order = ["gateway", *[s.name for s in self.plan.backends]]
+        for name in order:
+            if name in self.processes and self.processes[name].poll() is None:
+                self.processes[name].send_signal(signal.SIGTERM)
+        for name in order:
+            if name in self.processes:
+                self.terminate(name, grace)
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+USAGE = """\
+llm-mesh is serving {model} on {gateway} ({shards} shard replica{s}).
+
+Call it from Python:
+
+    import grpc
+    from llmmesh.v1 import gateway_pb2, gateway_pb2_grpc, common_pb2
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel("{gateway}"))
+    req = gateway_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")],
+        sampling=common_pb2.SamplingParams(max_tokens=64))
+    for chunk in stub.GenerateStream(req):
+        print(chunk.text, end="", flush=True)
+
+or from this checkout:  .venv/bin/python -m services.client "What is the capital of France?"
+Metrics: http://127.0.0.1:{metrics}/metrics (gateway). Ctrl-C stops the mesh.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="llm-mesh", description="Run the whole mesh locally")
+    parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    parser.add_argument("--shards", type=int, default=1, help="model shard replicas behind the gateway")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--gateway-port", type=int, default=50051)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
+    args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error("--shards must be at least 1")
+    if not (Path(args.model) / "config.json").exists():
+        parser.error(f"no model at {args.model}: run `make model` first")
+    plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port,
+                     shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb)])
+    mesh = Mesh(plan)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"[launcher] starting tokenizer, cache, {args.shards} shard(s), gateway ...", flush=True)
+    try:
+        mesh.start(args.timeout)
+    except ServiceFailed as exc:
+        print(f"[launcher] the mesh failed to start:\n{exc}", file=sys.stderr)
+        sys.exit(1)
+    print(USAGE.format(model=Path(args.model).name, gateway=mesh.gateway_address, shards=args.shards,
+                       s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port), flush=True)
+    while not stop.is_set():
+        dead = [n for n, p in mesh.processes.items() if p.poll() is not None]
+        if dead:
+            print(f"[launcher] {', '.join(dead)} exited; stopping the mesh", file=sys.stderr)
+            break
+        stop.wait(1.0)
+    print("[launcher] stopping (draining in-flight requests)", flush=True)
+    mesh.stop()
+
+
+if __name__ == "__main__":
+    main()

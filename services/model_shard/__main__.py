@@ -1,0 +1,69 @@
+"""python -m services.model_shard --model PATH [--listen HOST:PORT] [--dtype float32|bfloat16]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import torch
+from prometheus_client import REGISTRY
+
+from llmmesh.v1 import shard_pb2, shard_pb2_grpc
+from services.common.cli import add_service_args, env_default, instance_id, setup_logging
+from services.common.server import ServeOptions, serve
+from services.common.telemetry import setup_tracing
+from services.model_shard.engine.async_engine import AsyncEngine
+from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
+from services.model_shard.server import EngineCollector, ModelShardServicer
+
+log = logging.getLogger("services.model_shard")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.model_shard", description="llm-mesh model shard")
+    add_service_args(parser, "shard", "127.0.0.1:50061")
+    parser.add_argument("--model", default=env_default("LLMMESH_MODEL", "models/SmolLM2-135M-Instruct"))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env_default("LLMMESH_DTYPE", "float32"))
+    parser.add_argument("--kv-cache-mb", type=int, default=int(env_default("LLMMESH_KV_CACHE_MB", "1024")),
+                        help="memory for the paged KV cache")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=int(env_default("LLMMESH_MAX_MODEL_LEN", "8192")))
+    parser.add_argument("--max-running", type=int, default=64, help="sequences in one batch at most")
+    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    setup_logging("shard", args.log_level)
+    setup_tracing("model_shard", instance_id(args.listen))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = EngineConfig(
+        dtype=args.dtype, block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
+        max_model_len=args.max_model_len, max_running=args.max_running, max_waiting=args.max_waiting,
+    )
+    engine = AsyncEngine(LLMEngine.from_dir(args.model, config))
+    REGISTRY.register(EngineCollector(engine))
+    runtime_ref = {}
+
+    async def on_start(runtime):
+        runtime_ref["runtime"] = runtime
+
+    async def on_engine_dead():
+        await runtime_ref["runtime"].set_serving(False)
+
+    servicer = ModelShardServicer(engine, model_name=args.model.rstrip("/").rsplit("/", 1)[-1],
+                                  on_engine_dead=on_engine_dead)
+
+    def register(server):
+        shard_pb2_grpc.add_ModelShardServicer_to_server(servicer, server)
+        return [shard_pb2.DESCRIPTOR.services_by_name["ModelShard"].full_name]
+
+    async def on_stop():
+        engine.stop()
+
+    asyncio.run(serve(ServeOptions("model_shard", args.listen, args.metrics_port, args.grace), register,
+                      on_start=on_start, on_stop=on_stop))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""gRPC front of a model shard: proto -> engine request -> stream of token ids."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmmesh.v1 import shard_pb2, shard_pb2_grpc
+from services.common.telemetry import record_span
+from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError
+from services.model_shard.engine.request import FinishReason, SamplingParams
+from services.model_shard.engine.scheduler import QueueFullError
+
+log = logging.getLogger(__name__)
+
+
+def sampling_from_proto(p) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p if 0 < p.top_p < 1 else 1.0,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        repetition_penalty=p.repetition_penalty or 1.0,
+    )
+
+
+class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
+    def __init__(self, engine: AsyncEngine, model_name: str, on_engine_dead=None):
+        self.engine = engine
+        self.model_name = model_name
+        self._on_engine_dead = on_engine_dead
+
+    async def Generate(self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext):
+        if not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        request_id = request.request_id or uuid.uuid4().hex
+        params = sampling_from_proto(request.sampling)
+        first, times, count = True, None, 0
+        try:
+            async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params):
+                last = batch[-1]
+                times = last.times
+                if last.finish_reason is FinishReason.ABORTED:
+                    await context.abort(grpc.StatusCode.CANCELLED, f"request {request_id} was aborted")
+                tokens = [t for out in batch for t in out.new_token_ids]
+                count += len(tokens)
+                msg = shard_pb2.ShardGenerateResponse(token_ids=tokens)
+                if first:
+                    first = False
+                    msg.prompt_tokens, msg.cached_tokens = last.prompt_tokens, last.cached_tokens
+                    record_span("queue", times.arrival_ns, times.scheduled_ns or times.arrival_ns)
+                    record_span("prefill", times.scheduled_ns or times.arrival_ns, times.first_token_ns or times.arrival_ns,
+                                {"llmmesh.prompt_tokens": last.prompt_tokens, "llmmesh.cached_tokens": last.cached_tokens})
+                if last.finished:
+                    msg.finish_reason = last.finish_reason.value
+                yield msg
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"shard queue is full ({exc}); retry later")
+        except EngineDeadError as exc:
+            if self._on_engine_dead is not None:
+                await self._on_engine_dead()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            if times is not None and times.first_token_ns is not None:
+                record_span("decode", times.first_token_ns, times.finished_ns or times.first_token_ns,
+                            {"llmmesh.completion_tokens": count})
+
+    async def Abort(self, request: shard_pb2.AbortRequest, context):
+        self.engine.abort(request.request_id)
+        return shard_pb2.AbortReply(found=True)
+
+    async def Info(self, request, context):
+        e = self.engine.engine
+        c = e.config
+        return shard_pb2.ShardInfo(
+            model=self.model_name, max_model_len=e.max_model_len, block_size=c.block_size,
+            num_blocks=e.pool.num_blocks, dtype=c.dtype, max_running=c.max_running,
+            max_waiting=c.max_waiting, eos_token_ids=sorted(e.eos_token_ids),
+        )
+
+
+class EngineCollector(Collector):
+    """Reads the engine's state at scrape time; the engine knows nothing of Prometheus."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine.engine
+        yield GaugeMetricFamily("llmmesh_requests_running", "Requests in the running batch", value=len(e.scheduler.running))
+        yield GaugeMetricFamily("llmmesh_requests_waiting", "Requests waiting to be scheduled", value=len(e.scheduler.waiting))
+        yield GaugeMetricFamily("llmmesh_kv_blocks_used_ratio", "Share of KV blocks in use",
+                                value=e.pool.num_used / e.pool.num_blocks)

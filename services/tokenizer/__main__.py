@@ -1,0 +1,33 @@
+"""python -m services.tokenizer --model PATH [--listen HOST:PORT]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.common.cli import add_service_args, env_default, instance_id, setup_logging
+from services.common.server import ServeOptions, serve
+from services.common.telemetry import setup_tracing
+from services.tokenizer.server import TokenizerServicer
+from services.tokenizer.text import TextTokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.tokenizer", description="llm-mesh tokenizer service")
+    add_service_args(parser, "tokenizer", "127.0.0.1:50052")
+    parser.add_argument("--model", default=env_default("LLMMESH_MODEL", "models/SmolLM2-135M-Instruct"))
+    args = parser.parse_args(argv)
+    setup_logging("tokenizer", args.log_level)
+    setup_tracing("tokenizer", instance_id(args.listen))
+    servicer = TokenizerServicer(TextTokenizer(args.model))
+
+    def register(server):
+        tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server)
+        return [tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name]
+
+    asyncio.run(serve(ServeOptions("tokenizer", args.listen, args.metrics_port, args.grace), register))
+
+
+if __name__ == "__main__":
+    main()

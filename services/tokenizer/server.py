@@ -1,0 +1,62 @@
+"""gRPC front of the tokenizer: proto in, TextTokenizer / IncrementalDetokenizer, proto out."""
+
+from __future__ import annotations
+
+import grpc
+
+from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.common.telemetry import tracer
+from services.tokenizer.detokenizer import IncrementalDetokenizer
+from services.tokenizer.text import CHAT_ROLES, ChatTemplateError, Message, TextTokenizer
+
+_tracer = tracer(__name__)
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+
+    async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
+        if request.prompt and request.messages:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send either prompt or messages, not both")
+        try:
+            if request.messages:
+                messages = [Message(m.role, m.content) for m in request.messages]
+                ids = self.tokenizer.encode_chat(messages)
+            else:
+                ids = self.tokenizer.encode(request.prompt)
+        except ChatTemplateError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return tokenizer_pb2.EncodeResponse(token_ids=ids)
+
+    async def Decode(self, request: tokenizer_pb2.DecodeRequest, context):
+        if not self._check_ids(request.token_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token id outside the vocabulary")
+        text = self.tokenizer.decode(list(request.token_ids), skip_special_tokens=not request.keep_special_tokens)
+        return tokenizer_pb2.DecodeResponse(text=text)
+
+    async def DetokenizeStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        detokenizer = None
+        tokens = 0
+        with _tracer.start_as_current_span("detokenize") as span:
+            async for request in request_iterator:
+                if detokenizer is None:
+                    detokenizer = IncrementalDetokenizer(self.tokenizer, not request.keep_special_tokens)
+                if not self._check_ids(request.token_ids):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token id outside the vocabulary")
+                tokens += len(request.token_ids)
+                text = detokenizer.push(list(request.token_ids)) if request.token_ids else detokenizer.flush()
+                yield tokenizer_pb2.DetokenizeResponse(text=text)
+            span.set_attribute("llmmesh.tokens", tokens)
+
+    async def Info(self, request, context):
+        return tokenizer_pb2.TokenizerInfo(
+            model=self.tokenizer.name,
+            vocab_size=self.tokenizer.vocab_size,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            chat_roles=list(CHAT_ROLES),
+        )
+
+    def _check_ids(self, ids) -> bool:
+        vocab = self.tokenizer.vocab_size
+        return all(0 <= i < vocab for i in ids)

@@ -1,0 +1,101 @@
+"""Gateway pieces that need no process: stop strings, validation, response-cache keys, the LRU store."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmmesh.v1 import common_pb2, gateway_pb2
+from services.cache.store import LRUByteStore
+from services.gateway.response_cache import response_key
+from services.gateway.stop_strings import StopStringMatcher
+from services.gateway.validation import InvalidRequest, Limits, check_request, resolve_max_tokens
+
+
+def _run(matcher: StopStringMatcher, deltas: list[str]) -> tuple[str, bool]:
+    out = []
+    for d in deltas:
+        text, stopped = matcher.feed(d)
+        out.append(text)
+        if stopped:
+            return "".join(out), True
+    return "".join(out) + matcher.flush(), False
+
+
+@pytest.mark.parametrize("deltas,stops,expected", [
+    (["Hello", " wor", "ld", "!"], ["world"], ("Hello ", True)),
+    (["a", "b", "c", "d"], ["bc", "cd"], ("a", True)),
+    (["The end.", "\n\nNext"], ["\n\n"], ("The end.", True)),
+    (["no", " stop", " here"], ["xyz"], ("no stop here", False)),
+    (["ab", "c"], [], ("abc", False)),
+    (["wor", "k and world"], ["world"], ("work and ", True)),
+])
+def test_stop_strings(deltas, stops, expected):
+    assert _run(StopStringMatcher(stops), deltas) == expected
+
+
+def test_stop_string_prefix_is_held_back_not_lost():
+    m = StopStringMatcher(["STOP"])
+    assert m.feed("abcST") == ("ab", False)  # the last len("STOP") - 1 characters wait
+    assert m.feed("ART") == ("cST", False)
+    assert m.flush() == "ART"
+
+
+def _request(**kw) -> gateway_pb2.GenerateRequest:
+    return gateway_pb2.GenerateRequest(**kw)
+
+
+@pytest.mark.parametrize("request_,message", [
+    (_request(), "empty"),
+    (_request(prompt="   "), "blank"),
+    (_request(prompt="x", messages=[common_pb2.ChatMessage(role="user", content="y")]), "either"),
+    (_request(messages=[common_pb2.ChatMessage(role="robot", content="y")]), "role"),
+    (_request(prompt="x", sampling=common_pb2.SamplingParams(max_tokens=5000)), "max_tokens"),
+    (_request(prompt="x", sampling=common_pb2.SamplingParams(temperature=-1)), "temperature"),
+    (_request(prompt="x", sampling=common_pb2.SamplingParams(temperature=float("nan"))), "temperature"),
+    (_request(prompt="x", sampling=common_pb2.SamplingParams(top_p=1.5)), "top_p"),
+    (_request(prompt="x", sampling=common_pb2.SamplingParams(stop=["a"] * 9)), "stop"),
+    (_request(prompt="x", sampling=common_pb2.SamplingParams(stop=[""])), "stop"),
+])
+def test_bad_requests_are_explained(request_, message):
+    with pytest.raises(InvalidRequest, match=message):
+        check_request(request_, Limits())
+
+
+def test_max_tokens_against_the_context():
+    limits = Limits(default_max_tokens=256)
+    assert resolve_max_tokens(common_pb2.SamplingParams(), 100, 8192, limits) == 256
+    assert resolve_max_tokens(common_pb2.SamplingParams(), 8000, 8192, limits) == 192
+    with pytest.raises(InvalidRequest, match="context"):
+        resolve_max_tokens(common_pb2.SamplingParams(), 8192, 8192, limits)
+    with pytest.raises(InvalidRequest, match="lower max_tokens to 92"):
+        resolve_max_tokens(common_pb2.SamplingParams(max_tokens=100), 8100, 8192, limits)
+
+
+def test_response_key_depends_on_every_input():
+    base = common_pb2.SamplingParams(temperature=0)
+    seeded = common_pb2.SamplingParams(temperature=0.7, seed=1)
+    keys = {
+        response_key("m", [1, 2, 3], base, 10),
+        response_key("m2", [1, 2, 3], base, 10),
+        response_key("m", [1, 2, 4], base, 10),
+        response_key("m", [1, 2, 3], base, 11),
+        response_key("m", [1, 2, 3], seeded, 10),
+        response_key("m", [1, 2, 3], common_pb2.SamplingParams(temperature=0.7, seed=2), 10),
+        response_key("m", [1, 2, 3], common_pb2.SamplingParams(stop=["x"]), 10),
+    }
+    assert len(keys) == 7
+    assert response_key("m", [1, 2, 3], base, 10) == response_key("m", [1, 2, 3], common_pb2.SamplingParams(), 10)
+
+
+def test_lru_store_keeps_to_its_budget():
+    store = LRUByteStore(budget_bytes=100)
+    for i in range(10):
+        assert store.put(f"k{i}".encode(), b"x" * 18)  # 20 bytes each
+    s = store.stats()
+    assert s.entries == 5 and s.bytes == 100 and s.evictions == 5
+    assert store.get(b"k0") is None and store.get(b"k9") == b"x" * 18
+    store.get(b"k5")  # now most recent
+    store.put(b"new", b"y" * 17)
+    assert store.get(b"k5") is not None and store.get(b"k6") is None
+    assert not store.put(b"huge", b"z" * 200) and store.get(b"huge") is None
+    assert store.stats().bytes <= 100
