@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> None:
             return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
         async def on_stop():
-            await servicer.drain_background()
             await shards.close()
 
         await serve(ServeOptions("gateway", args.listen, args.metrics_port, args.grace), register, on_stop=on_stop)

@@ -50,12 +50,27 @@ class RpcError(Exception):
         self.code = code
 
 
+async def close_stream(call, cancel: bool) -> None:
+    """End a client stream so that everything wrapping it finishes too (the tracing interceptor
+    ends its span when the response iterator ends): read a finished stream to EOF; cancel an
+    unfinished one, then read once so the cancellation reaches the wrapper."""
+    if cancel:
+        call.cancel()
+    try:
+        async with asyncio.timeout(1.0):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    except (grpc.aio.AioRpcError, asyncio.CancelledError, TimeoutError):
+        pass
+
+
 class DetokenizeSession:
     """One DetokenizeStream for one request: push token ids, get the text they complete."""
 
     def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, timeout: float):
         self._requests: asyncio.Queue = asyncio.Queue()
         self._call = stub.DetokenizeStream(self._iterate(), timeout=timeout)
+        self._flushed = False
 
     async def _iterate(self):
         while (request := await self._requests.get()) is not None:
@@ -66,14 +81,16 @@ class DetokenizeSession:
         return (await self._call.read()).text
 
     async def flush(self) -> str:
-        """An empty message asks for the text still held; then the stream closes."""
+        """An empty message asks for the text still held; then the request side closes."""
         await self._requests.put(tokenizer_pb2.DetokenizeRequest())
         text = (await self._call.read()).text
         await self._requests.put(None)
+        self._flushed = True
         return text
 
-    def cancel(self) -> None:
-        self._call.cancel()
+    async def close(self) -> None:
+        await self._requests.put(None)
+        await close_stream(self._call, cancel=not self._flushed)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -83,7 +100,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.tokenizer = tokenizer
         self.cache = cache
         self.shards = shards
-        self._background: set[asyncio.Task] = set()
 
     # --- RPCs ---
 
@@ -171,7 +187,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         matcher = StopStringMatcher(list(request.sampling.stop))
         texts, token_ids = [], []
         usage = common_pb2.Usage(prompt_tokens=len(prompt_ids))
-        finish_reason = ""
+        finish_reason = last_shard_reason = ""
         first = True
         detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001))
         replica, call = None, None
@@ -183,6 +199,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 token_ids.extend(msg.token_ids)
                 text = await detok.push(msg.token_ids) if msg.token_ids else ""
                 text, stopped = matcher.feed(text)
+                last_shard_reason = msg.finish_reason
                 if stopped:
                     finish_reason = "stop"
                 elif msg.finish_reason:
@@ -208,18 +225,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except grpc.aio.AioRpcError as exc:
             raise self._downstream_error(exc, "tokenizer") from None
         finally:
-            if call is not None and not call.done():
-                call.cancel()  # a stop string, a client cancel or an error: free the shard's work now
-            detok.cancel()
+            if call is not None:
+                # A stop string, a client cancel or an error cancels: the shard frees the work now.
+                await close_stream(call, cancel=not last_shard_reason)
+            await detok.close()
             if replica is not None:
                 replica.outstanding -= 1
         GENERATED.inc(len(token_ids))
         E2E.observe(time.monotonic() - start)
         if key is not None:
+            # After the last message went out, before the call closes: the client already has its
+            # answer, and a finished call means the next identical request hits.
             value = gateway_pb2.GenerateResponse(text="".join(texts), token_ids=token_ids, finish_reason=finish_reason,
                                                  usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
                                                                         completion_tokens=usage.completion_tokens))
-            self._spawn(self._cache_put(key, value))
+            await self._cache_put(key, value)
 
     async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> list[int]:
         encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages)
@@ -300,15 +320,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _cache_put(self, key: bytes, value: gateway_pb2.GenerateResponse) -> None:
         try:
             await self.cache.PutResponse(cache_pb2.PutResponseRequest(key=key, value=value.SerializeToString()),
-                                         timeout=CACHE_TIMEOUT_S * 4)
+                                         timeout=CACHE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             log.info("response cache put failed: %s", exc.code().name)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def drain_background(self) -> None:
-        if self._background:
-            await asyncio.wait(self._background, timeout=5)
