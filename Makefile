@@ -12,7 +12,6 @@ install: $(VENV)/.installed
 # torch first, pinned to the CPU build that ships on these machines; pyproject only asks for a range.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
 	touch $@
