@@ -1,0 +1,133 @@
+"""One stream's latency through the mesh, beside the same model in-process.
+
+Rows (same prompt, greedy, same token budget, run one after another in one process tree):
+  mesh (gRPC)          : client -> gateway -> tokenizer/cache/shard, streamed
+  engine (in-process)  : our LLMEngine stepped directly, no gRPC: the model's own speed
+  transformers generate: LlamaForCausalLM.generate, what the model costs without us
+
+TTFT is the time to the first text; tokens/s counts completion tokens over the whole request.
+
+    .venv/bin/python bench/latency.py [--model DIR] [--runs 5] [--max-tokens 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
+
+QUESTION = "Write a short story about a robot who learns to paint."
+
+
+def mesh_runs(stub, runs: int, max_tokens: int) -> list[tuple[float, int, float]]:
+    request = gateway_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="user", content=QUESTION)],
+                                          sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
+    out = []
+    for _ in range(runs + 1):  # the first warms up
+        start = time.perf_counter()
+        ttft, tokens = None, 0
+        for chunk in stub.GenerateStream(request, timeout=300):
+            if ttft is None and chunk.text:
+                ttft = time.perf_counter() - start
+            tokens += len(chunk.token_ids)
+        out.append((ttft, tokens, time.perf_counter() - start))
+    return out[1:]
+
+
+def engine_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int):
+    from services.model_shard.engine.engine import EngineConfig, LLMEngine
+    from services.model_shard.engine.request import SamplingParams
+
+    engine = LLMEngine.from_dir(model_dir, EngineConfig(kv_cache_bytes=256 << 20))
+    out = []
+    for i in range(runs + 1):
+        start = time.perf_counter()
+        seq = engine.add_request(f"bench-{i}", prompt_ids, SamplingParams(max_tokens=max_tokens))
+        ttft = None
+        while engine.has_work:
+            engine.step()
+            if ttft is None and seq.output_token_ids:
+                ttft = time.perf_counter() - start
+        out.append((ttft, len(seq.output_token_ids), time.perf_counter() - start))
+    return out[1:]
+
+
+def transformers_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int, eos: list[int]):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])
+    out = []
+    with torch.inference_mode():
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=eos[0])
+            ttft = time.perf_counter() - start
+            start = time.perf_counter()
+            gen = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+            out.append((ttft, gen.shape[1] - ids.shape[1], time.perf_counter() - start))
+    return out[1:]
+
+
+def summarize(name: str, rows) -> dict:
+    return {
+        "name": name,
+        "ttft_ms_p50": 1000 * statistics.median(r[0] for r in rows),
+        "tokens": statistics.median(r[1] for r in rows),
+        "tokens_per_s": statistics.median(r[1] / r[2] for r in rows),
+        "e2e_ms_p50": 1000 * statistics.median(r[2] for r in rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from services.tokenizer.text import Message, TextTokenizer
+
+    tok = TextTokenizer(args.model)
+    prompt_ids = tok.encode_chat([Message("user", QUESTION)])
+
+    ports = [free_port() for _ in range(7)]
+    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
+                     gateway_args=["--no-response-cache"])
+    with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
+        mesh.start()
+        with grpc.insecure_channel(mesh.gateway_address) as channel:
+            mesh_rows = mesh_runs(gateway_pb2_grpc.GatewayStub(channel), args.runs, args.max_tokens)
+    results = [summarize("mesh (gRPC, 4 services)", mesh_rows)]
+    results.append(summarize("engine (in-process)", engine_runs(args.model, prompt_ids, args.runs, args.max_tokens)))
+    results.append(summarize("transformers generate", transformers_runs(args.model, prompt_ids, args.runs,
+                                                                        args.max_tokens, tok.eos_token_ids)))
+
+    print(f"\nSmolLM2-135M-Instruct float32, prompt {len(prompt_ids)} tokens, greedy, max {args.max_tokens} new "
+          f"tokens, median of {args.runs} runs, {torch.get_num_threads()} torch threads\n")
+    print(f"{'':26} {'TTFT ms':>9} {'tokens':>7} {'tok/s':>8} {'e2e ms':>9}")
+    for r in results:
+        print(f"{r['name']:26} {r['ttft_ms_p50']:9.1f} {r['tokens']:7.0f} {r['tokens_per_s']:8.1f} {r['e2e_ms_p50']:9.1f}")
+    mesh, engine = results[0], results[1]
+    overhead = mesh["ttft_ms_p50"] - engine["ttft_ms_p50"]
+    print(f"\nmesh overhead on TTFT vs the in-process engine: {overhead:+.1f} ms; "
+          f"throughput ratio mesh/engine: {mesh['tokens_per_s'] / engine['tokens_per_s']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
