@@ -6,6 +6,7 @@ Per request: one Encode RPC, one shard Generate stream, one DetokenizeStream —
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -64,6 +65,27 @@ async def close_stream(call, cancel: bool) -> None:
         pass
 
 
+@contextlib.asynccontextmanager
+async def _status_of(method: str, context: grpc.aio.ServicerContext):
+    """Turn the request path's outcome into a gRPC status, counted by method and code. Nothing
+    unexpected reaches the client as a stack trace: it is logged and answered INTERNAL."""
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except RpcError as exc:
+        code = exc.code
+        await context.abort(exc.code, str(exc))
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s failed", method)
+        await context.abort(code, "internal error in the gateway; see its log")
+    finally:
+        REQUESTS.labels(method, code.name).inc()
+
+
 class DetokenizeSession:
     """One DetokenizeStream for one request: push token ids, get the text they complete."""
 
@@ -104,24 +126,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # --- RPCs ---
 
     async def GenerateStream(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        code = grpc.StatusCode.OK
-        try:
+        async with _status_of("GenerateStream", context):
             async for chunk in self._generate(request, context):
                 yield chunk
-        except RpcError as exc:
-            code = exc.code
-            await context.abort(exc.code, str(exc))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            REQUESTS.labels("GenerateStream", code.name).inc()
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        code = grpc.StatusCode.OK
         response = gateway_pb2.GenerateResponse()
         texts = []
-        try:
+        async with _status_of("Generate", context):
             async for chunk in self._generate(request, context):
                 texts.append(chunk.text)
                 response.token_ids.extend(chunk.token_ids)
@@ -130,15 +142,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     response.finish_reason = chunk.finish_reason
                     response.usage.CopyFrom(chunk.usage)
             response.text = "".join(texts)
-            return response
-        except RpcError as exc:
-            code = exc.code
-            await context.abort(exc.code, str(exc))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            REQUESTS.labels("Generate", code.name).inc()
+        return response
 
     # --- the request path ---
 
