@@ -32,22 +32,67 @@ def _seq(rid: str, n: int, max_tokens: int = 4) -> Sequence:
     return Sequence(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens), frozenset({0}))
 
 
-def test_scheduler_admits_within_blocks_and_queues_the_rest():
-    pool = BlockPool(num_blocks=4, block_size=4)
-    sched = Scheduler(SchedulerConfig(max_model_len=64, max_waiting=2), pool)
-    sched.add(_seq("a", 4))  # 4 + 4 tokens -> 2 blocks
+def _sched(num_blocks: int, block_size: int = 4, **config) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_model_len=config.pop("max_model_len", 64), **config),
+                     BlockPool(num_blocks, block_size))
+
+
+def test_scheduler_grows_blocks_on_demand_and_bounds_the_queue():
+    sched = _sched(4, max_waiting=2, enable_prefix_caching=False)
+    sched.add(_seq("a", 4))
     sched.add(_seq("b", 4))
     with pytest.raises(QueueFullError):
         sched.add(_seq("c", 4))
     out = sched.schedule()
-    assert [s.seq.request_id for s in out.scheduled] == ["a", "b"] and pool.num_free == 0
+    assert [(s.seq.request_id, s.num_new_tokens, s.sample) for s in out.scheduled] == [("a", 4, True), ("b", 4, True)]
+    assert sched.pool.num_free == 2  # one block each for now
     sched.update_from_output(out, [9, 9])
+    out = sched.schedule()  # the fifth token of each needs a second block
+    assert [s.num_new_tokens for s in out.scheduled] == [1, 1] and sched.pool.num_free == 0
+
+
+def test_scheduler_preempts_the_newest_when_blocks_run_out():
+    sched = _sched(3, max_model_len=64, enable_prefix_caching=False)
+    sched.add(_seq("old", 4, max_tokens=20))
+    sched.add(_seq("new", 4, max_tokens=20))
+    sched.update_from_output(sched.schedule(), [9, 9])  # 5 tokens each: 2 blocks + 1 block so far
+    out = sched.schedule()  # "new" needs a second block: none free, so "new" itself yields
+    assert [s.seq.request_id for s in out.scheduled] == ["old"] and out.num_preempted == 1
+    assert [s.request_id for s in sched.waiting] == ["new"] and sched.waiting[0].num_computed_tokens == 0
+
+
+def test_chunked_prefill_shares_the_step_budget_with_decodes():
+    sched = _sched(16, max_batched_tokens=4, enable_prefix_caching=False)
+    sched.add(_seq("short", 2))
+    sched.update_from_output(sched.schedule(), [7])
+    sched.add(_seq("long", 10))
+    chunks = []
+    for _ in range(4):
+        out = sched.schedule()
+        chunks.append([(s.seq.request_id, s.num_new_tokens, s.sample) for s in out.scheduled])
+        sched.update_from_output(out, [7 if s.sample else None for s in out.scheduled])
+    assert chunks == [
+        [("short", 1, True), ("long", 3, False)],  # the decode first, the prompt takes what is left
+        [("short", 1, True), ("long", 3, False)],
+        [("short", 1, True), ("long", 3, False)],
+        [("long", 1, True)],  # "short" finished at max_tokens=4; the prompt's last token samples
+    ]
+
+
+def test_prefix_blocks_are_shared_and_outlive_their_sequence():
+    sched = _sched(8)
+    shared = list(range(1, 13))  # three full blocks
+    sched.add(Sequence("a", shared + [50, 51], SamplingParams(max_tokens=1), frozenset()))
+    sched.update_from_output(sched.schedule(), [9])  # a finishes; its blocks are free but cached
+    assert sched.pool.num_used == 0 and sched.pool.num_cached == 3
+    b = Sequence("b", shared + [60], SamplingParams(max_tokens=2), frozenset())
+    sched.add(b)
     out = sched.schedule()
-    assert [s.num_new_tokens for s in out.scheduled] == [1, 1]  # both decode now
-    sched.add(_seq("c", 4))
-    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["a", "b"]  # c waits for blocks
-    assert sched.abort("a") is not None and pool.num_free == 2
-    assert "c" in [s.seq.request_id for s in sched.schedule().scheduled]
+    assert out.scheduled[0].num_new_tokens == 1 and b.num_cached_tokens == 12
+    # A prompt that is all cached blocks still computes its last token.
+    c = Sequence("c", shared, SamplingParams(max_tokens=2), frozenset())
+    sched.add(c)
+    assert sched.schedule().scheduled[-1].num_new_tokens == 4 and c.num_cached_tokens == 8
 
 
 def test_scheduler_refuses_what_can_never_fit():
@@ -55,7 +100,7 @@ def test_scheduler_refuses_what_can_never_fit():
     with pytest.raises(ValueError, match="context"):
         sched.add(_seq("long", 40))
     with pytest.raises(ValueError, match="KV blocks"):
-        sched.add(_seq("big", 10, max_tokens=10))
+        sched.add(_seq("big", 10, max_tokens=10))  # 11 tokens need 3 blocks of 4
 
 
 def test_finish_on_eos_and_length():
@@ -67,7 +112,7 @@ def test_finish_on_eos_and_length():
     sched.update_from_output(out, [7, 7])
     results = sched.update_from_output(sched.schedule(), [0, 8])
     assert {r.request_id: r.finish_reason for r in results} == {"eos": FinishReason.STOP, "len": FinishReason.LENGTH}
-    assert pool.num_free == 8 and not sched.has_work
+    assert pool.num_used == 0 and not sched.has_work
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +194,43 @@ def test_async_engine_reports_bad_requests(tiny_model_dir):
         asyncio.run(scenario())
     finally:
         async_engine.stop()
+
+
+def _engine(model_dir, **config) -> LLMEngine:
+    return LLMEngine(load_model(model_dir), EngineConfig(**{"block_size": 4, "kv_cache_bytes": 1 << 20, **config}))
+
+
+def test_chunked_prefill_gives_identical_tokens(tiny_model_dir):
+    long_prompts = [list(range(3, 90)), list(range(100, 140)), [7, 7, 7]]
+    params = SamplingParams(max_tokens=10)
+    whole = _engine(tiny_model_dir, max_batched_tokens=4096, enable_prefix_caching=False)
+    chunked = _engine(tiny_model_dir, max_batched_tokens=7, enable_prefix_caching=False)
+    assert chunked.generate(long_prompts, params) == whole.generate(long_prompts, params)
+    assert chunked.stats.steps > whole.stats.steps  # it really ran in chunks
+
+
+def test_preemption_recomputes_to_identical_tokens(tiny_model_dir):
+    params = [SamplingParams(max_tokens=24), SamplingParams(max_tokens=24, temperature=1.0, seed=5)] * 3
+    roomy = _engine(tiny_model_dir)
+    tight = _engine(tiny_model_dir, kv_cache_bytes=roomy.executor.kv_cache_bytes_per_block * 14,
+                    enable_prefix_caching=False)
+    prompts = PROMPTS + [[9, 8, 7, 6, 5, 4, 3]]
+    expected = roomy.generate(prompts, params)
+    got = tight.generate(prompts, params)
+    assert tight.stats.preemptions > 0
+    assert got == expected
+    assert tight.pool.num_used == 0
+
+
+def test_prefix_reuse_gives_identical_tokens_and_skips_prefill(tiny_model_dir):
+    system = list(range(10, 74))  # 16 full blocks of 4
+    questions = [system + [200, 201, 202], system + [210, 211], system + [220]]
+    params = SamplingParams(max_tokens=8)
+    cold = _engine(tiny_model_dir, enable_prefix_caching=False)
+    expected = [cold.generate([q], params)[0] for q in questions]
+    warm = _engine(tiny_model_dir)
+    got = [warm.generate([q], params)[0] for q in questions]
+    assert got == expected
+    # The first question computes the shared prefix; the next two reuse its 64 tokens.
+    assert cold.stats.computed_tokens - warm.stats.computed_tokens == 2 * len(system)
+    assert warm.pool.stats.hit_tokens == 2 * len(system)

@@ -27,7 +27,15 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own limit
     max_running: int = 64
     max_waiting: int = 256
-    max_batched_tokens: int = 4096
+    max_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    computed_tokens: int = 0  # tokens run through the model (prefill chunks and decodes)
+    preemptions: int = 0
 
 
 class LLMEngine:
@@ -47,11 +55,13 @@ class LLMEngine:
                 max_running=config.max_running,
                 max_waiting=config.max_waiting,
                 max_batched_tokens=config.max_batched_tokens,
+                enable_prefix_caching=config.enable_prefix_caching,
             ),
             self.pool,
         )
         self.executor = LocalExecutor(model, num_blocks, config.block_size)
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
+        self.stats = EngineStats()
         log.info("engine ready: %d KV blocks of %d tokens, context %d", num_blocks, config.block_size, self.max_model_len)
 
     @classmethod
@@ -78,6 +88,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         sampled = self.executor.execute(out)
+        self.stats.steps += 1
+        self.stats.computed_tokens += out.num_tokens
+        self.stats.preemptions += out.num_preempted
         return self.scheduler.update_from_output(out, sampled)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

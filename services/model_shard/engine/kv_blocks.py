@@ -1,11 +1,22 @@
-"""The paged KV cache's bookkeeping: fixed-size blocks, reference counts, a free list.
+"""The paged KV cache's bookkeeping: fixed-size blocks, reference counts, an eviction-ordered free
+list, and prefix caching by chained block hash.
 
+A full block keeps its hash after its sequences free it: it sits in the free list, reusable by a
+later request with the same prefix, until allocation evicts it (least recently freed first).
 The scheduler sees block ids only; the executor owns the tensors they index.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class PrefixStats:
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+    evicted_blocks: int = 0
 
 
 class BlockPool:
@@ -15,7 +26,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front: evicted first
+        self._hash_of: list[bytes | None] = [None] * num_blocks
+        self._block_of: dict[bytes, int] = {}
+        self.stats = PrefixStats()
 
     @property
     def num_free(self) -> int:
@@ -25,6 +39,10 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_cached(self) -> int:
+        return len(self._block_of)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -32,15 +50,44 @@ class BlockPool:
         """n fresh blocks, or None (nothing taken) when fewer than n are free."""
         if n > len(self._free):
             return None
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
-            self._ref_counts[b] = 1
+        blocks = []
+        for _ in range(n):
+            block, _ = self._free.popitem(last=False)
+            old = self._hash_of[block]
+            if old is not None:  # evict its cached content
+                del self._block_of[old]
+                self._hash_of[block] = None
+                self.stats.evicted_blocks += 1
+            self._ref_counts[block] = 1
+            blocks.append(block)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if self._ref_counts[b] <= 0:
-                raise RuntimeError(f"block {b} freed twice")
-            self._ref_counts[b] -= 1
-            if self._ref_counts[b] == 0:
-                self._free.append(b)
+        # Last blocks first: a sequence's tail is the least likely to be shared, so it goes first.
+        for block in reversed(blocks):
+            if self._ref_counts[block] <= 0:
+                raise RuntimeError(f"block {block} freed twice")
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] == 0:
+                self._free[block] = None
+
+    def take_cached_prefix(self, hashes: list[bytes]) -> list[int]:
+        """The blocks holding the longest cached run of `hashes`, each with a reference taken."""
+        blocks = []
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            if self._ref_counts[block] == 0:
+                del self._free[block]
+            self._ref_counts[block] += 1
+            blocks.append(block)
+        self.stats.queried_tokens += len(hashes) * self.block_size
+        self.stats.hit_tokens += len(blocks) * self.block_size
+        return blocks
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Name a full, computed block so later requests can reuse it. First writer wins."""
+        if self._hash_of[block] is None and block_hash not in self._block_of:
+            self._hash_of[block] = block_hash
+            self._block_of[block_hash] = block

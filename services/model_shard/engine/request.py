@@ -56,19 +56,26 @@ class Sequence:
     params: SamplingParams
     eos_token_ids: frozenset[int]
     output_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # prompt + output, grown in place
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks, as known
+    num_registered_blocks: int = 0  # leading blocks named in the pool's prefix cache
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    num_cached_tokens: int = 0  # prompt tokens whose prefill a cache saved
+    num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
+    num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     times: RequestTimes = field(default_factory=RequestTimes)
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    def append_token(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.token_ids.append(token)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
     def finished(self) -> bool:

@@ -1,5 +1,11 @@
 """Iteration-level scheduling: requests join and leave the running batch between steps.
 
+Each step has a token budget. Running sequences come first (a decode costs one token; a prompt
+still being prefilled takes a chunk of what is left), then waiting requests are admitted while
+budget, batch slots and KV blocks last. Blocks are allocated as sequences grow; when none is
+free, the most recently admitted sequence is preempted (its blocks freed, recomputed later).
+Prompts start from the longest prefix of full blocks already cached in the pool.
+
 No torch and no gRPC here. The engine loop calls `schedule()`, runs the step, then
 `update_from_output()`; aborts are applied between steps.
 """
@@ -10,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.common.block_hash import chain_block_hashes
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import FinishReason, RequestOutput, Sequence
 
@@ -23,19 +30,22 @@ class SchedulerConfig:
     max_model_len: int
     max_running: int = 64
     max_waiting: int = 256
-    max_batched_tokens: int = 4096
+    max_batched_tokens: int = 512  # per step; longer prompts are prefilled in chunks of what is left
+    enable_prefix_caching: bool = True
 
 
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens whose K/V this step computes: the prompt, or 1 when decoding
+    num_new_tokens: int  # tokens whose K/V this step computes
+    sample: bool  # this step reaches the end of the sequence's tokens: sample the next one
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # executors drop their state for these
+    num_preempted: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -44,20 +54,19 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool):
+        if config.max_batched_tokens < 1:
+            raise ValueError("max_batched_tokens must be at least 1")
         self.config = config
         self.pool = pool
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._finished_ids: list[str] = []
+        # Admission keeps a few blocks free so running sequences can grow without preempting at once.
+        self._watermark = max(1, pool.num_blocks // 100)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def _reserved_tokens(self, seq: Sequence) -> int:
-        # Blocks for the whole answer are reserved at admission, so a running sequence never
-        # waits for memory mid-stream.
-        return min(len(seq.prompt_token_ids) + seq.params.max_tokens, self.config.max_model_len)
 
     def add(self, seq: Sequence) -> None:
         prompt_len = len(seq.prompt_token_ids)
@@ -65,9 +74,9 @@ class Scheduler:
             raise ValueError("the prompt has no tokens")
         if prompt_len >= self.config.max_model_len:
             raise ValueError(f"the prompt is {prompt_len} tokens; the context holds {self.config.max_model_len}")
-        needed = self.pool.blocks_for(self._reserved_tokens(seq))
+        needed = self.pool.blocks_for(prompt_len + 1)
         if needed > self.pool.num_blocks:
-            raise ValueError(f"the request needs {needed} KV blocks; this shard holds {self.pool.num_blocks}")
+            raise ValueError(f"the prompt needs {needed} KV blocks; this shard holds {self.pool.num_blocks}")
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are waiting already")
         self.waiting.append(seq)
@@ -84,38 +93,92 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
         seq.times.finished_ns = time.time_ns()
+        self._release(seq)
+        self._finished_ids.append(seq.request_id)
+
+    def _release(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)
         seq.block_ids = []
-        self._finished_ids.append(seq.request_id)
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
+
+    def _grow(self, seq: Sequence, num_tokens: int, keep_free: int = 0) -> bool:
+        """Give seq blocks for num_tokens tokens, leaving keep_free blocks free; False if it can't."""
+        need = self.pool.blocks_for(num_tokens) - len(seq.block_ids)
+        if need <= 0:
+            return True
+        if self.pool.num_free - need < keep_free:
+            return False
+        blocks = self.pool.allocate(need)
+        if blocks is None:
+            return False
+        seq.block_ids.extend(blocks)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks and queue it first; it recomputes (its full blocks may still be cached)."""
+        self._release(seq)
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_batched_tokens
-        for seq in self.running:
-            out.scheduled.append(ScheduledSeq(seq, 1))
-            budget -= 1
-        admitted_prefill = False
-        while self.waiting and len(self.running) < self.config.max_running:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self._grow(seq, seq.num_computed_tokens + num_new):
+                victim = self.running.pop()  # the most recently admitted goes first
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
+                budget -= num_new
+                i += 1
+        # No admissions in a step that had to preempt: memory is short.
+        while not out.num_preempted and self.waiting and len(self.running) < self.config.max_running and budget > 0:
             seq = self.waiting[0]
-            num_new = seq.num_tokens - seq.num_computed_tokens
-            # One prompt longer than the budget may still run alone rather than never.
-            if num_new > budget and admitted_prefill:
-                break
-            blocks = self.pool.allocate(self.pool.blocks_for(self._reserved_tokens(seq)))
-            if blocks is None:
+            self._take_cached_prefix(seq)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._grow(seq, seq.num_computed_tokens + num_new, self._watermark if self.running else 0):
+                self._release(seq)
                 break
             self.waiting.popleft()
-            seq.block_ids = blocks
-            seq.times.scheduled_ns = time.time_ns()
+            if seq.times.scheduled_ns is None:
+                seq.times.scheduled_ns = time.time_ns()
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
+            out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
             budget -= num_new
-            admitted_prefill = True
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
-        """sampled[i] is the token made for out.scheduled[i]."""
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        if not self.config.enable_prefix_caching or seq.block_ids:
+            return
+        bs = self.pool.block_size
+        chain_block_hashes(seq.token_ids, bs, seq.block_hashes)
+        # At least the last token is computed: its logits pick the next one.
+        usable = seq.block_hashes[: (seq.num_tokens - 1) // bs]
+        seq.block_ids = self.pool.take_cached_prefix(usable)
+        seq.num_computed_tokens = seq.num_registered_blocks = len(seq.block_ids)
+        seq.num_computed_tokens *= bs
+        if not seq.output_token_ids:
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+    def _register_computed_blocks(self, seq: Sequence) -> None:
+        full = seq.num_computed_tokens // self.pool.block_size
+        if not self.config.enable_prefix_caching or full <= seq.num_registered_blocks:
+            return
+        chain_block_hashes(seq.token_ids[: full * self.pool.block_size], self.pool.block_size, seq.block_hashes)
+        for j in range(seq.num_registered_blocks, full):
+            self.pool.register(seq.block_ids[j], seq.block_hashes[j])
+        seq.num_registered_blocks = full
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
+        """sampled[i] is the token made for out.scheduled[i] (None where it did not sample)."""
         results = []
         now = time.time_ns()
         for item, token in zip(out.scheduled, sampled, strict=True):
@@ -123,7 +186,10 @@ class Scheduler:
             if seq.finished:  # aborted while the step ran
                 continue
             seq.num_computed_tokens += item.num_new_tokens
-            seq.output_token_ids.append(token)
+            self._register_computed_blocks(seq)
+            if not item.sample:
+                continue
+            seq.append_token(token)
             if seq.times.first_token_ns is None:
                 seq.times.first_token_ns = now
             reason = None

@@ -21,6 +21,7 @@ class LocalExecutor:
         self.model = model
         self.block_size = block_size
         cfg = model.cfg
+        self.kv_cache_bytes_per_block = kv_cache_bytes_per_block(model, block_size, model.embed_tokens.weight.dtype)
         dtype = model.embed_tokens.weight.dtype
         num_slots = num_blocks * block_size
         self.kv_caches = [
@@ -60,7 +61,8 @@ class LocalExecutor:
             pos = torch.arange(first, end_pos)
             positions.append(pos)
             slots.append(self._slots(seq.block_ids, pos))
-            sample_index.append(len(input_ids) - 1)
+            if item.sample:
+                sample_index.append(len(input_ids) - 1)
             if item.num_new_tokens == 1:
                 decode_rows.append((start, end_pos, seq.block_ids))
             elif first == 0:
@@ -82,16 +84,20 @@ class LocalExecutor:
         return torch.tensor(input_ids), torch.cat(positions), meta, torch.tensor(sample_index)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
+    def execute(self, out: SchedulerOutput) -> list[int | None]:
+        """One forward pass over every scheduled sequence; a token for each that samples, else None."""
         for request_id in out.finished_request_ids:
             self._generators.pop(request_id, None)
         if not out.scheduled:
             return []
         input_ids, positions, meta, sample_index = self.prepare(out)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        sampling = [item.seq for item in out.scheduled if item.sample]
+        if not sampling:
+            return [None] * len(out.scheduled)
         logits = self.model.compute_logits(hidden[sample_index])
-        seqs = [item.seq for item in out.scheduled]
-        params = [s.params for s in seqs]
-        generators = [self._generator(s.request_id, s.params) for s in seqs]
-        histories = [s.token_ids for s in seqs] if any(p.repetition_penalty != 1.0 for p in params) else None
-        return sample(logits, params, generators, histories)
+        params = [s.params for s in sampling]
+        generators = [self._generator(s.request_id, s.params) for s in sampling]
+        histories = [s.token_ids for s in sampling] if any(p.repetition_penalty != 1.0 for p in params) else None
+        tokens = iter(sample(logits, params, generators, histories))
+        return [next(tokens) if item.sample else None for item in out.scheduled]
