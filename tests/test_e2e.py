@@ -239,3 +239,31 @@ def test_shard_down_is_unavailable_fast(real_model_dir, mesh, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _shard_kv_used(mesh) -> list[float]:
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    used = []
+    for spec in mesh.plan.shards:
+        text = urlopen(f"http://127.0.0.1:{spec.metrics_port}/metrics", timeout=10).read().decode()
+        family = next(f for f in text_string_to_metric_families(text) if f.name == "llmmesh_kv_blocks_used_ratio")
+        used.append(family.samples[0].value)
+    return used
+
+
+def test_a_passed_deadline_ends_generation_and_frees_kv(mesh, gateway):
+    request = gateway_pb2.GenerateRequest(prompt="Count from one to one thousand: one, two,",
+                                          sampling=common_pb2.SamplingParams(max_tokens=3000))
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway.GenerateStream(request, timeout=1.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 5
+    # The shard saw the deadline too: its blocks return to zero within a few engine steps.
+    deadline = time.monotonic() + 10
+    while any(_shard_kv_used(mesh)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _shard_kv_used(mesh) == [0.0, 0.0]

@@ -18,6 +18,7 @@ from prometheus_client import Counter, Histogram
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
+from services.common.errors import STATUS_DETAILS_KEY
 from services.gateway.response_cache import response_key
 from services.gateway.shards import NoShardAvailable, Replica, ShardPool
 from services.gateway.stop_strings import StopStringMatcher
@@ -44,11 +45,13 @@ class GatewayConfig:
 
 
 class RpcError(Exception):
-    """An error status for the client, raised anywhere in the request's path."""
+    """An error status for the client, raised anywhere in the request's path. `trailing_metadata`
+    carries rich details (e.g. a shard's RetryInfo) through unchanged."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple = ()):
         super().__init__(message)
         self.code = code
+        self.trailing_metadata = trailing_metadata
 
 
 async def close_stream(call, cancel: bool) -> None:
@@ -74,7 +77,7 @@ async def _status_of(method: str, context: grpc.aio.ServicerContext):
         yield
     except RpcError as exc:
         code = exc.code
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, str(exc), exc.trailing_metadata)
     except asyncio.CancelledError:
         code = grpc.StatusCode.CANCELLED
         raise
@@ -303,7 +306,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         code = exc.code()
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-            return RpcError(code, exc.details() or code.name)
+            details = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k == STATUS_DETAILS_KEY)
+            return RpcError(code, exc.details() or code.name, details)
         log.warning("%s failed: %s %s", service, code.name, exc.details())
         return RpcError(grpc.StatusCode.UNAVAILABLE, f"the {service} is unavailable ({code.name})")
 

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=int(env_default("LLMMESH_MAX_MODEL_LEN", "8192")))
     parser.add_argument("--max-running", type=int, default=64, help="sequences in one batch at most")
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-batched-tokens", type=int, default=512,
+                        help="tokens per engine step; longer prompts are prefilled in chunks")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    parser.add_argument("--retry-after", type=float, default=0.5, help="seconds a refused client is told to wait")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
     setup_logging("shard", args.log_level)
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     config = EngineConfig(
         dtype=args.dtype, block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
         max_model_len=args.max_model_len, max_running=args.max_running, max_waiting=args.max_waiting,
+        max_batched_tokens=args.max_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
     )
     engine = AsyncEngine(LLMEngine.from_dir(args.model, config))
     REGISTRY.register(EngineCollector(engine))
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         await runtime_ref["runtime"].set_serving(False)
 
     servicer = ModelShardServicer(engine, model_name=args.model.rstrip("/").rsplit("/", 1)[-1],
-                                  on_engine_dead=on_engine_dead)
+                                  on_engine_dead=on_engine_dead, retry_after_s=args.retry_after)
 
     def register(server):
         shard_pb2_grpc.add_ModelShardServicer_to_server(servicer, server)

@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
+from services.common.errors import retry_later
 from services.common.telemetry import record_span
 from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError
 from services.model_shard.engine.request import FinishReason, SamplingParams
@@ -30,8 +31,9 @@ def sampling_from_proto(p) -> SamplingParams:
 
 
 class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
-    def __init__(self, engine: AsyncEngine, model_name: str, on_engine_dead=None):
+    def __init__(self, engine: AsyncEngine, model_name: str, on_engine_dead=None, retry_after_s: float = 0.5):
         self.engine = engine
+        self.retry_after_s = retry_after_s
         self.model_name = model_name
         self._on_engine_dead = on_engine_dead
 
@@ -62,7 +64,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except QueueFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"shard queue is full ({exc}); retry later")
+            await context.abort_with_status(retry_later(f"the shard's queue is full ({exc})", self.retry_after_s))
         except EngineDeadError as exc:
             if self._on_engine_dead is not None:
                 await self._on_engine_dead()

@@ -1,0 +1,68 @@
+"""A model shard process on its own (tiny model): backpressure and the shard contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+from services.common.errors import retry_delay_s
+from services.launcher import free_port, wait_healthy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small_shard(tiny_model_dir, tmp_path_factory):
+    listen = f"127.0.0.1:{free_port()}"
+    log = open(tmp_path_factory.mktemp("shard") / "shard.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.model_shard", "--model", str(tiny_model_dir),
+                             "--listen", listen, "--max-running", "1", "--max-waiting", "1",
+                             "--retry-after", "0.75", "--kv-cache-mb", "4", "--threads", "1"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(listen, 60, proc)
+        with grpc.insecure_channel(listen) as channel:
+            yield shard_pb2_grpc.ModelShardStub(channel)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _generate(stub, prompt, max_tokens):
+    request = shard_pb2.ShardGenerateRequest(prompt_token_ids=prompt,
+                                             sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
+    try:
+        return [t for msg in stub.Generate(request, timeout=60) for t in msg.token_ids]
+    except grpc.RpcError as exc:
+        return exc
+
+
+def test_a_full_queue_answers_resource_exhausted_with_a_retry_delay(small_shard):
+    prompts = [[5, 6, 7, i] for i in range(8)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda p: _generate(small_shard, p, 150), prompts))
+    refused = [r for r in results if isinstance(r, grpc.RpcError)]
+    served = [r for r in results if not isinstance(r, grpc.RpcError)]
+    assert refused and served
+    for err in refused:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in err.details()
+        assert retry_delay_s(err) == 0.75
+    for tokens in served:  # nothing accepted is lost
+        assert 0 < len(tokens) <= 150 and (len(tokens) == 150 or tokens[-1] == 2)
+
+
+def test_shard_checks_its_input(small_shard):
+    for prompt, fragment in (([], "empty"), ([999999], "vocabulary")):
+        err = _generate(small_shard, prompt, 4)
+        assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in err.details()
+    info = small_shard.Info(shard_pb2.ShardInfoRequest(), timeout=10)
+    assert info.max_running == 1 and info.block_size == 16 and info.num_blocks > 0
