@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--gateway-port", type=int, default=50051)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", choices=["int8"], help="weight-only int8 (pair with --dtype bfloat16)")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
     args = parser.parse_args(argv)
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (Path(args.model) / "config.json").exists():
         parser.error(f"no model at {args.model}: run `make model` first")
     plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port,
-                     shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb)])
+                     shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb),
+                                 *(["--quantization", args.quantization] if args.quantization else [])])
     mesh = Mesh(plan)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -6,21 +6,10 @@ import torch
 
 from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.request import SamplingParams
-from services.model_shard.model.llama import AttentionMetadata, PrefillSpan, load_model
+from services.model_shard.model.evaluate import prompt_logits
+from services.model_shard.model.llama import load_model
 
 from .conftest import hf_reference
-
-
-def _prefill_logits(model, ids: list[int]) -> torch.Tensor:
-    """All-position logits of one fresh prompt through the serving model."""
-    cfg = model.cfg
-    n = len(ids)
-    caches = [(torch.zeros(n, cfg.num_kv_heads, cfg.head_dim), torch.zeros(n, cfg.num_kv_heads, cfg.head_dim))
-              for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n, None, None)])
-    with torch.inference_mode():
-        hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
-        return model.compute_logits(hidden)
 
 
 def test_tiny_llama_logits_match_transformers(tiny_model_dir):
@@ -29,7 +18,7 @@ def test_tiny_llama_logits_match_transformers(tiny_model_dir):
     ids = torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.inference_mode():
         expected = ref(torch.tensor([ids])).logits[0]
-    got = _prefill_logits(ours, ids)
+    got = prompt_logits(ours, ids)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -39,7 +28,7 @@ def test_real_model_logits_match_transformers(real_model_dir):
     ids = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
     with torch.inference_mode():
         expected = ref(torch.tensor([ids])).logits[0]
-    got = _prefill_logits(ours, ids)
+    got = prompt_logits(ours, ids)
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 

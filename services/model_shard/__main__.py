@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     add_service_args(parser, "shard", "127.0.0.1:50061")
     parser.add_argument("--model", default=env_default("LLMMESH_MODEL", "models/SmolLM2-135M-Instruct"))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=env_default("LLMMESH_DTYPE", "float32"))
+    parser.add_argument("--quantization", choices=["int8"], default=env_default("LLMMESH_QUANTIZATION", "") or None,
+                        help="int8: weight-only int8 linear layers (fastest on CPU with --dtype bfloat16)")
     parser.add_argument("--kv-cache-mb", type=int, default=int(env_default("LLMMESH_KV_CACHE_MB", "1024")),
                         help="memory for the paged KV cache")
     parser.add_argument("--block-size", type=int, default=16)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EngineConfig(
-        dtype=args.dtype, block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
+        dtype=args.dtype, quantization=args.quantization, block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
         max_model_len=args.max_model_len, max_running=args.max_running, max_waiting=args.max_waiting,
         max_batched_tokens=args.max_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
     )

@@ -22,6 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True)
 class EngineConfig:
     dtype: str = "float32"
+    quantization: str | None = None  # "int8": weight-only int8 linears (pair with bfloat16)
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # None: the model's own limit
@@ -66,7 +67,7 @@ class LLMEngine:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: EngineConfig) -> "LLMEngine":
-        return cls(load_model(model_dir, DTYPES[config.dtype]), config)
+        return cls(load_model(model_dir, DTYPES[config.dtype], config.quantization), config)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         params.validate()

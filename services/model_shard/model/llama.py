@@ -211,6 +211,7 @@ class LlamaForServing(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head_int8: nn.Module | None = None
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]; returns the final hidden states [T, hidden]."""
@@ -221,8 +222,11 @@ class LlamaForServing(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] (only the rows that sample); returns float32 logits [N, vocab]."""
+        hidden = self.norm(hidden)
+        if self.lm_head_int8 is not None:  # set by quant.quantize_int8
+            return self.lm_head_int8(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(hidden), weight).float()
+        return F.linear(hidden, weight).float()
 
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -255,8 +259,9 @@ class LlamaForServing(nn.Module):
             raise ValueError(f"checkpoint is missing {sorted(params)}")
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForServing:
-    """Build the serving model from a folder with config.json and *.safetensors."""
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None) -> LlamaForServing:
+    """Build the serving model from a folder with config.json and *.safetensors.
+    quantization: None, or "int8" (weight-only, see quant.py)."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
@@ -276,4 +281,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Lla
     model.load_weights(tensors)
     model = model.to(dtype).eval()
     rope.cos, rope.sin = rope.cos.float(), rope.sin.float()  # positions stay exact in any dtype
+    if quantization == "int8":
+        from services.model_shard.model.quant import quantize_int8
+
+        quantize_int8(model)
+    elif quantization is not None:
+        raise ValueError(f"unknown quantization {quantization!r}; expected int8")
     return model

@@ -1,0 +1,48 @@
+"""bfloat16 and int8 weight-only serving stay close to float32 on the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.model_shard.engine.engine import EngineConfig, LLMEngine
+from services.model_shard.engine.request import SamplingParams
+from services.model_shard.model.evaluate import perplexity
+from services.model_shard.model.llama import load_model
+from services.tokenizer.text import Message, TextTokenizer
+
+# A fixed English text (public-domain style prose) for perplexity.
+TEXT = (
+    "The river wound slowly through the valley, past fields of wheat and small stone houses. In the "
+    "morning the farmers walked to the market in the town, carrying baskets of bread, cheese and "
+    "apples. Children ran along the road and dogs barked at the carts. By noon the square was full "
+    "of voices, and the smell of fresh coffee drifted from the cafe near the church. When the sun "
+    "began to set, the people went home, and the valley grew quiet again under the first stars."
+)
+QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "Name a primary color."]
+EXPECTED = ["Paris", "4", ""]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(real_model_dir):
+    return TextTokenizer(real_model_dir)
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(real_model_dir, tokenizer):
+    return perplexity(load_model(real_model_dir, torch.float32), tokenizer.encode(TEXT))
+
+
+@pytest.mark.parametrize("dtype,quantization", [(torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, "int8")])
+def test_perplexity_moves_less_than_five_percent(real_model_dir, tokenizer, fp32_perplexity, dtype, quantization):
+    model = load_model(real_model_dir, dtype, quantization)
+    ppl = perplexity(model, tokenizer.encode(TEXT))
+    print(f"perplexity float32 {fp32_perplexity:.3f}  {dtype} {quantization or ''}: {ppl:.3f}")
+    assert fp32_perplexity < 30  # the text is ordinary English: a sane model finds it likely
+    assert abs(ppl - fp32_perplexity) / fp32_perplexity < 0.05
+
+    engine = LLMEngine(model, EngineConfig(kv_cache_bytes=64 << 20))
+    prompts = [tokenizer.encode_chat([Message("user", q)]) for q in QUESTIONS]
+    for answer, expected in zip(engine.generate(prompts, SamplingParams(max_tokens=24)), EXPECTED):
+        text = tokenizer.decode(answer)
+        assert expected in text and len(text.strip()) > 0
