@@ -41,14 +41,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging("shard", args.log_level)
     setup_tracing("model_shard", instance_id(args.listen))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = EngineConfig(
-        dtype=args.dtype, quantization=args.quantization, block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb << 20,
-        max_model_len=args.max_model_len, max_running=args.max_running, max_waiting=args.max_waiting,
-        max_batched_tokens=args.max_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+        dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_mb << 20, max_model_len=args.max_model_len, max_running=args.max_running,
+        max_waiting=args.max_waiting, max_batched_tokens=args.max_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
     )
-    engine = AsyncEngine(LLMEngine.from_dir(args.model, config))
+
+    def build_engine() -> LLMEngine:  # runs on the engine thread: all torch work stays there
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return LLMEngine.from_dir(args.model, config)
+
+    engine = AsyncEngine(build_engine)
     REGISTRY.register(EngineCollector(engine))
     runtime_ref = {}
 

@@ -1,0 +1,224 @@
+"""Throughput and latency under concurrency, beside transformers serving the same requests.
+
+For each N in --concurrency, N streaming clients each send --rounds requests through the gateway
+(real model, chat prompts of mixed lengths, response cache off). Printed per N: TTFT p50/p99,
+inter-token latency p50/p99 (gap between stream messages, per token), aggregate output tokens/s.
+
+In the same run, on the workload of --baseline-n requests arriving together:
+  (a) transformers generate, one request after another (how a naive server answers)
+  (b) transformers generate, one static batch (left-padded; runs until its longest answer ends)
+  (c) llama-cpp-python on the same GGUF, one request at a time like its server (when installed)
+
+    .venv/bin/python bench/throughput.py [--dtype bfloat16] [--quantization int8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
+
+TOPICS = ["the ocean", "volcanoes", "the history of bread", "how bees make honey", "the moon landing",
+          "why the sky is blue", "electric cars", "the game of chess", "rainforests", "the printing press",
+          "black holes", "the human heart", "coffee", "the Roman empire", "photosynthesis", "trains"]
+CONTEXT = ("Background notes: the reader is a curious student who likes clear examples, short sentences, "
+           "and facts that can be checked. Avoid lists; write in plain prose. ")
+
+
+def make_prompts(n: int) -> list[str]:
+    """Mixed lengths: every third prompt carries 1-4 paragraphs of extra context."""
+    prompts = []
+    for i in range(n):
+        extra = CONTEXT * (1 + (i // 3) % 4) * 3 if i % 3 == 0 else ""
+        prompts.append(f"{extra}Write a detailed paragraph about {TOPICS[i % len(TOPICS)]}.")
+    return prompts
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def one_stream(stub, prompt: str, max_tokens: int, ttfts: list, itls: list) -> int:
+    request = gateway_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="user", content=prompt)],
+                                          sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
+    start = time.perf_counter()
+    last, tokens = None, 0
+    async for chunk in stub.GenerateStream(request, timeout=600):
+        now = time.perf_counter()
+        n = len(chunk.token_ids)
+        if n:
+            if last is None:
+                ttfts.append(now - start)
+            else:
+                itls.extend([(now - last) / n] * n)
+            last = now
+            tokens += n
+    return tokens
+
+
+async def drive(address: str, n: int, rounds: int, max_tokens: int) -> dict:
+    prompts = make_prompts(n * rounds)
+    ttfts, itls = [], []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def client(i: int) -> int:
+            return sum([await one_stream(stub, prompts[i * rounds + r], max_tokens, ttfts, itls) for r in range(rounds)])
+
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(client(i) for i in range(n))))
+        elapsed = time.perf_counter() - start
+    return {"name": f"mesh N={n}", "requests": n * rounds, "tokens": tokens, "tok_s": tokens / elapsed,
+            "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
+
+
+def transformers_baselines(model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], max_tokens: int,
+                           eos: list[int]) -> list[dict]:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    rows = []
+    with torch.inference_mode():
+        model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=eos[0])  # warm up
+        # (a) one after another: request i waits for every request before it.
+        clock, ttfts, itls, tokens = 0.0, [], [], 0
+        for ids in prompts:
+            t = time.perf_counter()
+            model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, pad_token_id=eos[0])
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=eos[0])
+            total = time.perf_counter() - t
+            n = out.shape[1] - len(ids)
+            ttfts.append(clock + first)
+            itls.extend([(total - first) / max(n - 1, 1)] * max(n - 1, 0))
+            clock += total
+            tokens += n
+        rows.append({"name": "transformers sequential", "requests": len(prompts), "tokens": tokens,
+                     "tok_s": tokens / clock, "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
+                     "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)})
+        # (b) one static batch, left-padded.
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[eos[0]] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=eos[0])
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=eos[0])
+        total = time.perf_counter() - t
+        new = out[:, width:]
+        steps = new.shape[1]
+        tokens = 0
+        for row in new.tolist():  # count up to and including each row's end token
+            ended = [i for i, tok in enumerate(row) if tok in eos]
+            tokens += ended[0] + 1 if ended else len(row)
+        rows.append({"name": f"transformers static batch {len(prompts)}", "requests": len(prompts), "tokens": tokens,
+                     "tok_s": tokens / total, "ttft_p50": first, "ttft_p99": first,
+                     "itl_p50": (total - first) / max(steps - 1, 1), "itl_p99": (total - first) / max(steps - 1, 1)})
+    return rows
+
+
+def llama_cpp_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    if not ggufs:
+        print("llama-cpp-python is installed but no .gguf is in the model folder; skipping it")
+        return None
+    llm = Llama(model_path=str(ggufs[0]), n_ctx=4096, n_threads=2, verbose=False)
+    clock, ttfts, itls, tokens = 0.0, [], [], 0
+    for p in prompts:  # its server runs one request at a time
+        t = time.perf_counter()
+        first, last, n = None, None, 0
+        for _ in llm.create_chat_completion([{"role": "user", "content": p}], max_tokens=max_tokens,
+                                            temperature=0, stream=True):
+            now = time.perf_counter()
+            if first is None:
+                first = now - t
+            elif last is not None:
+                itls.append(now - last)
+            last = now
+            n += 1
+        ttfts.append(clock + (first or 0))
+        clock += time.perf_counter() - t
+        tokens += n
+    return {"name": "llama-cpp-python sequential", "requests": len(prompts), "tokens": tokens, "tok_s": tokens / clock,
+            "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", choices=["int8"])
+    parser.add_argument("--concurrency", default="1,4,16,32,64")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--baseline-n", type=int, default=16)
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--shard-threads", type=int, help="torch threads in the shard (default: all cores)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    ports = [free_port() for _ in range(4)]
+    shard_args = ["--dtype", args.dtype, "--kv-cache-mb", "1024", "--max-running", "128",
+                  *(["--quantization", args.quantization] if args.quantization else []),
+                  *(["--threads", str(args.shard_threads)] if args.shard_threads else [])]
+    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
+                     shard_args=shard_args, gateway_args=["--no-response-cache"])
+    rows = []
+    with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
+        mesh.start()
+        asyncio.run(drive(mesh.gateway_address, 2, 1, 8))  # warm up
+        for n in [int(x) for x in args.concurrency.split(",")]:
+            rows.append(asyncio.run(drive(mesh.gateway_address, n, args.rounds, args.max_tokens)))
+            print(f"  measured N={n}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+
+    if not args.no_baselines:
+        from services.tokenizer.text import Message, TextTokenizer
+
+        tok = TextTokenizer(args.model)
+        texts = make_prompts(args.baseline_n)
+        prompts = [tok.encode_chat([Message("user", t)]) for t in texts]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        rows.extend(transformers_baselines(args.model, dtype, prompts, args.max_tokens, tok.eos_token_ids))
+        llama = llama_cpp_baseline(args.model, texts, args.max_tokens)
+        rows.append(llama or {"name": "llama-cpp-python (not installed)"})
+
+    label = args.dtype + (f" + {args.quantization}" if args.quantization else "")
+    print(f"\nSmolLM2-135M-Instruct {label}, max {args.max_tokens} new tokens, greedy, {args.rounds} requests per "
+          f"client; baselines: {args.baseline_n} requests arriving together\n")
+    print(f"{'':30} {'reqs':>5} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    for r in rows:
+        if "tok_s" not in r:
+            print(f"{r['name']:30}")
+            continue
+        print(f"{r['name']:30} {r['requests']:5d} {r['tokens']:7d} {r['tok_s']:8.1f} {1000 * r['ttft_p50']:7.0f}ms "
+              f"{1000 * r['ttft_p99']:7.0f}ms {1000 * r['itl_p50']:6.0f}ms {1000 * r['itl_p99']:6.0f}ms")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
