@@ -109,6 +109,17 @@ def test_chinese_streams_without_broken_characters(mesh, gateway):
     assert any(c.token_ids and not c.text for c in chunks)
 
 
+def test_logprobs_come_with_each_token(gateway):
+    sampling = common_pb2.SamplingParams(max_tokens=12, logprobs=True)
+    chunks = _stream(gateway, messages=FRANCE, sampling=sampling)
+    for c in chunks:
+        assert len(c.logprobs) == len(c.token_ids)
+    values = [lp for c in chunks for lp in c.logprobs]
+    assert values and all(lp <= 0 for lp in values)
+    unary = gateway.Generate(gateway_pb2.GenerateRequest(messages=FRANCE, sampling=sampling), timeout=60)
+    assert list(unary.logprobs) == pytest.approx(values) and unary.usage.from_response_cache
+
+
 def test_stop_string_ends_the_answer_before_it(gateway):
     sampling = common_pb2.SamplingParams(max_tokens=48, stop=["Paris"])
     chunks = _stream(gateway, messages=FRANCE, sampling=sampling)

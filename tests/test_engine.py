@@ -10,7 +10,7 @@ from services.model_shard.engine.async_engine import AsyncEngine
 from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import FinishReason, SamplingParams, Sequence
-from services.model_shard.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from services.model_shard.engine.scheduler import ModelRunnerOutput, QueueFullError, Scheduler, SchedulerConfig
 from services.model_shard.model.llama import load_model
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 8, 1, 200, 31], [7, 7, 7], [250, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17],
@@ -26,6 +26,10 @@ def test_block_pool_allocates_frees_and_refuses_when_full():
     assert pool.num_free == 4
     with pytest.raises(RuntimeError):
         pool.free(a[:1])
+
+
+def _ran(tokens: list[int | None]) -> ModelRunnerOutput:
+    return ModelRunnerOutput(tokens, [None] * len(tokens))
 
 
 def _seq(rid: str, n: int, max_tokens: int = 4) -> Sequence:
@@ -46,7 +50,7 @@ def test_scheduler_grows_blocks_on_demand_and_bounds_the_queue():
     out = sched.schedule()
     assert [(s.seq.request_id, s.num_new_tokens, s.sample) for s in out.scheduled] == [("a", 4, True), ("b", 4, True)]
     assert sched.pool.num_free == 2  # one block each for now
-    sched.update_from_output(out, [9, 9])
+    sched.update_from_output(out, _ran([9, 9]))
     out = sched.schedule()  # the fifth token of each needs a second block
     assert [s.num_new_tokens for s in out.scheduled] == [1, 1] and sched.pool.num_free == 0
 
@@ -55,7 +59,7 @@ def test_scheduler_preempts_the_newest_when_blocks_run_out():
     sched = _sched(3, max_model_len=64, enable_prefix_caching=False)
     sched.add(_seq("old", 4, max_tokens=20))
     sched.add(_seq("new", 4, max_tokens=20))
-    sched.update_from_output(sched.schedule(), [9, 9])  # 5 tokens each: 2 blocks + 1 block so far
+    sched.update_from_output(sched.schedule(), _ran([9, 9]))  # 5 tokens each: 2 blocks + 1 block so far
     out = sched.schedule()  # "new" needs a second block: none free, so "new" itself yields
     assert [s.seq.request_id for s in out.scheduled] == ["old"] and out.num_preempted == 1
     assert [s.request_id for s in sched.waiting] == ["new"] and sched.waiting[0].num_computed_tokens == 0
@@ -64,13 +68,13 @@ def test_scheduler_preempts_the_newest_when_blocks_run_out():
 def test_chunked_prefill_shares_the_step_budget_with_decodes():
     sched = _sched(16, max_batched_tokens=4, enable_prefix_caching=False)
     sched.add(_seq("short", 2))
-    sched.update_from_output(sched.schedule(), [7])
+    sched.update_from_output(sched.schedule(), _ran([7]))
     sched.add(_seq("long", 10))
     chunks = []
     for _ in range(4):
         out = sched.schedule()
         chunks.append([(s.seq.request_id, s.num_new_tokens, s.sample) for s in out.scheduled])
-        sched.update_from_output(out, [7 if s.sample else None for s in out.scheduled])
+        sched.update_from_output(out, _ran([7 if s.sample else None for s in out.scheduled]))
     assert chunks == [
         [("short", 1, True), ("long", 3, False)],  # the decode first, the prompt takes what is left
         [("short", 1, True), ("long", 3, False)],
@@ -83,7 +87,7 @@ def test_prefix_blocks_are_shared_and_outlive_their_sequence():
     sched = _sched(8)
     shared = list(range(1, 13))  # three full blocks
     sched.add(Sequence("a", shared + [50, 51], SamplingParams(max_tokens=1), frozenset()))
-    sched.update_from_output(sched.schedule(), [9])  # a finishes; its blocks are free but cached
+    sched.update_from_output(sched.schedule(), _ran([9]))  # a finishes; its blocks are free but cached
     assert sched.pool.num_used == 0 and sched.pool.num_cached == 3
     b = Sequence("b", shared + [60], SamplingParams(max_tokens=2), frozenset())
     sched.add(b)
@@ -109,8 +113,8 @@ def test_finish_on_eos_and_length():
     sched.add(_seq("eos", 3, max_tokens=5))
     sched.add(_seq("len", 3, max_tokens=2))
     out = sched.schedule()
-    sched.update_from_output(out, [7, 7])
-    results = sched.update_from_output(sched.schedule(), [0, 8])
+    sched.update_from_output(out, _ran([7, 7]))
+    results = sched.update_from_output(sched.schedule(), _ran([0, 8]))
     assert {r.request_id: r.finish_reason for r in results} == {"eos": FinishReason.STOP, "len": FinishReason.LENGTH}
     assert pool.num_used == 0 and not sched.has_work
 
@@ -234,3 +238,26 @@ def test_prefix_reuse_gives_identical_tokens_and_skips_prefill(tiny_model_dir):
     # The first question computes the shared prefix; the next two reuse its 64 tokens.
     assert cold.stats.computed_tokens - warm.stats.computed_tokens == 2 * len(system)
     assert warm.pool.stats.hit_tokens == 2 * len(system)
+
+
+def test_logprobs_are_the_models_own(tiny_model_dir):
+    from services.model_shard.model.evaluate import prompt_logits
+
+    engine = _engine(tiny_model_dir)
+    prompt = PROMPTS[2]
+    for params in (SamplingParams(max_tokens=10, logprobs=True),
+                   SamplingParams(max_tokens=10, temperature=1.0, seed=3, logprobs=True)):
+        seq = engine.add_request(f"lp-{params.temperature}", prompt, params)
+        reported = []
+        while engine.has_work:
+            for out in engine.step():
+                reported.extend(out.new_logprobs)
+        tokens = seq.output_token_ids
+        full = prompt_logits(engine.model, prompt + tokens).log_softmax(-1)
+        expected = [full[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens)]
+        assert reported == pytest.approx(expected, abs=1e-4)
+    seq = engine.add_request("no-lp", prompt, SamplingParams(max_tokens=3))
+    outs = []
+    while engine.has_work:
+        outs.extend(engine.step())
+    assert outs and all(o.new_logprobs is None for o in outs) and seq.finished

@@ -19,6 +19,7 @@ def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams,
         "seed": s.seed if s.HasField("seed") else None,
         "stop": list(s.stop),
         "repetition_penalty": round(s.repetition_penalty or 1.0, 6),
+        "logprobs": s.logprobs,
     }
     h = hashlib.sha256(b"llmmesh-response-v1\0")
     h.update(model.encode() + b"\0")

@@ -140,6 +140,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for chunk in self._generate(request, context):
                 texts.append(chunk.text)
                 response.token_ids.extend(chunk.token_ids)
+                response.logprobs.extend(chunk.logprobs)
                 response.request_id = chunk.request_id
                 if chunk.finish_reason:
                     response.finish_reason = chunk.finish_reason
@@ -182,8 +183,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 TTFT.observe(time.monotonic() - start)
                 E2E.observe(time.monotonic() - start)
                 yield gateway_pb2.GenerateStreamResponse(
-                    text=cached.text, token_ids=cached.token_ids, finish_reason=cached.finish_reason,
-                    usage=usage, request_id=request_id)
+                    text=cached.text, token_ids=cached.token_ids, logprobs=cached.logprobs,
+                    finish_reason=cached.finish_reason, usage=usage, request_id=request_id)
                 return
 
         sampling = common_pb2.SamplingParams()
@@ -192,7 +193,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         shard_request = shard_pb2.ShardGenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                                        sampling=sampling)
         matcher = StopStringMatcher(list(request.sampling.stop))
-        texts, token_ids = [], []
+        texts, token_ids, logprobs = [], [], []
         usage = common_pb2.Usage(prompt_tokens=len(prompt_ids))
         finish_reason = last_shard_reason = ""
         first = True
@@ -216,7 +217,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         text += matcher.feed(await detok.flush())[0] + matcher.flush()
                     usage.completion_tokens = len(token_ids)
                 texts.append(text)
-                chunk = gateway_pb2.GenerateStreamResponse(text=text, token_ids=msg.token_ids, request_id=request_id)
+                chunk = gateway_pb2.GenerateStreamResponse(text=text, token_ids=msg.token_ids, request_id=request_id,
+                                                           logprobs=msg.logprobs)
+                logprobs.extend(msg.logprobs)
                 if finish_reason:
                     chunk.finish_reason = finish_reason
                     chunk.usage.CopyFrom(usage)
@@ -243,7 +246,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if key is not None:
             # After the last message went out, before the call closes: the client already has its
             # answer, and a finished call means the next identical request hits.
-            value = gateway_pb2.GenerateResponse(text="".join(texts), token_ids=token_ids, finish_reason=finish_reason,
+            value = gateway_pb2.GenerateResponse(text="".join(texts), token_ids=token_ids, logprobs=logprobs,
+                                                 finish_reason=finish_reason,
                                                  usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
                                                                         completion_tokens=usage.completion_tokens))
             await self._cache_put(key, value)

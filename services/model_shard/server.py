@@ -27,6 +27,7 @@ def sampling_from_proto(p) -> SamplingParams:
         top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None,
         repetition_penalty=p.repetition_penalty or 1.0,
+        logprobs=p.logprobs,
     )
 
 
@@ -52,6 +53,8 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 tokens = [t for out in batch for t in out.new_token_ids]
                 count += len(tokens)
                 msg = shard_pb2.ShardGenerateResponse(token_ids=tokens)
+                if params.logprobs:
+                    msg.logprobs.extend(lp for out in batch for lp in out.new_logprobs or ())
                 if first:
                     first = False
                     msg.prompt_tokens, msg.cached_tokens = last.prompt_tokens, last.cached_tokens

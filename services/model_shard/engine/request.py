@@ -15,6 +15,7 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     seed: int | None = None
     repetition_penalty: float = 1.0
+    logprobs: bool = False  # report each sampled token's log-probability under the model
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +93,7 @@ class RequestOutput:
     prompt_tokens: int
     cached_tokens: int
     times: RequestTimes
+    new_logprobs: list[float] | None = None
 
     @property
     def finished(self) -> bool:

@@ -37,8 +37,10 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     histories: list[list[int]] | None = None,
-) -> list[int]:
-    """logits: float32 [B, V], one row per request. Returns one token id per row."""
+) -> tuple[list[int], list[float | None]]:
+    """logits: float32 [B, V], one row per request. Returns one token id per row, and its
+    log-probability under the model's raw distribution for rows that asked (else None)."""
+    raw = logits
     if histories is not None and any(p.repetition_penalty != 1.0 for p in params):
         logits = logits.clone()
         apply_repetition_penalty(logits, histories, [p.repetition_penalty for p in params])
@@ -54,4 +56,11 @@ def sample(
             # One draw per request from its own generator: a seeded request gets the same
             # tokens whatever else shares the batch.
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return tokens.tolist()
+    logprobs: list[float | None] = [None] * len(params)
+    wanted = [i for i, p in enumerate(params) if p.logprobs]
+    if wanted:
+        rows = torch.tensor(wanted)
+        chosen = raw[rows].log_softmax(dim=-1).gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+        for i, lp in zip(wanted, chosen):
+            logprobs[i] = lp
+    return tokens.tolist(), logprobs

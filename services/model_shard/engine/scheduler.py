@@ -42,6 +42,15 @@ class ScheduledSeq:
 
 
 @dataclass
+class ModelRunnerOutput:
+    """What an executor returns for a step: lists aligned with SchedulerOutput.scheduled (None
+    where a sequence did not sample). Lists, not tensors: it may cross processes."""
+
+    tokens: list[int | None]
+    logprobs: list[float | None]
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # executors drop their state for these
@@ -177,11 +186,11 @@ class Scheduler:
             self.pool.register(seq.block_ids[j], seq.block_hashes[j])
         seq.num_registered_blocks = full
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
-        """sampled[i] is the token made for out.scheduled[i] (None where it did not sample)."""
+    def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        """result.tokens[i] is the token made for out.scheduled[i] (None where it did not sample)."""
         results = []
         now = time.time_ns()
-        for item, token in zip(out.scheduled, sampled, strict=True):
+        for item, token, logprob in zip(out.scheduled, result.tokens, result.logprobs, strict=True):
             seq = item.seq
             if seq.finished:  # aborted while the step ran
                 continue
@@ -208,6 +217,7 @@ class Scheduler:
                     prompt_tokens=len(seq.prompt_token_ids),
                     cached_tokens=seq.num_cached_tokens,
                     times=seq.times,
+                    new_logprobs=None if logprob is None else [logprob],
                 )
             )
         return results

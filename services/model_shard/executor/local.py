@@ -6,7 +6,7 @@ import torch
 
 from services.model_shard.engine.request import SamplingParams
 from services.model_shard.engine.sampler import sample
-from services.model_shard.engine.scheduler import SchedulerOutput
+from services.model_shard.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from services.model_shard.model.llama import AttentionMetadata, DecodeBatch, LlamaForServing, PrefillSpan
 
 
@@ -26,8 +26,8 @@ class LocalExecutor:
         num_slots = num_blocks * block_size
         self.kv_caches = [
             (
-                torch.zeros(num_slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
-                torch.zeros(num_slots, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
+                torch.zeros(cfg.num_kv_heads, num_slots, cfg.head_dim, dtype=dtype),
+                torch.zeros(cfg.num_kv_heads, num_slots, cfg.head_dim, dtype=dtype),
             )
             for _ in range(cfg.num_layers)
         ]
@@ -73,31 +73,30 @@ class LocalExecutor:
                 prefills.append(PrefillSpan(start, len(input_ids), self._slots(seq.block_ids, ctx), mask))
         meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=prefills)
         if decode_rows:
-            longest = max(n for _, n, _ in decode_rows)
-            width = -(-longest // self.block_size)
+            width = -(-max(n for _, n, _ in decode_rows) // self.block_size)
             tables = torch.tensor([b[:width] + [0] * (width - len(b[:width])) for _, _, b in decode_rows])
             lengths = torch.tensor([n for _, n, _ in decode_rows])
-            ctx = torch.arange(longest)
-            kv_slots = tables[:, ctx // self.block_size] * self.block_size + ctx % self.block_size
-            mask = (ctx.unsqueeze(0) < lengths.unsqueeze(1))[:, None, None, :]
-            meta.decode = DecodeBatch(torch.tensor([i for i, _, _ in decode_rows]), kv_slots, mask)
+            mask = torch.arange(width * self.block_size).unsqueeze(0) < lengths.unsqueeze(1)
+            meta.decode = DecodeBatch(torch.tensor([i for i, _, _ in decode_rows]), tables, mask)
         return torch.tensor(input_ids), torch.cat(positions), meta, torch.tensor(sample_index)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int | None]:
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         """One forward pass over every scheduled sequence; a token for each that samples, else None."""
         for request_id in out.finished_request_ids:
             self._generators.pop(request_id, None)
         if not out.scheduled:
-            return []
+            return ModelRunnerOutput([], [])
         input_ids, positions, meta, sample_index = self.prepare(out)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         sampling = [item.seq for item in out.scheduled if item.sample]
         if not sampling:
-            return [None] * len(out.scheduled)
+            return ModelRunnerOutput([None] * len(out.scheduled), [None] * len(out.scheduled))
         logits = self.model.compute_logits(hidden[sample_index])
         params = [s.params for s in sampling]
         generators = [self._generator(s.request_id, s.params) for s in sampling]
         histories = [s.token_ids for s in sampling] if any(p.repetition_penalty != 1.0 for p in params) else None
-        tokens = iter(sample(logits, params, generators, histories))
-        return [next(tokens) if item.sample else None for item in out.scheduled]
+        tokens, logprobs = sample(logits, params, generators, histories)
+        it_tokens, it_logprobs = iter(tokens), iter(logprobs)
+        return ModelRunnerOutput([next(it_tokens) if item.sample else None for item in out.scheduled],
+                                 [next(it_logprobs) if item.sample else None for item in out.scheduled])

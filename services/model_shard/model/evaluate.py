@@ -14,8 +14,8 @@ def prompt_logits(model: LlamaForServing, ids: list[int]) -> torch.Tensor:
     """float32 logits [len(ids), vocab] of one prompt, through a scratch KV cache."""
     cfg, n = model.cfg, len(ids)
     dtype = model.embed_tokens.weight.dtype
-    caches = [(torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
-               torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)) for _ in range(cfg.num_layers)]
+    caches = [(torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype),
+               torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype)) for _ in range(cfg.num_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n, None, None)])
     hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
     return model.compute_logits(hidden)
