@@ -178,11 +178,13 @@ def main() -> None:
     parser.add_argument("--baseline-n", type=int, default=16)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--shard-threads", type=int, help="torch threads in the shard (default: all cores)")
+    parser.add_argument("--max-batched-tokens", type=int, default=256, help="the shard's token budget per step")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     ports = [free_port() for _ in range(4)]
     shard_args = ["--dtype", args.dtype, "--kv-cache-mb", "1024", "--max-running", "128",
+                  "--max-batched-tokens", str(args.max_batched_tokens),
                   *(["--quantization", args.quantization] if args.quantization else []),
                   *(["--threads", str(args.shard_threads)] if args.shard_threads else [])]
     plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
@@ -206,7 +208,8 @@ def main() -> None:
         llama = llama_cpp_baseline(args.model, texts, args.max_tokens)
         rows.append(llama or {"name": "llama-cpp-python (not installed)"})
 
-    label = args.dtype + (f" + {args.quantization}" if args.quantization else "")
+    label = args.dtype + (f" + {args.quantization}" if args.quantization else "") + \
+        f", {args.max_batched_tokens} tokens per step"
     print(f"\nSmolLM2-135M-Instruct {label}, max {args.max_tokens} new tokens, greedy, {args.rounds} requests per "
           f"client; baselines: {args.baseline_n} requests arriving together\n")
     print(f"{'':30} {'reqs':>5} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")

