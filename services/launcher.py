@@ -223,6 +223,7 @@ Call it from Python:
         print(chunk.text, end="", flush=True)
 
 or from this checkout:  .venv/bin/python -m services.client "What is the capital of France?"
+{http}
 Metrics: http://127.0.0.1:{metrics}/metrics (gateway). Ctrl-C stops the mesh.
 """
 
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=1, help="model shard replicas behind the gateway")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--gateway-port", type=int, default=50051)
+    parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API (0: off)")
+    parser.add_argument("--api-keys-file", help="require API keys ('TENANT SHA256HEX' lines)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quantization", choices=["int8"], help="weight-only int8 (pair with --dtype bfloat16)")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard")
@@ -244,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no model at {args.model}: run `make model` first")
     plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port,
                      shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb),
-                                 *(["--quantization", args.quantization] if args.quantization else [])])
+                                 *(["--quantization", args.quantization] if args.quantization else [])],
+                     gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),
+                                   *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else [])])
     mesh = Mesh(plan)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -255,8 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     except ServiceFailed as exc:
         print(f"[launcher] the mesh failed to start:\n{exc}", file=sys.stderr)
         sys.exit(1)
+    http = (f"\nOpenAI-compatible HTTP API: http://{args.host}:{args.http_port}/v1 (e.g. the openai package's\n"
+            f"OpenAI(base_url=..., api_key=...).chat.completions.create(model=\"{Path(args.model).name}\", ...))"
+            if args.http_port else "")
     print(USAGE.format(model=Path(args.model).name, gateway=mesh.gateway_address, shards=args.shards,
-                       s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port), flush=True)
+                       s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port, http=http), flush=True)
     while not stop.is_set():
         dead = [n for n, p in mesh.processes.items() if p.poll() is not None]
         if dead:

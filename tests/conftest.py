@@ -44,6 +44,42 @@ def real_model_dir() -> Path:
     return REAL_MODEL_DIR
 
 
+def free_ports(n: int) -> list[int]:
+    from services.launcher import free_port
+
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return list(ports)
+
+
+@pytest.fixture(scope="session")
+def mesh(real_model_dir, tmp_path_factory):
+    """The whole mesh as processes on loopback: tokenizer, cache, two shard replicas, gateway."""
+    from services.launcher import Mesh, plan_mesh
+
+    shards = 2
+    ports = free_ports(2 * (2 + shards) + 1)
+    plan = plan_mesh(str(real_model_dir), shards=shards, gateway_port=ports[0], ports=ports[1:5],
+                     metrics_ports=ports[5:9], shard_args=["--kv-cache-mb", "256"])
+    root = tmp_path_factory.mktemp("mesh")
+    trace_dir = root / "traces"
+    with Mesh(plan, env={"LLMMESH_TRACE_DIR": str(trace_dir)}, log_dir=root / "logs") as m:
+        m.start(timeout=240)
+        m.trace_dir = trace_dir
+        yield m
+
+
+@pytest.fixture(scope="session")
+def gateway(mesh):
+    import grpc
+
+    from llmmesh.v1 import gateway_pb2_grpc
+
+    with grpc.insecure_channel(mesh.gateway_address) as channel:
+        yield gateway_pb2_grpc.GatewayStub(channel)
+
+
 def hf_reference(model_dir: Path):
     from transformers import LlamaForCausalLM
 

@@ -15,39 +15,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
-from services.launcher import Mesh, ServiceSpec, free_port, plan_mesh, wait_healthy
+from services.launcher import ServiceSpec, free_port, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
 FRANCE = [common_pb2.ChatMessage(role="user", content="What is the capital of France?")]
 CHINESE = [common_pb2.ChatMessage(role="user", content="请用中文介绍一下北京。")]
-
-
-def _free_ports(n: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return list(ports)
-
-
-@pytest.fixture(scope="module")
-def mesh(real_model_dir, tmp_path_factory):
-    shards = 2
-    ports = _free_ports(2 * (2 + shards) + 1)
-    plan = plan_mesh(str(real_model_dir), shards=shards, gateway_port=ports[0], ports=ports[1:5],
-                     metrics_ports=ports[5:9], shard_args=["--kv-cache-mb", "256"])
-    root = tmp_path_factory.mktemp("mesh")
-    trace_dir = root / "traces"
-    with Mesh(plan, env={"LLMMESH_TRACE_DIR": str(trace_dir)}, log_dir=root / "logs") as m:
-        m.start(timeout=240)
-        m.trace_dir = trace_dir
-        yield m
-
-
-@pytest.fixture(scope="module")
-def gateway(mesh):
-    with grpc.insecure_channel(mesh.gateway_address) as channel:
-        yield gateway_pb2_grpc.GatewayStub(channel)
 
 
 def _stream(gateway, timeout=120, **request) -> list[gateway_pb2.GenerateStreamResponse]:

@@ -55,6 +55,11 @@ class TokenizerStub:
                 request_serializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerInfo.FromString,
                 _registered_method=True)
+        self.TokenTexts = channel.unary_unary(
+                '/llmmesh.v1.Tokenizer/TokenTexts',
+                request_serializer=llmmesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenTextsResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
@@ -87,6 +92,13 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TokenTexts(self, request, context):
+        """Each token's own text (special tokens included), e.g. to show per-token logprobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerInfo.SerializeToString,
+            ),
+            'TokenTexts': grpc.unary_unary_rpc_method_handler(
+                    servicer.TokenTexts,
+                    request_deserializer=llmmesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenTextsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Tokenizer:
             '/llmmesh.v1.Tokenizer/Info',
             llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerInfoRequest.SerializeToString,
             llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenTexts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Tokenizer/TokenTexts',
+            llmmesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.SerializeToString,
+            llmmesh_dot_v1_dot_tokenizer__pb2.TokenTextsResponse.FromString,
             options,
             channel_credentials,
             insecure,

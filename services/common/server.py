@@ -35,8 +35,10 @@ class ServiceRuntime:
         self.health = health
         self.service_names = service_names
         self.stopping = asyncio.Event()
+        self.serving = False
 
     async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
@@ -47,9 +49,11 @@ async def serve(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     on_start: Callable[[ServiceRuntime], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then report NOT_SERVING, finish in-flight calls within the grace
-    period, and return. `register` adds the servicers and returns their full service names."""
+    period, and return. `register` adds the servicers and returns their full service names;
+    `on_drain` runs beside the gRPC drain (e.g. another front's own drain)."""
     server = grpc.aio.server(interceptors=[server_interceptor()], options=GRPC_OPTIONS)
     service_names = list(register(server))
     health = HealthServicer()
@@ -73,8 +77,9 @@ async def serve(
     log.info("%s serving on %s (metrics port %s)", options.name, options.listen, options.metrics_port or "off")
     await runtime.stopping.wait()
     log.info("%s draining (grace %.0fs)", options.name, options.grace_s)
+    runtime.serving = False
     await health.enter_graceful_shutdown()
-    await server.stop(options.grace_s)
+    await asyncio.gather(server.stop(options.grace_s), *([on_drain()] if on_drain else []))
     if on_stop is not None:
         await on_stop()
     log.info("%s stopped", options.name)

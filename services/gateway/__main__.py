@@ -10,6 +10,7 @@ from services.common.channels import make_channel
 from services.common.cli import add_service_args, env_default, instance_id, setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
+from services.gateway.auth import ApiKeys
 from services.gateway.server import GatewayConfig, GatewayServicer
 from services.gateway.shards import ShardPool
 from services.gateway.validation import Limits
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens-limit", type=int, default=int(env_default("LLMMESH_MAX_TOKENS_LIMIT", "4096")))
     parser.add_argument("--default-max-tokens", type=int, default=256)
     parser.add_argument("--no-response-cache", action="store_true")
+    parser.add_argument("--http-listen", default=env_default("LLMMESH_GATEWAY_HTTP_LISTEN", ""),
+                        help="host:port of the OpenAI-compatible HTTP API; empty for none")
+    parser.add_argument("--api-keys-file", default=env_default("LLMMESH_API_KEYS_FILE", ""),
+                        help="'TENANT SHA256HEX' lines; when set, every call needs 'authorization: Bearer KEY'")
     args = parser.parse_args(argv)
     setup_logging("gateway", args.log_level)
     setup_tracing("gateway", instance_id(args.listen))
@@ -38,16 +43,37 @@ def main(argv: list[str] | None = None) -> None:
         shards = ShardPool([a.strip() for a in args.shards.split(",") if a.strip()])
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
         servicer = GatewayServicer(GatewayConfig(args.model_name, limits, not args.no_response_cache),
-                                   tokenizer, cache, shards)
+                                   tokenizer, cache, shards, ApiKeys.from_file(args.api_keys_file))
+        http = {}
 
         def register(server):
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
             return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
+        async def on_start(runtime):
+            if args.http_listen:
+                from services.gateway.openai_http import OpenAIFront, make_http_server
+
+                host, port = args.http_listen.rsplit(":", 1)
+                front = OpenAIFront(servicer, args.model_name, is_serving=lambda: runtime.serving)
+                http["server"] = make_http_server(front, host, int(port))
+                http["task"] = asyncio.get_running_loop().create_task(http["server"].serve())
+                while not http["server"].started:  # bound by uvicorn: it exits the task on failure
+                    if http["task"].done():
+                        http["task"].result()
+                        raise RuntimeError(f"the HTTP API could not start on {args.http_listen}")
+                    await asyncio.sleep(0.01)
+
+        async def on_drain():
+            if http:
+                http["server"].should_exit = True  # stop accepting; in-flight streams finish
+                await http["task"]
+
         async def on_stop():
             await shards.close()
 
-        await serve(ServeOptions("gateway", args.listen, args.metrics_port, args.grace), register, on_stop=on_stop)
+        await serve(ServeOptions("gateway", args.listen, args.metrics_port, args.grace), register,
+                    on_start=on_start, on_stop=on_stop, on_drain=on_drain)
 
     asyncio.run(run())
 

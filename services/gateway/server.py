@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
 from services.common.errors import STATUS_DETAILS_KEY
+from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.response_cache import response_key
 from services.gateway.shards import NoShardAvailable, Replica, ShardPool
 from services.gateway.stop_strings import StopStringMatcher
@@ -89,6 +90,10 @@ async def _status_of(method: str, context: grpc.aio.ServicerContext):
         REQUESTS.labels(method, code.name).inc()
 
 
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    return next((v for k, v in context.invocation_metadata() or () if k == key), None)
+
+
 class DetokenizeSession:
     """One DetokenizeStream for one request: push token ids, get the text they complete."""
 
@@ -120,8 +125,9 @@ class DetokenizeSession:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
-                 cache: cache_pb2_grpc.CacheStub | None, shards: ShardPool):
+                 cache: cache_pb2_grpc.CacheStub | None, shards: ShardPool, api_keys: ApiKeys | None = None):
         self.config = config
+        self.api_keys = api_keys or ApiKeys({})
         self.tokenizer = tokenizer
         self.cache = cache
         self.shards = shards
@@ -130,14 +136,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def GenerateStream(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         async with _status_of("GenerateStream", context):
-            async for chunk in self._generate(request, context):
+            self.authenticate(_metadata(context, "authorization"))
+            async for chunk in self.generate(request, context.time_remaining()):
                 yield chunk
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         response = gateway_pb2.GenerateResponse()
         texts = []
         async with _status_of("Generate", context):
-            async for chunk in self._generate(request, context):
+            self.authenticate(_metadata(context, "authorization"))
+            async for chunk in self.generate(request, context.time_remaining()):
                 texts.append(chunk.text)
                 response.token_ids.extend(chunk.token_ids)
                 response.logprobs.extend(chunk.logprobs)
@@ -148,12 +156,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             response.text = "".join(texts)
         return response
 
-    # --- the request path ---
+    # --- the request path, shared by the gRPC and HTTP fronts ---
 
-    async def _generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+    def authenticate(self, authorization: str | None) -> str:
+        """The caller's tenant, from an `authorization: Bearer KEY` value; RpcError if refused."""
+        try:
+            tenant = self.api_keys.authenticate(bearer_token(authorization))
+        except AuthError as exc:
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        trace.get_current_span().set_attribute("llmmesh.tenant", tenant)
+        return tenant
+
+    async def generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None):
+        """Stream GenerateStreamResponse chunks for one request; raises RpcError for the caller."""
         start = time.monotonic()
-        remaining = context.time_remaining()
-        deadline = start + (remaining if remaining is not None else self.config.default_timeout_s)
+        deadline = start + (timeout_s if timeout_s is not None else self.config.default_timeout_s)
         span = trace.get_current_span()
         try:
             check_request(request, self.config.limits)
@@ -251,6 +268,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                                  usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
                                                                         completion_tokens=usage.completion_tokens))
             await self._cache_put(key, value)
+
+    async def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (for logprobs shown per token)."""
+        try:
+            reply = await self.tokenizer.TokenTexts(tokenizer_pb2.DecodeRequest(token_ids=token_ids), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise self._downstream_error(exc, "tokenizer") from None
+        return list(reply.texts)
 
     async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> list[int]:
         encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages)

@@ -49,6 +49,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 yield tokenizer_pb2.DetokenizeResponse(text=text)
             span.set_attribute("llmmesh.tokens", tokens)
 
+    async def TokenTexts(self, request: tokenizer_pb2.DecodeRequest, context):
+        if not self._check_ids(request.token_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token id outside the vocabulary")
+        texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in request.token_ids]
+        return tokenizer_pb2.TokenTextsResponse(texts=texts)
+
     async def Info(self, request, context):
         return tokenizer_pb2.TokenizerInfo(
             model=self.tokenizer.name,

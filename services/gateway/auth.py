@@ -1,0 +1,74 @@
+"""API keys at the gateway: stored as SHA-256 hashes, one tenant per key, off when no keys are set.
+
+Keys file: one `TENANT SHA256HEX` pair per line (# comments). Make a line with
+    python -m services.gateway.auth --tenant acme SECRET-KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+
+class AuthError(Exception):
+    """Becomes UNAUTHENTICATED (gRPC) or 401 (HTTP)."""
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The key in an `Authorization: Bearer KEY` header value."""
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class ApiKeys:
+    def __init__(self, tenants_by_hash: dict[str, str]):
+        self._tenants = dict(tenants_by_hash)
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> "ApiKeys":
+        if not path:
+            return cls({})
+        entries = {}
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2 or len(parts[1]) != 64:
+                raise ValueError(f"{path}:{n}: expected 'TENANT SHA256HEX'")
+            entries[parts[1].lower()] = parts[0]
+        return cls(entries)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._tenants)
+
+    def authenticate(self, key: str | None) -> str:
+        """The caller's tenant ("anonymous" when auth is off); AuthError otherwise."""
+        if not self.enabled:
+            return "anonymous"
+        if not key:
+            raise AuthError("missing API key: send 'authorization: Bearer <key>'")
+        tenant = self._tenants.get(hash_key(key))
+        if tenant is None:
+            raise AuthError("invalid API key")
+        return tenant
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print a keys-file line for an API key")
+    parser.add_argument("key")
+    parser.add_argument("--tenant", default="default")
+    args = parser.parse_args()
+    print(f"{args.tenant} {hash_key(args.key)}")
+
+
+if __name__ == "__main__":
+    main()

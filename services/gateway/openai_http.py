@@ -1,0 +1,325 @@
+"""OpenAI-compatible HTTP front of the gateway (FastAPI on uvicorn, in the gateway's event loop).
+
+It translates only: OpenAI JSON -> GenerateRequest -> the gateway's request path (the same auth,
+limits, routing, cache, tracing and metrics as gRPC) -> OpenAI JSON or server-sent events.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry import propagate, trace
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmmesh.v1 import common_pb2, gateway_pb2
+from services.gateway.server import REQUESTS, GatewayServicer, RpcError
+
+_tracer = trace.get_tracer(__name__)
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+
+
+class ChatContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    role: str
+    content: str | list[ChatContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    # Not in OpenAI's schema; as vLLM accepts them.
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessageIn]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.code, self.param = status, type_, code, param
+
+    @classmethod
+    def from_rpc(cls, exc: RpcError) -> "OpenAIError":
+        status, type_ = HTTP_STATUS.get(exc.code, (500, "internal_error"))
+        code = "invalid_api_key" if exc.code == grpc.StatusCode.UNAUTHENTICATED else exc.code.name.lower()
+        return cls(status, str(exc), type_, code)
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams:
+    if req.n != 1:
+        raise OpenAIError(400, "only n=1 is supported", param="n")
+    if req.presence_penalty or req.frequency_penalty:
+        raise OpenAIError(400, "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
+                          param="presence_penalty")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    # OpenAI's default temperature is 1; 0 is greedy.
+    s = common_pb2.SamplingParams(max_tokens=max_tokens or 0, stop=stop,
+                                  temperature=1.0 if req.temperature is None else req.temperature,
+                                  top_p=req.top_p or 0.0, top_k=req.top_k or 0,
+                                  repetition_penalty=req.repetition_penalty or 0.0)
+    if req.seed is not None:
+        s.seed = req.seed
+    return s
+
+
+class OpenAIFront:
+    def __init__(self, gateway: GatewayServicer, model: str, is_serving=lambda: True):
+        self.gateway = gateway
+        self.model = model
+        self.is_serving = is_serving
+        self.created = int(time.time())
+        self.app = self._build_app()
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="llm-mesh OpenAI-compatible API", version="0.1.0")
+
+        @app.exception_handler(OpenAIError)
+        async def _openai_error(request: Request, exc: OpenAIError):
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+        @app.exception_handler(RequestValidationError)
+        async def _validation_error(request: Request, exc: RequestValidationError):
+            first = exc.errors()[0] if exc.errors() else {}
+            param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+            err = OpenAIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param)
+            return JSONResponse(err.body(), status_code=400)
+
+        @app.get("/health")
+        async def health():
+            ok = self.is_serving()
+            return JSONResponse({"status": "serving" if ok else "not serving"}, status_code=200 if ok else 503)
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            self._auth(request)
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model_id}")
+        async def model(model_id: str, request: Request):
+            self._auth(request)
+            self._check_model(model_id)
+            return self._model_card()
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatCompletionRequest, request: Request):
+            if body.top_logprobs:
+                raise OpenAIError(400, "top_logprobs is not supported; logprobs=true gives each token's own",
+                                  param="top_logprobs")
+            messages = [common_pb2.ChatMessage(role=m.role, content=m.text()) for m in body.messages]
+            sampling = _sampling(body, body.max_completion_tokens or body.max_tokens)
+            sampling.logprobs = body.logprobs
+            return await self._serve(request, body, gateway_pb2.GenerateRequest(messages=messages, sampling=sampling),
+                                     chat=True)
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest, request: Request):
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if len(prompts) != 1:
+                raise OpenAIError(400, "send one prompt per request", param="prompt")
+            if body.echo:
+                raise OpenAIError(400, "echo is not supported", param="echo")
+            if body.logprobs not in (None, 0, 1):
+                raise OpenAIError(400, "only logprobs=1 (each token's own) is supported", param="logprobs")
+            sampling = _sampling(body, body.max_tokens or 16)  # OpenAI's completions default
+            sampling.logprobs = bool(body.logprobs)
+            return await self._serve(request, body, gateway_pb2.GenerateRequest(prompt=prompts[0], sampling=sampling),
+                                     chat=False)
+
+        return app
+
+    # --- helpers ---
+
+    def _model_card(self) -> dict:
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "llmmesh"}
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model:
+            raise OpenAIError(404, f"the model '{model}' does not exist; this server serves '{self.model}'",
+                              code="model_not_found", param="model")
+
+    def _auth(self, request: Request) -> str:
+        try:
+            return self.gateway.authenticate(request.headers.get("authorization"))
+        except RpcError as exc:
+            raise OpenAIError.from_rpc(exc) from None
+
+    @staticmethod
+    def _timeout(request: Request) -> float | None:
+        value = request.headers.get("x-request-timeout")  # seconds; the HTTP stand-in for a gRPC deadline
+        try:
+            return float(value) if value else None
+        except ValueError:
+            raise OpenAIError(400, "x-request-timeout must be a number of seconds") from None
+
+    async def _serve(self, request: Request, body: _Common, grpc_request: gateway_pb2.GenerateRequest, chat: bool):
+        self._check_model(body.model)
+        grpc_request.request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        method = "http.chat" if chat else "http.completions"
+        span_name = f"POST /v1/{'chat/completions' if chat else 'completions'}"
+        parent = propagate.extract(dict(request.headers))  # a caller's traceparent continues here
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = self._stream(request, grpc_request, chat, include_usage, method, span_name, parent)
+            first = await anext(chunks)  # errors before the first token still get a proper status
+            return StreamingResponse(_prepend(first, chunks), media_type="text/event-stream")
+        with _tracer.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
+            code = grpc.StatusCode.OK
+            try:
+                self._auth(request)
+                texts, ids, logprobs, last = [], [], [], None
+                async for chunk in self.gateway.generate(grpc_request, self._timeout(request)):
+                    texts.append(chunk.text)
+                    ids.extend(chunk.token_ids)
+                    logprobs.extend(chunk.logprobs)
+                    last = chunk
+            except RpcError as exc:
+                code = exc.code
+                raise OpenAIError.from_rpc(exc) from None
+            finally:
+                REQUESTS.labels(method, code.name).inc()
+        text = "".join(texts)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        if grpc_request.sampling.logprobs:
+            choice["logprobs"] = await self._logprobs(ids, logprobs, chat)
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": grpc_request.request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model, "choices": [choice], "usage": _usage(last.usage)}
+
+    async def _stream(self, request, grpc_request, chat, include_usage, method, span_name, parent) -> AsyncIterator[str]:
+        """SSE lines. The first is yielded only once the first chunk arrived (or failed)."""
+        rid, created = grpc_request.request_id, int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        code = grpc.StatusCode.OK
+        with _tracer.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
+            try:
+                self._auth(request)
+                first, usage = True, None
+                async for chunk in self.gateway.generate(grpc_request, self._timeout(request)):
+                    choice: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason or None, "logprobs": None}
+                    if chat:
+                        choice["delta"] = {"content": chunk.text, **({"role": "assistant"} if first else {})}
+                    else:
+                        choice["text"] = chunk.text
+                    if grpc_request.sampling.logprobs and chunk.token_ids:
+                        choice["logprobs"] = await self._logprobs(list(chunk.token_ids), list(chunk.logprobs), chat)
+                    first = False
+                    if chunk.finish_reason:
+                        usage = _usage(chunk.usage)
+                    yield _sse({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]})
+                if include_usage and usage is not None:
+                    yield _sse({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [],
+                                "usage": usage})
+                yield "data: [DONE]\n\n"
+            except RpcError as exc:
+                code = exc.code
+                if first:
+                    raise OpenAIError.from_rpc(exc) from None
+                # The status line is gone: the error travels as an event, as OpenAI's API does.
+                yield _sse(OpenAIError.from_rpc(exc).body())
+                yield "data: [DONE]\n\n"
+            finally:
+                REQUESTS.labels(method, code.name).inc()
+
+    async def _logprobs(self, ids: list[int], logprobs: list[float], chat: bool) -> dict:
+        try:
+            texts = await self.gateway.token_texts(ids)
+        except RpcError as exc:
+            raise OpenAIError.from_rpc(exc) from None
+        if chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                                for t, lp in zip(texts, logprobs)]}
+        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
+
+
+def _usage(u: common_pb2.Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached if not u.from_response_cache else u.prompt_tokens}}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the gateway's event loop: the gateway owns the signals and the drain."""
+
+    def capture_signals(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def make_http_server(front: OpenAIFront, host: str, port: int) -> EmbeddedServer:
+    config = uvicorn.Config(front.app, host=host, port=port, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=30)
+    return EmbeddedServer(config)

@@ -1,0 +1,168 @@
+"""The OpenAI-compatible HTTP front, driven by the official `openai` package, with API keys on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import json
+import urllib.error
+import urllib.request
+import openai
+import pytest
+
+from services.gateway.auth import hash_key
+from services.launcher import wait_healthy
+
+from .conftest import free_ports
+from .test_e2e import _spans
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test-0123456789"
+MODEL = "SmolLM2-135M-Instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _http(method: str, url: str, payload: dict | None = None) -> tuple[int, dict]:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def http_gateway(mesh, tmp_path_factory):
+    """A second gateway over the shared mesh's services, with the HTTP API and API keys on."""
+    root = tmp_path_factory.mktemp("openai")
+    keys = root / "keys"
+    keys.write_text(f"# tenant sha256(key)\nteam-a {hash_key(KEY)}\n")
+    grpc_port, http_port = free_ports(2)
+    p = mesh.plan
+    log = open(root / "gateway.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.gateway", "--listen", f"127.0.0.1:{grpc_port}",
+         "--http-listen", f"127.0.0.1:{http_port}", "--api-keys-file", str(keys), "--model-name", MODEL,
+         "--tokenizer", p.tokenizer.listen, "--cache", p.cache.listen, "--shards", ",".join(s.listen for s in p.shards)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"127.0.0.1:{grpc_port}", 60, proc)
+        yield {"base_url": f"http://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{grpc_port}", "http_port": http_port}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(http_gateway):
+    return openai.OpenAI(base_url=http_gateway["base_url"], api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_chat_completion(client):
+    reply = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=32, temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    assert reply.model == MODEL and reply.id.startswith("chatcmpl-")
+
+
+def test_streamed_chat_deltas_join_to_the_unstreamed_text(client):
+    question = [{"role": "user", "content": "Name three rivers in Europe."}]
+    whole = client.chat.completions.create(model=MODEL, messages=question, max_tokens=40, temperature=0, seed=1)
+    stream = client.chat.completions.create(model=MODEL, messages=question, max_tokens=40, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([d for d in deltas if d]) >= 3
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_and_logprobs(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                      logprobs=1)
+    choice = reply.choices[0]
+    assert "Paris" in choice.text
+    assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == reply.usage.completion_tokens
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    chat = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=6, temperature=0, logprobs=True)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_wrong_or_missing_key_is_401_and_serves_nothing(http_gateway):
+    bad = openai.OpenAI(base_url=http_gateway["base_url"], api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8)
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8, stream=True)
+    status, body = _http("POST", f"{http_gateway['base_url']}/chat/completions", {"model": MODEL, "messages": FRANCE})
+    assert status == 401 and "missing API key" in body["error"]["message"]
+
+
+def test_grpc_front_uses_the_same_keys(http_gateway):
+    import grpc
+
+    from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    with grpc.insecure_channel(http_gateway["grpc"]) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        request = gateway_pb2.GenerateRequest(prompt="Hello", sampling=common_pb2.SamplingParams(max_tokens=4))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateStream(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Generate(request, timeout=60, metadata=[("authorization", f"Bearer {KEY}")])
+        assert ok.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"messages": FRANCE, "n": 2}, "n=1"),
+    ({"messages": FRANCE, "max_tokens": 100000}, "max_tokens"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"messages": FRANCE, "temperature": 5}, "temperature"),
+    ({"messages": []}, "empty"),
+])
+def test_bad_requests_are_400_with_a_reason(client, kwargs, fragment):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, **kwargs)
+    assert err.value.status_code == 400 and fragment in err.value.body["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-9", messages=FRANCE, max_tokens=4)
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_health_endpoint(http_gateway):
+    status, body = _http("GET", f"http://127.0.0.1:{http_gateway['http_port']}/health")
+    assert status == 200 and body == {"status": "serving"}
+
+
+def test_traceparent_on_http_continues_the_callers_trace(mesh, client):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4, temperature=0.5, seed=77,
+                                   extra_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    # The shared mesh's services write their spans to files: the caller's trace id reaches them.
+    wanted = {"prefill", "/llmmesh.v1.Tokenizer/Encode", "/llmmesh.v1.ModelShard/Generate"}
+    deadline = time.monotonic() + 20
+    while True:
+        names = {s["name"] for s in _spans(mesh.trace_dir) if s["context"]["trace_id"] == "0x" + trace_id}
+        if wanted <= names or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert wanted <= names
