@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 ARGS ?=
 
-.PHONY: install model run test protos bench clean
+.PHONY: install model run test protos bench trace clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ protos: install
 
 bench: model
 	$(BIN)/python bench/latency.py --model $(MODEL_DIR) $(ARGS)
+
+# Start the mesh, send one request, print its trace as a tree of spans with timings.
+trace: model
+	$(BIN)/python -m services.trace_view --model $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

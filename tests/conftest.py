@@ -64,9 +64,11 @@ def mesh(real_model_dir, tmp_path_factory):
                      metrics_ports=ports[5:9], shard_args=["--kv-cache-mb", "256"])
     root = tmp_path_factory.mktemp("mesh")
     trace_dir = root / "traces"
-    with Mesh(plan, env={"LLMMESH_TRACE_DIR": str(trace_dir)}, log_dir=root / "logs") as m:
+    env = {"LLMMESH_TRACE_DIR": str(trace_dir), "LLMMESH_LOG_FORMAT": "json"}
+    with Mesh(plan, env=env, log_dir=root / "logs") as m:
         m.start(timeout=240)
         m.trace_dir = trace_dir
+        m.log_dir = root / "logs"
         yield m
 
 

@@ -8,7 +8,8 @@ import asyncio
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc
 from services.cache.server import CacheServicer
 from services.cache.store import LRUByteStore
-from services.common.cli import add_service_args, env_default, instance_id, setup_logging
+from services.common.cli import add_service_args, env_default, instance_id
+from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
                         default=float(env_default("LLMMESH_CACHE_RESPONSE_BUDGET_MB", "256")),
                         help="byte budget of the response cache (LRU eviction beyond it)")
     args = parser.parse_args(argv)
-    setup_logging("cache", args.log_level)
+    setup_logging("cache", args.log_level, args.log_format)
     setup_tracing("cache", instance_id(args.listen))
     servicer = CacheServicer(LRUByteStore(int(args.response_budget_mb * (1 << 20))))
 

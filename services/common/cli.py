@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 
@@ -21,10 +20,8 @@ def add_service_args(parser: argparse.ArgumentParser, service: str, default_list
     parser.add_argument("--grace", type=float, default=float(env_default("LLMMESH_GRACE_S", "30")),
                         help="seconds to finish in-flight calls after SIGTERM (env LLMMESH_GRACE_S)")
     parser.add_argument("--log-level", default=env_default("LLMMESH_LOG_LEVEL", "INFO"))
-
-
-def setup_logging(service: str, level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+    parser.add_argument("--log-format", choices=["text", "json"], default=env_default("LLMMESH_LOG_FORMAT", "text"),
+                        help="json: one JSON object per line with trace_id/span_id (env LLMMESH_LOG_FORMAT)")
 
 
 def instance_id(listen: str) -> str:

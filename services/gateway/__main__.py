@@ -7,7 +7,8 @@ import asyncio
 
 from llmmesh.v1 import cache_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2_grpc
 from services.common.channels import make_channel
-from services.common.cli import add_service_args, env_default, instance_id, setup_logging
+from services.common.cli import add_service_args, env_default, instance_id
+from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.gateway.auth import ApiKeys
@@ -28,12 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens-limit", type=int, default=int(env_default("LLMMESH_MAX_TOKENS_LIMIT", "4096")))
     parser.add_argument("--default-max-tokens", type=int, default=256)
     parser.add_argument("--no-response-cache", action="store_true")
+    parser.add_argument("--audit-prompts", action="store_true", help="put prompt text in audit lines (off: never)")
     parser.add_argument("--http-listen", default=env_default("LLMMESH_GATEWAY_HTTP_LISTEN", ""),
                         help="host:port of the OpenAI-compatible HTTP API; empty for none")
     parser.add_argument("--api-keys-file", default=env_default("LLMMESH_API_KEYS_FILE", ""),
                         help="'TENANT SHA256HEX' lines; when set, every call needs 'authorization: Bearer KEY'")
     args = parser.parse_args(argv)
-    setup_logging("gateway", args.log_level)
+    setup_logging("gateway", args.log_level, args.log_format)
     setup_tracing("gateway", instance_id(args.listen))
 
     async def run():
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         cache = cache_pb2_grpc.CacheStub(make_channel(args.cache)) if args.cache else None
         shards = ShardPool([a.strip() for a in args.shards.split(",") if a.strip()])
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
-        servicer = GatewayServicer(GatewayConfig(args.model_name, limits, not args.no_response_cache),
+        config = GatewayConfig(args.model_name, limits, not args.no_response_cache, audit_prompts=args.audit_prompts)
+        servicer = GatewayServicer(config,
                                    tokenizer, cache, shards, ApiKeys.from_file(args.api_keys_file))
         http = {}
 

@@ -225,9 +225,9 @@ class OpenAIFront:
         with _tracer.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
             code = grpc.StatusCode.OK
             try:
-                self._auth(request)
+                tenant = self._auth(request)
                 texts, ids, logprobs, last = [], [], [], None
-                async for chunk in self.gateway.generate(grpc_request, self._timeout(request)):
+                async for chunk in self.gateway.generate(grpc_request, self._timeout(request), tenant, "http"):
                     texts.append(chunk.text)
                     ids.extend(chunk.token_ids)
                     logprobs.extend(chunk.logprobs)
@@ -255,9 +255,9 @@ class OpenAIFront:
         code = grpc.StatusCode.OK
         with _tracer.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
             try:
-                self._auth(request)
+                tenant = self._auth(request)
                 first, usage = True, None
-                async for chunk in self.gateway.generate(grpc_request, self._timeout(request)):
+                async for chunk in self.gateway.generate(grpc_request, self._timeout(request), tenant, "http"):
                     choice: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason or None, "logprobs": None}
                     if chat:
                         choice["delta"] = {"content": chunk.text, **({"role": "assistant"} if first else {})}

@@ -26,10 +26,13 @@ from services.gateway.stop_strings import StopStringMatcher
 from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger("llmmesh.audit")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 REQUESTS = Counter("llmmesh_requests", "Finished requests by gRPC status", ["method", "code"])
 TTFT = Histogram("llmmesh_time_to_first_token_seconds", "Time to the first streamed text", buckets=LATENCY_BUCKETS)
+ITL = Histogram("llmmesh_inter_token_latency_seconds", "Gap between streamed tokens (a message's gap shared by its tokens)",
+                buckets=(0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5))
 E2E = Histogram("llmmesh_e2e_request_latency_seconds", "Whole request latency", buckets=LATENCY_BUCKETS)
 GENERATED = Counter("llmmesh_generation_tokens", "Completion tokens returned to clients")
 PROMPT = Counter("llmmesh_prompt_tokens", "Prompt tokens received")
@@ -43,6 +46,7 @@ class GatewayConfig:
     limits: Limits = Limits()
     response_cache: bool = True
     default_timeout_s: float = 600.0  # when the client sets no deadline
+    audit_prompts: bool = False  # audit lines never carry prompt text unless this is set
 
 
 class RpcError(Exception):
@@ -88,6 +92,12 @@ async def _status_of(method: str, context: grpc.aio.ServicerContext):
         await context.abort(code, "internal error in the gateway; see its log")
     finally:
         REQUESTS.labels(method, code.name).inc()
+
+
+def _exemplar() -> dict[str, str] | None:
+    """Links a histogram observation to its trace (shown by Prometheus' OpenMetrics exposition)."""
+    ctx = trace.get_current_span().get_span_context()
+    return {"trace_id": format(ctx.trace_id, "032x")} if ctx.is_valid else None
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -136,16 +146,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def GenerateStream(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         async with _status_of("GenerateStream", context):
-            self.authenticate(_metadata(context, "authorization"))
-            async for chunk in self.generate(request, context.time_remaining()):
+            tenant = self.authenticate(_metadata(context, "authorization"))
+            async for chunk in self.generate(request, context.time_remaining(), tenant, "grpc"):
                 yield chunk
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         response = gateway_pb2.GenerateResponse()
         texts = []
         async with _status_of("Generate", context):
-            self.authenticate(_metadata(context, "authorization"))
-            async for chunk in self.generate(request, context.time_remaining()):
+            tenant = self.authenticate(_metadata(context, "authorization"))
+            async for chunk in self.generate(request, context.time_remaining(), tenant, "grpc"):
                 texts.append(chunk.text)
                 response.token_ids.extend(chunk.token_ids)
                 response.logprobs.extend(chunk.logprobs)
@@ -167,8 +177,45 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         trace.get_current_span().set_attribute("llmmesh.tenant", tenant)
         return tenant
 
-    async def generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None):
-        """Stream GenerateStreamResponse chunks for one request; raises RpcError for the caller."""
+    async def generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None,
+                       tenant: str = "anonymous", front: str = "grpc"):
+        """Stream GenerateStreamResponse chunks for one request; raises RpcError for the caller.
+        Writes one audit line per request, whatever its outcome."""
+        start = time.monotonic()
+        request.request_id = request.request_id or uuid.uuid4().hex
+        status, last = "OK", None
+        try:
+            async for chunk in self._generate(request, timeout_s):
+                last = chunk
+                yield chunk
+        except RpcError as exc:
+            status = exc.code.name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self._audit(request, tenant, front, status, last, time.monotonic() - start)
+
+    def _audit(self, request, tenant: str, front: str, status: str, last, duration_s: float) -> None:
+        usage = last.usage if last is not None and last.finish_reason else None
+        fields = {
+            "event": "request", "request_id": request.request_id, "tenant": tenant, "front": front,
+            "model": self.config.model, "status": status, "duration_ms": round(duration_s * 1000, 1),
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "cached_tokens": usage.cached if usage else None,
+            "from_response_cache": usage.from_response_cache if usage else None,
+            "finish_reason": last.finish_reason if last is not None and last.finish_reason else None,
+        }
+        if self.config.audit_prompts:
+            fields["prompt"] = request.prompt or [{"role": m.role, "content": m.content} for m in request.messages]
+        audit_log.info("request %s %s", request.request_id, status, extra={"fields": fields})
+
+    async def _generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None):
         start = time.monotonic()
         deadline = start + (timeout_s if timeout_s is not None else self.config.default_timeout_s)
         span = trace.get_current_span()
@@ -176,7 +223,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             check_request(request, self.config.limits)
         except InvalidRequest as exc:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id
         span.set_attribute("llmmesh.request_id", request_id)
 
         prompt_ids = await self._encode(request, deadline)
@@ -197,8 +244,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 u = cached.usage
                 usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                          cached=u.prompt_tokens + u.completion_tokens, from_response_cache=True)
-                TTFT.observe(time.monotonic() - start)
-                E2E.observe(time.monotonic() - start)
+                TTFT.observe(time.monotonic() - start, _exemplar())
+                E2E.observe(time.monotonic() - start, _exemplar())
                 yield gateway_pb2.GenerateStreamResponse(
                     text=cached.text, token_ids=cached.token_ids, logprobs=cached.logprobs,
                     finish_reason=cached.finish_reason, usage=usage, request_id=request_id)
@@ -213,7 +260,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         texts, token_ids, logprobs = [], [], []
         usage = common_pb2.Usage(prompt_tokens=len(prompt_ids))
         finish_reason = last_shard_reason = ""
-        first = True
+        first, last_at = True, None
         detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001))
         replica, call = None, None
         try:
@@ -240,9 +287,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if finish_reason:
                     chunk.finish_reason = finish_reason
                     chunk.usage.CopyFrom(usage)
+                now = time.monotonic()
                 if first and (text or finish_reason):
                     first = False
-                    TTFT.observe(time.monotonic() - start)
+                    TTFT.observe(now - start, _exemplar())
+                elif msg.token_ids and last_at is not None:
+                    gap = (now - last_at) / len(msg.token_ids)
+                    for _ in msg.token_ids:
+                        ITL.observe(gap)
+                if msg.token_ids:
+                    last_at = now
                 yield chunk
                 if finish_reason:
                     break
@@ -259,7 +313,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if replica is not None:
                 replica.outstanding -= 1
         GENERATED.inc(len(token_ids))
-        E2E.observe(time.monotonic() - start)
+        E2E.observe(time.monotonic() - start, _exemplar())
         if key is not None:
             # After the last message went out, before the call closes: the client already has its
             # answer, and a finished call means the next identical request hits.

@@ -10,12 +10,13 @@ import torch
 from prometheus_client import REGISTRY
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
-from services.common.cli import add_service_args, env_default, instance_id, setup_logging
+from services.common.cli import add_service_args, env_default, instance_id
+from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.model_shard.engine.async_engine import AsyncEngine
 from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
-from services.model_shard.server import EngineCollector, ModelShardServicer
+from services.model_shard.server import EngineCollector, ModelShardServicer, observe_step
 
 log = logging.getLogger("services.model_shard")
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retry-after", type=float, default=0.5, help="seconds a refused client is told to wait")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
-    setup_logging("shard", args.log_level)
+    setup_logging("shard", args.log_level, args.log_format)
     setup_tracing("model_shard", instance_id(args.listen))
     config = EngineConfig(
         dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         return LLMEngine.from_dir(args.model, config)
 
-    engine = AsyncEngine(build_engine)
+    engine = AsyncEngine(build_engine, on_step=observe_step)
     REGISTRY.register(EngineCollector(engine))
     runtime_ref = {}
 

@@ -6,17 +6,34 @@ import logging
 import uuid
 
 import grpc
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
 from services.common.errors import retry_later
 from services.common.telemetry import record_span
-from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError
+from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, StepReport
 from services.model_shard.engine.request import FinishReason, SamplingParams
 from services.model_shard.engine.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
+
+QUEUE_TIME = Histogram("llmmesh_queue_time_seconds", "Time from arrival at the shard to first scheduling",
+                       buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+BATCH_SIZE = Histogram("llmmesh_batch_size", "Sequences in one engine step",
+                       buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256))
+STEP_TOKENS = Histogram("llmmesh_step_tokens", "Tokens computed in one engine step (prefill chunks + decodes)",
+                        buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+STEP_TIME = Histogram("llmmesh_step_duration_seconds", "Wall time of one engine step",
+                      buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5))
+
+
+def observe_step(report: StepReport) -> None:
+    """AsyncEngine's on_step hook (engine thread; prometheus_client is thread-safe)."""
+    BATCH_SIZE.observe(report.num_seqs)
+    STEP_TOKENS.observe(report.num_tokens)
+    STEP_TIME.observe(report.duration_s)
 
 
 def sampling_from_proto(p) -> SamplingParams:
@@ -59,6 +76,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                     first = False
                     msg.prompt_tokens, msg.cached_tokens = last.prompt_tokens, last.cached_tokens
                     record_span("queue", times.arrival_ns, times.scheduled_ns or times.arrival_ns)
+                    QUEUE_TIME.observe(((times.scheduled_ns or times.arrival_ns) - times.arrival_ns) / 1e9)
                     record_span("prefill", times.scheduled_ns or times.arrival_ns, times.first_token_ns or times.arrival_ns,
                                 {"llmmesh.prompt_tokens": last.prompt_tokens, "llmmesh.cached_tokens": last.cached_tokens})
                 if last.finished:
@@ -103,3 +121,10 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("llmmesh_requests_waiting", "Requests waiting to be scheduled", value=len(e.scheduler.waiting))
         yield GaugeMetricFamily("llmmesh_kv_blocks_used_ratio", "Share of KV blocks in use",
                                 value=e.pool.num_used / e.pool.num_blocks)
+        # Hit rates as counters (queries, hits), so any window's ratio can be computed from rates.
+        yield CounterMetricFamily("llmmesh_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=e.pool.stats.queried_tokens)
+        yield CounterMetricFamily("llmmesh_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                  value=e.pool.stats.hit_tokens)
+        yield CounterMetricFamily("llmmesh_preemptions", "Sequences preempted for lack of KV blocks",
+                                  value=e.stats.preemptions)

@@ -6,7 +6,8 @@ import argparse
 import asyncio
 
 from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.cli import add_service_args, env_default, instance_id, setup_logging
+from services.common.cli import add_service_args, env_default, instance_id
+from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.tokenizer.server import TokenizerServicer
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     add_service_args(parser, "tokenizer", "127.0.0.1:50052")
     parser.add_argument("--model", default=env_default("LLMMESH_MODEL", "models/SmolLM2-135M-Instruct"))
     args = parser.parse_args(argv)
-    setup_logging("tokenizer", args.log_level)
+    setup_logging("tokenizer", args.log_level, args.log_format)
     setup_tracing("tokenizer", instance_id(args.listen))
     servicer = TokenizerServicer(TextTokenizer(args.model))
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; requests on it cannot finish."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one engine step did, for whoever watches (metrics); plain numbers only."""
+
+    num_seqs: int
+    num_tokens: int
+    duration_s: float
 
 
 @dataclass
@@ -51,11 +61,13 @@ class _Barrier:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], ready_timeout_s: float = 600.0):
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], ready_timeout_s: float = 600.0,
+                 on_step: Callable[[StepReport], None] | None = None):
         """engine: an LLMEngine, or a factory called on the engine thread (preferred, see above).
         Returns once the engine is built; raises what the factory raised."""
         self.engine: LLMEngine | None = engine if isinstance(engine, LLMEngine) else None
         self._factory = None if self.engine is not None else engine
+        self._on_step = on_step  # called on the engine thread after each step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}  # owned by the engine thread
         self._stopped = threading.Event()
@@ -162,8 +174,14 @@ class AsyncEngine:
                     self._apply(msg)
                     msg = self._get_nowait()
                 if self.engine.has_work:
+                    started = time.perf_counter()
+                    stats = self.engine.stats
+                    steps, tokens, seqs = stats.steps, stats.computed_tokens, stats.scheduled_seqs
                     for out in self.engine.step():
                         self._deliver(out)
+                    if self._on_step is not None and stats.steps > steps:
+                        self._on_step(StepReport(stats.scheduled_seqs - seqs, stats.computed_tokens - tokens,
+                                                 time.perf_counter() - started))
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
             log.exception("engine thread failed")
             self._error = exc

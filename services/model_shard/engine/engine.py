@@ -36,6 +36,7 @@ class EngineConfig:
 class EngineStats:
     steps: int = 0
     computed_tokens: int = 0  # tokens run through the model (prefill chunks and decodes)
+    scheduled_seqs: int = 0  # sequences summed over steps (over steps: the mean batch size)
     preemptions: int = 0
 
 
@@ -91,6 +92,7 @@ class LLMEngine:
         sampled = self.executor.execute(out)
         self.stats.steps += 1
         self.stats.computed_tokens += out.num_tokens
+        self.stats.scheduled_seqs += len(out.scheduled)
         self.stats.preemptions += out.num_preempted
         return self.scheduler.update_from_output(out, sampled)
 

@@ -1,0 +1,128 @@
+"""What an SRE reads: metrics that move with traffic, logs that name their trace, traces that
+continue a caller's. Runs against the shared mesh (JSON logs, span files)."""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.request import urlopen
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmmesh.v1 import common_pb2, gateway_pb2
+from services.trace_view import format_tree, load_spans
+
+pytestmark = pytest.mark.e2e
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _wait_for(condition, timeout: float = 20.0):
+    """Poll a condition on files other processes write (spans, logs), bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+def test_metrics_move_with_requests(mesh, gateway):
+    n = 3
+    gw_port = mesh.plan.gateway.metrics_port
+    shard_ports = [s.metrics_port for s in mesh.plan.shards]
+    before, shards_before = _scrape(gw_port), [_scrape(p) for p in shard_ports]
+    completion_tokens = 0
+    for i in range(n):
+        prompt = f"Metrics probe {time.time_ns()} number {i}:"
+        reply = gateway.Generate(gateway_pb2.GenerateRequest(prompt=prompt,
+                                                             sampling=common_pb2.SamplingParams(max_tokens=4)),
+                                 timeout=60)
+        completion_tokens += reply.usage.completion_tokens
+    after, shards_after = _scrape(gw_port), [_scrape(p) for p in shard_ports]
+
+    def moved(name, samples_before=before, samples_after=after, **labels):
+        return _value(samples_after, name, **labels) - _value(samples_before, name, **labels)
+
+    assert moved("llmmesh_requests_total", method="Generate", code="OK") == n
+    assert moved("llmmesh_time_to_first_token_seconds_count") == n
+    assert moved("llmmesh_e2e_request_latency_seconds_count") == n
+    assert moved("llmmesh_generation_tokens_total") == completion_tokens > 0
+    assert moved("llmmesh_inter_token_latency_seconds_count") > 0
+    queued = sum(moved("llmmesh_queue_time_seconds_count", b, a) for b, a in zip(shards_before, shards_after))
+    assert queued == n
+    steps = sum(moved("llmmesh_batch_size_count", b, a) for b, a in zip(shards_before, shards_after))
+    assert steps >= n * 4 / 2  # several decode steps per request, whatever the batching
+    for samples in shards_after:
+        assert ("llmmesh_kv_blocks_used_ratio", ()) in samples
+        assert _value(samples, "llmmesh_prefix_cache_queries_total") >= _value(samples, "llmmesh_prefix_cache_hits_total")
+
+
+def test_every_service_exposes_parseable_metrics(mesh):
+    for spec in [mesh.plan.gateway, *mesh.plan.backends]:
+        assert _scrape(spec.metrics_port), spec.name
+
+
+def _audit_lines(mesh, request_id: str) -> list[dict]:
+    lines = []
+    for line in (mesh.log_dir / "gateway.log").read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("logger") == "llmmesh.audit" and entry.get("request_id") == request_id:
+                lines.append(entry)
+    return lines
+
+
+def test_audit_line_names_the_request_and_its_trace(mesh, gateway):
+    request_id = f"audit-{time.time_ns()}"
+    secret = "my secret prompt text"
+    gateway.Generate(gateway_pb2.GenerateRequest(prompt=secret, request_id=request_id,
+                                                 sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=60)
+    lines = _wait_for(lambda: _audit_lines(mesh, request_id))
+    assert len(lines) == 1
+    audit = lines[0]
+    assert audit["status"] == "OK" and audit["tenant"] == "anonymous" and audit["front"] == "grpc"
+    assert audit["prompt_tokens"] > 0 and audit["completion_tokens"] == 3
+    assert secret not in json.dumps(audit)
+    root = _wait_for(lambda: next((s for s in load_spans(mesh.trace_dir)
+                                   if s["attributes"].get("llmmesh.request_id") == request_id), None))
+    assert root["context"]["trace_id"] == "0x" + audit["trace_id"]
+
+    with pytest.raises(grpc.RpcError):
+        gateway.Generate(gateway_pb2.GenerateRequest(prompt="", request_id=request_id + "-bad"), timeout=30)
+    bad = _wait_for(lambda: _audit_lines(mesh, request_id + "-bad"))
+    assert bad[0]["status"] == "INVALID_ARGUMENT"
+
+
+def test_a_callers_traceparent_is_continued_over_grpc(mesh, gateway):
+    trace_id = f"{time.time_ns():032x}"[-32:]
+    parent = "b7ad6b7169203331"
+    request = gateway_pb2.GenerateRequest(prompt="Tell me about tea.", sampling=common_pb2.SamplingParams(max_tokens=3))
+    gateway.Generate(request, timeout=60, metadata=[("traceparent", f"00-{trace_id}-{parent}-01")])
+    wanted = {"/llmmesh.v1.Gateway/Generate", "/llmmesh.v1.Tokenizer/Encode", "/llmmesh.v1.ModelShard/Generate",
+              "prefill", "decode"}
+
+    def trace_spans():
+        spans = [s for s in load_spans(mesh.trace_dir) if s["context"]["trace_id"] == "0x" + trace_id]
+        return spans if wanted <= {s["name"] for s in spans} else None
+
+    spans = _wait_for(trace_spans)
+    assert spans, "the mesh did not continue the caller's trace"
+    root = next(s for s in spans if s["name"] == "/llmmesh.v1.Gateway/Generate")
+    assert root["parent_id"] == "0x" + parent
+    for s in spans:
+        attrs = s["resource"]["attributes"]
+        assert attrs["service.name"].startswith("llmmesh-") and attrs["service.version"] and attrs["service.instance.id"]
+    tree = format_tree(load_spans(mesh.trace_dir), trace_id)
+    assert "/llmmesh.v1.Gateway/Generate  [gateway]" in tree
+    assert "      prefill  [model_shard]" in tree  # nested under the shard's server span
