@@ -105,7 +105,7 @@ def main() -> None:
     prompt_ids = tok.encode_chat([Message("user", QUESTION)])
 
     ports = [free_port() for _ in range(7)]
-    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
+    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0], gateway_metrics_port=0,
                      gateway_args=["--no-response-cache"])
     with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
         mesh.start()

@@ -187,7 +187,7 @@ def main() -> None:
                   "--max-batched-tokens", str(args.max_batched_tokens),
                   *(["--quantization", args.quantization] if args.quantization else []),
                   *(["--threads", str(args.shard_threads)] if args.shard_threads else [])]
-    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
+    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0], gateway_metrics_port=0,
                      shard_args=shard_args, gateway_args=["--no-response-cache"])
     rows = []
     with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:

@@ -60,8 +60,10 @@ def plan_mesh(
     metrics_ports: list[int] | None = None,
     shard_args: list[str] | None = None,
     gateway_args: list[str] | None = None,
+    gateway_metrics_port: int = 9400,
 ) -> MeshPlan:
-    """ports / metrics_ports: tokenizer, cache, then one per shard (defaults: 50052.. and 9401..)."""
+    """ports / metrics_ports: tokenizer, cache, then one per shard (defaults: 50052.. and 9401..);
+    a metrics port of 0 turns that service's /metrics off."""
     n = 2 + shards
     ports = ports or [50052, 50053, *range(50061, 50061 + shards)]
     metrics_ports = metrics_ports or [9401, 9402, *range(9410, 9410 + shards)]
@@ -74,9 +76,8 @@ def plan_mesh(
                     ["--model", model, "--threads", str(threads), *(shard_args or [])])
         for i in range(shards)
     ]
-    gateway_metrics = metrics_ports[0] - 1 if metrics_ports[0] > 1 else 0
     return MeshPlan(
-        gateway=ServiceSpec("gateway", "services.gateway", f"{host}:{gateway_port}", gateway_metrics,
+        gateway=ServiceSpec("gateway", "services.gateway", f"{host}:{gateway_port}", gateway_metrics_port,
                             ["--tokenizer", addr[0], "--cache", addr[1], "--shards", ",".join(addr[2:]),
                              "--model-name", Path(model).name, *(gateway_args or [])]),
         tokenizer=ServiceSpec("tokenizer", "services.tokenizer", addr[0], metrics_ports[0], ["--model", model]),

@@ -69,7 +69,7 @@ def demo(model: str, question: str) -> None:
 
     trace_dir = Path(tempfile.mkdtemp(prefix="llmmesh-trace-"))
     ports = [free_port() for _ in range(7)]
-    plan = plan_mesh(model, 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0])
+    plan = plan_mesh(model, 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0], gateway_metrics_port=0)
     print(f"starting the mesh (spans go to {trace_dir}) ...", flush=True)
     with Mesh(plan, env={"LLMMESH_TRACE_DIR": str(trace_dir)}, log_dir=trace_dir / "logs") as mesh:
         mesh.start()

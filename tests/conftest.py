@@ -59,9 +59,9 @@ def mesh(real_model_dir, tmp_path_factory):
     from services.launcher import Mesh, plan_mesh
 
     shards = 2
-    ports = free_ports(2 * (2 + shards) + 1)
+    ports = free_ports(2 * (2 + shards) + 2)
     plan = plan_mesh(str(real_model_dir), shards=shards, gateway_port=ports[0], ports=ports[1:5],
-                     metrics_ports=ports[5:9], shard_args=["--kv-cache-mb", "256"])
+                     metrics_ports=ports[5:9], gateway_metrics_port=ports[9], shard_args=["--kv-cache-mb", "256"])
     root = tmp_path_factory.mktemp("mesh")
     trace_dir = root / "traces"
     env = {"LLMMESH_TRACE_DIR": str(trace_dir), "LLMMESH_LOG_FORMAT": "json"}

@@ -126,3 +126,21 @@ def test_a_callers_traceparent_is_continued_over_grpc(mesh, gateway):
     tree = format_tree(load_spans(mesh.trace_dir), trace_id)
     assert "/llmmesh.v1.Gateway/Generate  [gateway]" in tree
     assert "      prefill  [model_shard]" in tree  # nested under the shard's server span
+
+
+def test_dashboard_queries_name_metrics_the_services_export(mesh, gateway):
+    """Every metric the Grafana dashboard plots is one some service really exposes."""
+    import re
+    from pathlib import Path
+
+    request = gateway_pb2.GenerateRequest(prompt=f"Dashboard probe {time.time_ns()}",
+                                          sampling=common_pb2.SamplingParams(max_tokens=2))
+    for _ in range(2):  # a miss then a hit: every labelled series exists afterwards
+        gateway.Generate(request, timeout=60)
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "charts/llm-mesh/dashboards/llm-mesh.json").read_text())
+    used = {m for panel in dashboard["panels"] for t in panel["targets"]
+            for m in re.findall(r"\b(llmmesh_[a-z0-9_]+)", t["expr"])}
+    exported = set()
+    for spec in [mesh.plan.gateway, *mesh.plan.backends]:
+        exported |= {name for name, _ in _scrape(spec.metrics_port)}
+    assert used and used <= exported, used - exported
