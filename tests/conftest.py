@@ -54,7 +54,16 @@ def free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def mesh(real_model_dir, tmp_path_factory):
+def otlp_receiver():
+    from .otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def mesh(real_model_dir, tmp_path_factory, otlp_receiver):
     """The whole mesh as processes on loopback: tokenizer, cache, two shard replicas, gateway."""
     from services.launcher import Mesh, plan_mesh
 
@@ -64,7 +73,14 @@ def mesh(real_model_dir, tmp_path_factory):
                      metrics_ports=ports[5:9], gateway_metrics_port=ports[9], shard_args=["--kv-cache-mb", "256"])
     root = tmp_path_factory.mktemp("mesh")
     trace_dir = root / "traces"
-    env = {"LLMMESH_TRACE_DIR": str(trace_dir), "LLMMESH_LOG_FORMAT": "json"}
+    env = {
+        "LLMMESH_TRACE_DIR": str(trace_dir),
+        "LLMMESH_LOG_FORMAT": "json",
+        # The standard OTel variables, as a deployment would set them: export to the test's receiver.
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_receiver.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
     with Mesh(plan, env=env, log_dir=root / "logs") as m:
         m.start(timeout=240)
         m.trace_dir = trace_dir

@@ -144,3 +144,26 @@ def test_dashboard_queries_name_metrics_the_services_export(mesh, gateway):
     for spec in [mesh.plan.gateway, *mesh.plan.backends]:
         exported |= {name for name, _ in _scrape(spec.metrics_port)}
     assert used and used <= exported, used - exported
+
+
+def test_one_request_is_one_trace_over_otlp(mesh, gateway, otlp_receiver):
+    """The same story through a real OTLP exporter and receiver: every service, links intact."""
+    trace_id = f"{time.time_ns() + 7:032x}"[-32:]
+    request = gateway_pb2.GenerateRequest(prompt="Name a planet.", sampling=common_pb2.SamplingParams(max_tokens=4))
+    gateway.Generate(request, timeout=60, metadata=[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")])
+    services = {"llmmesh-gateway", "llmmesh-tokenizer", "llmmesh-cache", "llmmesh-model_shard"}
+
+    def complete(spans):
+        mine = [s for s in spans if s["trace_id"] == trace_id]
+        return services <= {s["service"] for s in mine} and {"prefill", "decode"} <= {s["name"] for s in mine}
+
+    spans = [s for s in otlp_receiver.wait_for(complete, timeout=30) if s["trace_id"] == trace_id]
+    assert services <= {s["service"] for s in spans}
+    ids = {s["span_id"] for s in spans}
+    roots = [s for s in spans if s["parent_id"] not in ids]
+    assert [r["name"] for r in roots] == ["/llmmesh.v1.Gateway/Generate"]
+    assert roots[0]["parent_id"] == "00f067aa0ba902b7"  # the caller's span
+    shard = next(s for s in spans if s["name"] == "/llmmesh.v1.ModelShard/Generate" and s["service"] == "llmmesh-model_shard")
+    assert "first_token" in shard["events"]
+    decode = next(s for s in spans if s["name"] == "decode")
+    assert decode["attributes"]["llmmesh.completion_tokens"].int_value == 4

@@ -6,6 +6,7 @@ import logging
 import uuid
 
 import grpc
+from opentelemetry import trace
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -60,7 +61,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         request_id = request.request_id or uuid.uuid4().hex
         params = sampling_from_proto(request.sampling)
-        first, times, count = True, None, 0
+        first, times, count, steps = True, None, 0, 0
         try:
             async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params):
                 last = batch[-1]
@@ -69,12 +70,14 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                     await context.abort(grpc.StatusCode.CANCELLED, f"request {request_id} was aborted")
                 tokens = [t for out in batch for t in out.new_token_ids]
                 count += len(tokens)
+                steps += len(batch)  # one output per engine step that sampled for this request
                 msg = shard_pb2.ShardGenerateResponse(token_ids=tokens)
                 if params.logprobs:
                     msg.logprobs.extend(lp for out in batch for lp in out.new_logprobs or ())
                 if first:
                     first = False
                     msg.prompt_tokens, msg.cached_tokens = last.prompt_tokens, last.cached_tokens
+                    trace.get_current_span().add_event("first_token", timestamp=times.first_token_ns)
                     record_span("queue", times.arrival_ns, times.scheduled_ns or times.arrival_ns)
                     QUEUE_TIME.observe(((times.scheduled_ns or times.arrival_ns) - times.arrival_ns) / 1e9)
                     record_span("prefill", times.scheduled_ns or times.arrival_ns, times.first_token_ns or times.arrival_ns,
@@ -93,7 +96,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         finally:
             if times is not None and times.first_token_ns is not None:
                 record_span("decode", times.first_token_ns, times.finished_ns or times.first_token_ns,
-                            {"llmmesh.completion_tokens": count})
+                            {"llmmesh.completion_tokens": count, "llmmesh.decode_steps": max(steps - 1, 0)})
 
     async def Abort(self, request: shard_pb2.AbortRequest, context):
         self.engine.abort(request.request_id)
