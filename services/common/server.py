@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -18,6 +19,50 @@ from services.common.channels import GRPC_OPTIONS
 from services.common.telemetry import server_interceptor
 
 log = logging.getLogger(__name__)
+
+
+_MALFORMED = object()
+
+
+class RejectMalformedRequests(grpc.aio.ServerInterceptor):
+    """Bytes that do not decode as the method's request message get INVALID_ARGUMENT with a plain
+    message, instead of grpc's UNKNOWN naming a Python exception."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        message = f"the request is not a valid message for {handler_call_details.method}"
+
+        def safe_deserialize(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception:  # noqa: BLE001 - any decode failure is the client's malformed input
+                return _MALFORMED
+
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if request is _MALFORMED:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                return await inner_unary(request, context)
+
+            return handler._replace(request_deserializer=safe_deserialize, unary_unary=unary_unary)
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if request is _MALFORMED:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            result = inner_stream(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:  # a handler that streams with context.write()
+                await result
+
+        return handler._replace(request_deserializer=safe_deserialize, unary_stream=unary_stream)
 
 
 @dataclass
@@ -54,7 +99,7 @@ async def serve(
     """Run until SIGTERM/SIGINT, then report NOT_SERVING, finish in-flight calls within the grace
     period, and return. `register` adds the servicers and returns their full service names;
     `on_drain` runs beside the gRPC drain (e.g. another front's own drain)."""
-    server = grpc.aio.server(interceptors=[server_interceptor()], options=GRPC_OPTIONS)
+    server = grpc.aio.server(interceptors=[RejectMalformedRequests(), server_interceptor()], options=GRPC_OPTIONS)
     service_names = list(register(server))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
