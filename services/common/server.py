@@ -55,14 +55,72 @@ class RejectMalformedRequests(grpc.aio.ServerInterceptor):
         async def unary_stream(request, context):
             if request is _MALFORMED:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-            result = inner_stream(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            else:  # a handler that streams with context.write()
-                await result
+            async for item in _stream_from(inner_stream(request, context)):
+                yield item
 
         return handler._replace(request_deserializer=safe_deserialize, unary_stream=unary_stream)
+
+
+async def _stream_from(result):
+    """Re-yield a streaming handler's output, whether it is an async generator or a coroutine
+    that writes with context.write()."""
+    if inspect.isasyncgen(result):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
+class InFlightCalls(grpc.aio.ServerInterceptor):
+    """Counts the service's own calls in progress (health and reflection aside), so a drain can end
+    as soon as they are done instead of waiting out the grace period for never-ending health watches."""
+
+    _UNCOUNTED = ("/grpc.health.", "/grpc.reflection.")
+
+    def __init__(self):
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._UNCOUNTED):
+            return handler
+        kind = next(k for k in ("unary_unary", "stream_unary", "unary_stream", "stream_stream")
+                    if getattr(handler, k) is not None)
+        inner = getattr(handler, kind)
+        if kind in ("unary_unary", "stream_unary"):
+            async def counted(request, context):
+                self._enter()
+                try:
+                    return await inner(request, context)
+                finally:
+                    self._leave()
+        else:
+            async def counted(request, context):
+                self._enter()
+                try:
+                    async for item in _stream_from(inner(request, context)):
+                        yield item
+                finally:
+                    self._leave()
+        return handler._replace(**{kind: counted})
 
 
 @dataclass
@@ -99,7 +157,9 @@ async def serve(
     """Run until SIGTERM/SIGINT, then report NOT_SERVING, finish in-flight calls within the grace
     period, and return. `register` adds the servicers and returns their full service names;
     `on_drain` runs beside the gRPC drain (e.g. another front's own drain)."""
-    server = grpc.aio.server(interceptors=[RejectMalformedRequests(), server_interceptor()], options=GRPC_OPTIONS)
+    in_flight = InFlightCalls()
+    server = grpc.aio.server(interceptors=[in_flight, RejectMalformedRequests(), server_interceptor()],
+                             options=GRPC_OPTIONS)
     service_names = list(register(server))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -124,7 +184,13 @@ async def serve(
     log.info("%s draining (grace %.0fs)", options.name, options.grace_s)
     runtime.serving = False
     await health.enter_graceful_shutdown()
-    await asyncio.gather(server.stop(options.grace_s), *([on_drain()] if on_drain else []))
+    loop = asyncio.get_running_loop()
+    other_front = [loop.create_task(on_drain())] if on_drain else []
+    stopping = loop.create_task(server.stop(options.grace_s))  # refuses new calls
+    drained = await in_flight.wait_idle(options.grace_s)
+    log.info("%s: %s", options.name, "in-flight calls finished" if drained else "grace period over, cancelling the rest")
+    await server.stop(0)  # ends what is left: health watches, reflection streams
+    await asyncio.gather(stopping, *other_front)
     if on_stop is not None:
         await on_stop()
     log.info("%s stopped", options.name)

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
         async def on_start(runtime):
+            shards.start()
             if args.http_listen:
                 from services.gateway.openai_http import OpenAIFront, make_http_server
 

@@ -38,6 +38,11 @@ GENERATED = Counter("llmmesh_generation_tokens", "Completion tokens returned to 
 PROMPT = Counter("llmmesh_prompt_tokens", "Prompt tokens received")
 
 CACHE_TIMEOUT_S = 0.25  # a slow cache must not cost more than this
+MAX_RESUMES = 2  # times one request may move to another replica after its shard went away
+
+# A shard that dies, drains past its grace period or loses its engine ends streams with these.
+_SHARD_LOST_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+                     grpc.StatusCode.INTERNAL)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,10 @@ class GatewayConfig:
     response_cache: bool = True
     default_timeout_s: float = 600.0  # when the client sets no deadline
     audit_prompts: bool = False  # audit lines never carry prompt text unless this is set
+
+
+class _ShardLost(Exception):
+    """The shard serving a stream went away before finishing it."""
 
 
 class RpcError(Exception):
@@ -260,7 +269,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         texts, token_ids, logprobs = [], [], []
         usage = common_pb2.Usage(prompt_tokens=len(prompt_ids))
         finish_reason = last_shard_reason = ""
-        first, last_at = True, None
+        first, last_at, resumes = True, None, 0
         detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001))
         replica, call = None, None
         try:
@@ -300,9 +309,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield chunk
                 if finish_reason:
                     break
-                msg = await self._next_shard_message(call)
-            if not finish_reason:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "the model shard ended the stream without finishing")
+                try:
+                    msg = await self._next_shard_message(call)
+                except _ShardLost as lost:
+                    # Resume on another replica from what was delivered: prompt + tokens so far, the
+                    # draws a seeded generator already made skipped. The client sees one stream.
+                    if resumes >= MAX_RESUMES:
+                        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"{lost}; no replica could take over") from None
+                    resumes += 1
+                    log.warning("shard %s lost request %s after %d tokens (%s); resuming elsewhere",
+                                replica.address, request_id, len(token_ids), lost)
+                    span.add_event("resumed", {"llmmesh.from_replica": replica.address,
+                                               "llmmesh.delivered_tokens": len(token_ids)})
+                    self.shards.mark_down(replica)
+                    await close_stream(call, cancel=True)
+                    replica.outstanding -= 1
+                    replica, call = None, None
+                    resume = shard_pb2.ShardGenerateRequest(request_id=request_id,
+                                                            prompt_token_ids=prompt_ids + token_ids,
+                                                            sampling=sampling, resume_draws=len(token_ids))
+                    resume.sampling.max_tokens = max_tokens - len(token_ids)
+                    replica, call, msg = await self._open_shard_stream(resume, deadline)
         except grpc.aio.AioRpcError as exc:
             raise self._downstream_error(exc, "tokenizer") from None
         finally:
@@ -378,11 +405,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no model shard is available ({'; '.join(errors)})")
 
     async def _next_shard_message(self, call):
+        """The next message; _ShardLost when the shard went away mid-stream (its work is resumable)."""
         try:
             msg = await call.read()
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in _SHARD_LOST_CODES:
+                raise _ShardLost(f"{exc.code().name}: {exc.details()}") from None
             raise self._downstream_error(exc, "model shard") from None
-        return None if msg is grpc.aio.EOF else msg
+        if msg is grpc.aio.EOF:
+            raise _ShardLost("the stream ended before it finished")
+        return msg
 
     @staticmethod
     def _downstream_error(exc: grpc.aio.AioRpcError, service: str) -> RpcError:

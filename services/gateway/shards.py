@@ -1,15 +1,25 @@
-"""The model shard replicas behind the gateway: long-lived channels, load, and failure back-off."""
+"""The model shard replicas behind the gateway: long-lived channels, load, health, failure back-off.
+
+Each replica's grpc.health.v1 status is watched (a Watch stream per replica), so a draining or
+dead shard stops receiving new requests at once; a replica that fails a call is also backed off.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
 from services.common.channels import make_channel
+
+log = logging.getLogger(__name__)
+SHARD_SERVICE = shard_pb2.DESCRIPTOR.services_by_name["ModelShard"].full_name
 
 
 class NoShardAvailable(Exception):
@@ -23,10 +33,11 @@ class Replica:
     stub: shard_pb2_grpc.ModelShardStub = field(repr=False)
     outstanding: int = 0
     down_until: float = 0.0  # monotonic seconds; tried only as a last resort before then
+    serving: bool = True  # its health status, as watched (optimistic until the first answer)
 
     @property
     def suspect(self) -> bool:
-        return time.monotonic() < self.down_until
+        return not self.serving or time.monotonic() < self.down_until
 
 
 class ShardPool:
@@ -40,6 +51,28 @@ class ShardPool:
         self.backoff_s = backoff_s
         self._info: shard_pb2.ShardInfo | None = None
         self._info_lock = asyncio.Lock()
+        self._watchers: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        """Begin watching every replica's health (call inside the running event loop)."""
+        loop = asyncio.get_running_loop()
+        self._watchers = [loop.create_task(self._watch(r)) for r in self.replicas]
+
+    async def _watch(self, replica: Replica) -> None:
+        stub = health_pb2_grpc.HealthStub(replica.channel)
+        request = health_pb2.HealthCheckRequest(service=SHARD_SERVICE)
+        while True:
+            try:
+                # wait_for_ready: while the shard is unreachable this waits on the channel, not a clock.
+                async for reply in stub.Watch(request, wait_for_ready=True):
+                    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving != replica.serving:
+                        log.info("shard %s is %s", replica.address, "serving" if serving else "not serving")
+                    replica.serving = serving
+            except grpc.aio.AioRpcError:
+                pass
+            replica.serving = False
+            await asyncio.sleep(self.backoff_s)  # the stream ended (shard stopped): reconnect after a pause
 
     def ordered(self) -> list[Replica]:
         """Replicas to try, best first: healthy before suspect, then fewest outstanding requests."""
@@ -71,4 +104,7 @@ class ShardPool:
         return self._info
 
     async def close(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         await asyncio.gather(*(r.channel.close() for r in self.replicas))

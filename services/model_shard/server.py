@@ -37,8 +37,9 @@ def observe_step(report: StepReport) -> None:
     STEP_TIME.observe(report.duration_s)
 
 
-def sampling_from_proto(p) -> SamplingParams:
+def sampling_from_proto(p, skip_draws: int = 0) -> SamplingParams:
     return SamplingParams(
+        skip_draws=skip_draws,
         max_tokens=p.max_tokens,
         temperature=p.temperature,
         top_p=p.top_p if 0 < p.top_p < 1 else 1.0,
@@ -60,7 +61,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         request_id = request.request_id or uuid.uuid4().hex
-        params = sampling_from_proto(request.sampling)
+        params = sampling_from_proto(request.sampling, request.resume_draws)
         first, times, count, steps = True, None, 0, 0
         try:
             async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params):

@@ -16,6 +16,7 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0
     logprobs: bool = False  # report each sampled token's log-probability under the model
+    skip_draws: int = 0  # a resumed seeded request: draws its generator already made elsewhere
 
     @property
     def greedy(self) -> bool:

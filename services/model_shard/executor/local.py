@@ -38,6 +38,12 @@ class LocalExecutor:
             gen = None
             if params.seed is not None and not params.greedy:
                 gen = torch.Generator().manual_seed(params.seed)
+                if params.skip_draws:
+                    # A draw consumes the same generator state whatever the distribution, so
+                    # replaying k uniform draws continues the sequence a stream started elsewhere.
+                    uniform = torch.full((self.model.cfg.vocab_size,), 1.0)
+                    for _ in range(params.skip_draws):
+                        torch.multinomial(uniform, 1, generator=gen)
             self._generators[request_id] = gen
         return self._generators[request_id]
 

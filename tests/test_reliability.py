@@ -1,0 +1,125 @@
+"""Drain and failover with real processes: SIGTERM finishes running streams; a shard killed
+mid-stream is invisible to clients (their streams resume on the other replica, token for token).
+
+The shards run a tiny random Llama with the real tokenizer's vocabulary: fast, deterministic, and
+all these tests need (the tokens must match an undisturbed run, not make sense)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.launcher import Mesh, plan_mesh
+
+from .conftest import free_ports
+
+pytestmark = pytest.mark.e2e
+MAX_TOKENS = 600
+
+
+@pytest.fixture(scope="module")
+def vocab_sized_tiny_model(tmp_path_factory, real_model_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    out = tmp_path_factory.mktemp("tiny-vocab-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _mesh(real_model_dir, tiny, root, shards: int) -> Mesh:
+    ports = free_ports(2 + shards + 1)
+    plan = plan_mesh(str(real_model_dir), shards=shards, gateway_port=ports[0], ports=ports[1:],
+                     metrics_ports=[0] * (2 + shards), gateway_metrics_port=0,
+                     shard_args=["--kv-cache-mb", "64", "--grace", "60"], gateway_args=["--no-response-cache"])
+    for spec in plan.shards:  # the shards serve the tiny model; the tokenizer stays the real one
+        spec.args[spec.args.index("--model") + 1] = str(tiny)
+    return Mesh(plan, env={"LLMMESH_LOG_FORMAT": "json"}, log_dir=root).start(timeout=120)
+
+
+def _requests() -> list[gateway_pb2.GenerateRequest]:
+    greedy = [gateway_pb2.GenerateRequest(prompt=f"Stream number {i} about rivers",
+                                          sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS))
+              for i in range(4)]
+    seeded = gateway_pb2.GenerateRequest(prompt="A seeded story", sampling=common_pb2.SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.8, top_k=40, seed=1234))
+    return [*greedy, seeded]
+
+
+def _tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def _watch_health(address: str, timeout: float = 60):
+    """A health Watch stream, opened now: a draining server refuses new connections, so watch first."""
+    channel = grpc.insecure_channel(address)
+    return health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=timeout)
+
+
+def _wait_until_not_serving(watch) -> None:
+    for reply in watch:
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return
+
+
+def test_sigterm_drains_a_shard_without_cutting_its_stream(real_model_dir, vocab_sized_tiny_model, tmp_path):
+    with _mesh(real_model_dir, vocab_sized_tiny_model, tmp_path, shards=1) as mesh:
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(mesh.gateway_address))
+        request = _requests()[0]
+        expected = _tokens(stub.GenerateStream(request, timeout=120))
+        assert len(expected) == MAX_TOKENS
+
+        watch = _watch_health(mesh.plan.shards[0].listen)
+        stream = stub.GenerateStream(request, timeout=120)
+        chunks = [next(stream)]
+        mesh.processes["shard-0"].send_signal(signal.SIGTERM)
+        _wait_until_not_serving(watch)
+        # Draining: new work is refused at once...
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(gateway_pb2.GenerateRequest(prompt="new work"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # ...while the running stream finishes, whole.
+        chunks.extend(stream)
+        assert chunks[-1].finish_reason == "length" and _tokens(chunks) == expected
+        assert mesh.processes["shard-0"].wait(60) == 0
+
+
+def test_killing_a_shard_mid_stream_is_invisible_to_clients(real_model_dir, vocab_sized_tiny_model, tmp_path):
+    with _mesh(real_model_dir, vocab_sized_tiny_model, tmp_path, shards=2) as mesh:
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(mesh.gateway_address))
+        requests = _requests()
+        expected = [list(stub.GenerateStream(r, timeout=120)) for r in requests]
+        assert all(len(_tokens(e)) == MAX_TOKENS for e in expected)
+
+        started = threading.Barrier(len(requests) + 1)
+
+        def run(request):
+            stream = stub.GenerateStream(request, timeout=120)
+            chunks = [next(stream)]
+            started.wait(timeout=60)
+            chunks.extend(stream)
+            return chunks
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = [pool.submit(run, r) for r in requests]
+            started.wait(timeout=60)  # every stream is running, spread over both replicas
+            mesh.kill("shard-0")
+            results = [f.result(timeout=120) for f in futures]
+
+        for got, want in zip(results, expected):
+            assert _tokens(got) == _tokens(want)
+            assert "".join(c.text for c in got) == "".join(c.text for c in want)
+            assert got[-1].finish_reason == want[-1].finish_reason
+        log = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line.startswith("{")]
+        assert any("resuming elsewhere" in entry["message"] for entry in log), "no stream was on the killed shard"
