@@ -12,6 +12,7 @@ from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.gateway.auth import ApiKeys
+from services.gateway.rate_limit import TenantRateLimiter
 from services.gateway.server import GatewayConfig, GatewayServicer
 from services.gateway.shards import ShardPool
 from services.gateway.validation import Limits
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens-limit", type=int, default=int(env_default("LLMMESH_MAX_TOKENS_LIMIT", "4096")))
     parser.add_argument("--default-max-tokens", type=int, default=256)
     parser.add_argument("--no-response-cache", action="store_true")
+    parser.add_argument("--rate-limit-rps", type=float, default=float(env_default("LLMMESH_RATE_LIMIT_RPS", "0")),
+                        help="requests per second per tenant (0: no limit)")
+    parser.add_argument("--rate-limit-tpm", type=float, default=float(env_default("LLMMESH_RATE_LIMIT_TPM", "0")),
+                        help="prompt + completion tokens per minute per tenant (0: no limit)")
     parser.add_argument("--audit-prompts", action="store_true", help="put prompt text in audit lines (off: never)")
     parser.add_argument("--http-listen", default=env_default("LLMMESH_GATEWAY_HTTP_LISTEN", ""),
                         help="host:port of the OpenAI-compatible HTTP API; empty for none")
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
         config = GatewayConfig(args.model_name, limits, not args.no_response_cache, audit_prompts=args.audit_prompts)
         servicer = GatewayServicer(config,
-                                   tokenizer, cache, shards, ApiKeys.from_file(args.api_keys_file))
+                                   tokenizer, cache, shards, ApiKeys.from_file(args.api_keys_file),
+                                   TenantRateLimiter(args.rate_limit_rps, args.rate_limit_tpm))
         http = {}
 
         def register(server):

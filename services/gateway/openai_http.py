@@ -7,6 +7,7 @@ limits, routing, cache, tracing and metrics as gRPC) -> OpenAI JSON or server-se
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -91,15 +92,17 @@ class CompletionRequest(_Common):
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.type, self.code, self.param = status, type_, code, param
+        self.headers = headers or {}
 
     @classmethod
     def from_rpc(cls, exc: RpcError) -> "OpenAIError":
         status, type_ = HTTP_STATUS.get(exc.code, (500, "internal_error"))
         code = "invalid_api_key" if exc.code == grpc.StatusCode.UNAUTHENTICATED else exc.code.name.lower()
-        return cls(status, str(exc), type_, code)
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
+        return cls(status, str(exc), type_, code, headers=headers)
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
@@ -135,7 +138,7 @@ class OpenAIFront:
 
         @app.exception_handler(OpenAIError)
         async def _openai_error(request: Request, exc: OpenAIError):
-            return JSONResponse(exc.body(), status_code=exc.status)
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
         @app.exception_handler(RequestValidationError)
         async def _validation_error(request: Request, exc: RequestValidationError):

@@ -18,8 +18,9 @@ from prometheus_client import Counter, Histogram
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
-from services.common.errors import STATUS_DETAILS_KEY
+from services.common.errors import STATUS_DETAILS_KEY, retry_later
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
+from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.response_cache import response_key
 from services.gateway.shards import NoShardAvailable, Replica, ShardPool
 from services.gateway.stop_strings import StopStringMatcher
@@ -62,10 +63,12 @@ class RpcError(Exception):
     """An error status for the client, raised anywhere in the request's path. `trailing_metadata`
     carries rich details (e.g. a shard's RetryInfo) through unchanged."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple = ()):
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple = (),
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.code = code
         self.trailing_metadata = trailing_metadata
+        self.retry_after_s = retry_after_s
 
 
 async def close_stream(call, cancel: bool) -> None:
@@ -144,9 +147,11 @@ class DetokenizeSession:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
-                 cache: cache_pb2_grpc.CacheStub | None, shards: ShardPool, api_keys: ApiKeys | None = None):
+                 cache: cache_pb2_grpc.CacheStub | None, shards: ShardPool, api_keys: ApiKeys | None = None,
+                 rate_limiter: TenantRateLimiter | None = None):
         self.config = config
         self.api_keys = api_keys or ApiKeys({})
+        self.rate_limiter = rate_limiter or TenantRateLimiter()
         self.tokenizer = tokenizer
         self.cache = cache
         self.shards = shards
@@ -194,6 +199,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request.request_id = request.request_id or uuid.uuid4().hex
         status, last = "OK", None
         try:
+            try:
+                self.rate_limiter.admit(tenant)
+            except RateLimited as exc:
+                refusal = retry_later(str(exc), round(exc.retry_after_s, 3))
+                raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details, refusal.trailing_metadata,
+                               retry_after_s=exc.retry_after_s) from None
             async for chunk in self._generate(request, timeout_s):
                 last = chunk
                 yield chunk
@@ -207,6 +218,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             status = "INTERNAL"
             raise
         finally:
+            if last is not None and last.finish_reason and not last.usage.from_response_cache:
+                self.rate_limiter.charge_tokens(tenant, last.usage.prompt_tokens + last.usage.completion_tokens)
             self._audit(request, tenant, front, status, last, time.monotonic() - start)
 
     def _audit(self, request, tenant: str, front: str, status: str, last, duration_s: float) -> None:
