@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 ARGS ?=
 
-.PHONY: install model run test protos bench trace clean
+.PHONY: install model run test protos bench trace certs clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ protos: install
 
 bench: model
 	$(BIN)/python bench/latency.py --model $(MODEL_DIR) $(ARGS)
+
+# A throwaway CA and a certificate per service: make run ARGS='--tls-dir certs'
+certs: install
+	$(BIN)/python -m services.common.tls certs
 
 # Start the mesh, send one request, print its trace as a tree of spans with timings.
 trace: model

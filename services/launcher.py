@@ -39,6 +39,7 @@ class MeshPlan:
     tokenizer: ServiceSpec
     cache: ServiceSpec
     shards: list[ServiceSpec]
+    tls_dir: Path | None = None  # certificates from services.common.tls; None: plaintext
 
     @property
     def backends(self) -> list[ServiceSpec]:
@@ -61,6 +62,7 @@ def plan_mesh(
     shard_args: list[str] | None = None,
     gateway_args: list[str] | None = None,
     gateway_metrics_port: int = 9400,
+    tls_dir: Path | None = None,
 ) -> MeshPlan:
     """ports / metrics_ports: tokenizer, cache, then one per shard (defaults: 50052.. and 9401..);
     a metrics port of 0 turns that service's /metrics off."""
@@ -76,7 +78,7 @@ def plan_mesh(
                     ["--model", model, "--threads", str(threads), *(shard_args or [])])
         for i in range(shards)
     ]
-    return MeshPlan(
+    plan = MeshPlan(
         gateway=ServiceSpec("gateway", "services.gateway", f"{host}:{gateway_port}", gateway_metrics_port,
                             ["--tokenizer", addr[0], "--cache", addr[1], "--shards", ",".join(addr[2:]),
                              "--model-name", Path(model).name, *(gateway_args or [])]),
@@ -84,17 +86,35 @@ def plan_mesh(
         cache=ServiceSpec("cache", "services.cache", addr[1], metrics_ports[1]),
         shards=shard_specs,
     )
+    if tls_dir is not None:
+        # Clients reach the gateway over TLS; services reach each other over mutual TLS.
+        for spec in [plan.gateway, *plan.backends]:
+            cert = "shard" if spec.name.startswith("shard") else spec.name
+            spec.args += ["--tls-cert", str(tls_dir / f"{cert}.pem"), "--tls-key", str(tls_dir / f"{cert}-key.pem"),
+                          "--tls-ca", str(tls_dir / "ca.pem"), *(["--tls-client-auth"] if spec is not plan.gateway else [])]
+    plan.tls_dir = tls_dir
+    return plan
 
 
 class ServiceFailed(RuntimeError):
     pass
 
 
-def wait_healthy(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+def client_channel(address: str, tls_dir: Path | None = None) -> grpc.Channel:
+    """A channel to a mesh service, presenting the `client` certificate when the mesh runs TLS."""
+    if tls_dir is None:
+        return grpc.insecure_channel(address)
+    creds = grpc.ssl_channel_credentials((tls_dir / "ca.pem").read_bytes(), (tls_dir / "client-key.pem").read_bytes(),
+                                         (tls_dir / "client.pem").read_bytes())
+    return grpc.secure_channel(address, creds)
+
+
+def wait_healthy(address: str, timeout: float, process: subprocess.Popen | None = None,
+                 tls_dir: Path | None = None) -> None:
     """Block until the service at address reports SERVING on grpc.health.v1 (event-driven: a Watch
     stream that waits for the channel), failing early if its process exits."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with client_channel(address, tls_dir) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             left = deadline - time.monotonic()
@@ -154,7 +174,7 @@ class Mesh:
 
         def one(spec: ServiceSpec) -> None:
             try:
-                wait_healthy(spec.listen, timeout, self.processes[spec.name])
+                wait_healthy(spec.listen, timeout, self.processes[spec.name], self.plan.tls_dir)
             except Exception as exc:  # noqa: BLE001 - reported together below
                 errors.append(f"{spec.name}: {exc}{self.log_tail(spec.name)}")
 
@@ -188,6 +208,13 @@ class Mesh:
         proc = self.processes[name]
         proc.kill()
         proc.wait()
+
+    def restart(self, name: str, timeout: float = 180.0) -> None:
+        """Start a service of the plan again (after it was killed or drained) and wait for health."""
+        spec = next(s for s in [self.plan.gateway, *self.plan.backends] if s.name == name)
+        if self.processes[name].poll() is None:
+            self.terminate(name)
+        wait_healthy(spec.listen, timeout, self._spawn(spec), self.plan.tls_dir)
 
     def stop(self, grace: float = 15.0) -> None:
         # The gateway first, so no new work reaches the backends while they drain.
@@ -237,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gateway-port", type=int, default=50051)
     parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API (0: off)")
     parser.add_argument("--api-keys-file", help="require API keys ('TENANT SHA256HEX' lines)")
+    parser.add_argument("--tls-dir", type=Path,
+                        help="certificates from `make certs`: TLS to the gateway, mutual TLS between services")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quantization", choices=["int8"], help="weight-only int8 (pair with --dtype bfloat16)")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard")
@@ -246,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--shards must be at least 1")
     if not (Path(args.model) / "config.json").exists():
         parser.error(f"no model at {args.model}: run `make model` first")
-    plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port,
+    plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port, tls_dir=args.tls_dir,
                      shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb),
                                  *(["--quantization", args.quantization] if args.quantization else [])],
                      gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),

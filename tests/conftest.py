@@ -38,6 +38,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vocab_sized_tiny_model(tmp_path_factory, real_model_dir):
+    """A tiny random Llama with the real tokenizer's vocabulary: shards that start at once and
+    serve real token ids, for tests of the mesh's plumbing rather than the model's answers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    out = tmp_path_factory.mktemp("tiny-vocab-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     if not (REAL_MODEL_DIR / "config.json").exists():
         pytest.fail(f"the real model is missing at {REAL_MODEL_DIR}: run `make model`")

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -23,19 +22,6 @@ from .conftest import free_ports
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 600
-
-
-@pytest.fixture(scope="module")
-def vocab_sized_tiny_model(tmp_path_factory, real_model_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    out = tmp_path_factory.mktemp("tiny-vocab-llama")
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 def _mesh(real_model_dir, tiny, root, shards: int) -> Mesh:

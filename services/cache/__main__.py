@@ -8,7 +8,7 @@ import asyncio
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc
 from services.cache.server import CacheServicer
 from services.cache.store import LRUByteStore
-from services.common.cli import add_service_args, env_default, instance_id
+from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         cache_pb2_grpc.add_CacheServicer_to_server(servicer, server)
         return [cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name]
 
-    asyncio.run(serve(ServeOptions("cache", args.listen, args.metrics_port, args.grace), register))
+    asyncio.run(serve(ServeOptions("cache", args.listen, args.metrics_port, args.grace, tls_from_args(args), args.tls_client_auth), register))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from services.common.telemetry import client_interceptors
+from services.common.tls import TlsFiles
 
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -18,5 +19,9 @@ GRPC_OPTIONS = [
 ]
 
 
-def make_channel(address: str) -> grpc.aio.Channel:
+def make_channel(address: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
+    """tls: present this service's certificate and check the peer against the CA (mutual TLS)."""
+    if tls is not None:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=GRPC_OPTIONS,
+                                       interceptors=client_interceptors())
     return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=client_interceptors())

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from services.common.channels import GRPC_OPTIONS
+from services.common.tls import TlsFiles
 from services.common.telemetry import server_interceptor
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ class ServeOptions:
     listen: str  # host:port
     metrics_port: int = 0  # 0: no /metrics endpoint
     grace_s: float = 30.0
+    tls: TlsFiles | None = None  # None: plaintext
+    require_client_auth: bool = False  # with tls: callers must present a certificate (mutual TLS)
 
 
 class ServiceRuntime:
@@ -166,7 +169,11 @@ async def serve(
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    if server.add_insecure_port(options.listen) == 0:
+    if options.tls is not None:
+        port = server.add_secure_port(options.listen, options.tls.server_credentials(options.require_client_auth))
+    else:
+        port = server.add_insecure_port(options.listen)
+    if port == 0:
         raise RuntimeError(f"{options.name}: cannot listen on {options.listen}")
     if options.metrics_port:
         host = options.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"

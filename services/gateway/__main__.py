@@ -7,7 +7,7 @@ import asyncio
 
 from llmmesh.v1 import cache_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2_grpc
 from services.common.channels import make_channel
-from services.common.cli import add_service_args, env_default, instance_id
+from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
@@ -43,11 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("gateway", args.log_level, args.log_format)
     setup_tracing("gateway", instance_id(args.listen))
 
+    tls = tls_from_args(args)
+
     async def run():
         # Channels belong to the running event loop: make them inside it.
-        tokenizer = tokenizer_pb2_grpc.TokenizerStub(make_channel(args.tokenizer))
-        cache = cache_pb2_grpc.CacheStub(make_channel(args.cache)) if args.cache else None
-        shards = ShardPool([a.strip() for a in args.shards.split(",") if a.strip()])
+        tokenizer = tokenizer_pb2_grpc.TokenizerStub(make_channel(args.tokenizer, tls))
+        cache = cache_pb2_grpc.CacheStub(make_channel(args.cache, tls)) if args.cache else None
+        shards = ShardPool([a.strip() for a in args.shards.split(",") if a.strip()], tls=tls)
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
         config = GatewayConfig(args.model_name, limits, not args.no_response_cache, audit_prompts=args.audit_prompts)
         servicer = GatewayServicer(config,
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
                 host, port = args.http_listen.rsplit(":", 1)
                 front = OpenAIFront(servicer, args.model_name, is_serving=lambda: runtime.serving)
-                http["server"] = make_http_server(front, host, int(port))
+                http["server"] = make_http_server(front, host, int(port), tls)
                 http["task"] = asyncio.get_running_loop().create_task(http["server"].serve())
                 while not http["server"].started:  # bound by uvicorn: it exits the task on failure
                     if http["task"].done():
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         async def on_stop():
             await shards.close()
 
-        await serve(ServeOptions("gateway", args.listen, args.metrics_port, args.grace), register,
+        await serve(ServeOptions("gateway", args.listen, args.metrics_port, args.grace, tls, args.tls_client_auth), register,
                     on_start=on_start, on_stop=on_stop, on_drain=on_drain)
 
     asyncio.run(run())

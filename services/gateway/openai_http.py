@@ -322,7 +322,9 @@ class EmbeddedServer(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-def make_http_server(front: OpenAIFront, host: str, port: int) -> EmbeddedServer:
+def make_http_server(front: OpenAIFront, host: str, port: int, tls=None) -> EmbeddedServer:
+    """tls: the gateway's TlsFiles; HTTPS with the same certificate as its gRPC port."""
+    ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls is not None else {}
     config = uvicorn.Config(front.app, host=host, port=port, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=30, **ssl)
     return EmbeddedServer(config)

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
 from services.common.channels import make_channel
+from services.common.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 SHARD_SERVICE = shard_pb2.DESCRIPTOR.services_by_name["ModelShard"].full_name
@@ -41,12 +42,12 @@ class Replica:
 
 
 class ShardPool:
-    def __init__(self, addresses: list[str], backoff_s: float = 2.0):
+    def __init__(self, addresses: list[str], backoff_s: float = 2.0, tls: TlsFiles | None = None):
         if not addresses:
             raise ValueError("at least one model shard address is needed")
         self.replicas = []
         for address in addresses:
-            channel = make_channel(address)
+            channel = make_channel(address, tls)
             self.replicas.append(Replica(address, channel, shard_pb2_grpc.ModelShardStub(channel)))
         self.backoff_s = backoff_s
         self._info: shard_pb2.ShardInfo | None = None

@@ -10,7 +10,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
-from services.common.cli import add_service_args, env_default, instance_id
+from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     async def on_stop():
         engine.stop()
 
-    asyncio.run(serve(ServeOptions("model_shard", args.listen, args.metrics_port, args.grace), register,
+    asyncio.run(serve(ServeOptions("model_shard", args.listen, args.metrics_port, args.grace, tls_from_args(args), args.tls_client_auth), register,
                       on_start=on_start, on_stop=on_stop))
 
 

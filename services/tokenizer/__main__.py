@@ -6,7 +6,7 @@ import argparse
 import asyncio
 
 from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.cli import add_service_args, env_default, instance_id
+from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server)
         return [tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name]
 
-    asyncio.run(serve(ServeOptions("tokenizer", args.listen, args.metrics_port, args.grace), register))
+    asyncio.run(serve(ServeOptions("tokenizer", args.listen, args.metrics_port, args.grace, tls_from_args(args), args.tls_client_auth), register))
 
 
 if __name__ == "__main__":
