@@ -251,3 +251,16 @@ def test_a_passed_deadline_ends_generation_and_frees_kv(mesh, gateway):
     while any(_shard_kv_used(mesh)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _shard_kv_used(mesh) == [0.0, 0.0]
+
+
+def test_a_client_cancel_mid_stream_frees_kv(mesh, gateway):
+    request = gateway_pb2.GenerateRequest(prompt="List every number from one to one thousand:",
+                                          sampling=common_pb2.SamplingParams(max_tokens=3000))
+    stream = gateway.GenerateStream(request, timeout=60)
+    next(stream)
+    assert any(_shard_kv_used(mesh))  # the request holds blocks while it streams
+    stream.cancel()
+    deadline = time.monotonic() + 10  # the gateway cancels the shard call; the engine frees at its next step
+    while any(_shard_kv_used(mesh)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _shard_kv_used(mesh) == [0.0, 0.0]
