@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-dir", type=Path,
                         help="certificates from `make certs`: TLS to the gateway, mutual TLS between services")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quantization", choices=["int8"], help="weight-only int8 (pair with --dtype bfloat16)")
+    parser.add_argument("--quantization", choices=["int8", "int4"], help="weight-only int8 (pair with --dtype bfloat16)")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""bfloat16 and int8 weight-only serving stay close to float32 on the real model."""
+"""bfloat16, int8 and int4 weight-only serving stay close to float32 on the real model."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def fp32_perplexity(real_model_dir, tokenizer):
     return perplexity(load_model(real_model_dir, torch.float32), tokenizer.encode(TEXT))
 
 
-@pytest.mark.parametrize("dtype,quantization", [(torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, "int8")])
+@pytest.mark.parametrize("dtype,quantization", [(torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, "int8"),
+                                                (torch.bfloat16, "int4")])
 def test_perplexity_moves_less_than_five_percent(real_model_dir, tokenizer, fp32_perplexity, dtype, quantization):
     model = load_model(real_model_dir, dtype, quantization)
     ppl = perplexity(model, tokenizer.encode(TEXT))

@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(frozen=True)
 class EngineConfig:
     dtype: str = "float32"
-    quantization: str | None = None  # "int8": weight-only int8 linears (pair with bfloat16)
+    quantization: str | None = None  # "int8" | "int4": weight-only linears (pair with bfloat16)
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # None: the model's own limit

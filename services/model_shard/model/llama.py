@@ -299,10 +299,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
     model.load_weights(tensors)
     model = model.to(dtype).eval()
     rope.cos, rope.sin = rope.cos.float(), rope.sin.float()  # positions stay exact in any dtype
-    if quantization == "int8":
-        from services.model_shard.model.quant import quantize_int8
+    if quantization in ("int8", "int4"):
+        from services.model_shard.model.quant import quantize
 
-        quantize_int8(model)
+        quantize(model, quantization)
     elif quantization is not None:
-        raise ValueError(f"unknown quantization {quantization!r}; expected int8")
+        raise ValueError(f"unknown quantization {quantization!r}; expected int8 or int4")
     return model

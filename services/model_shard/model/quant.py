@@ -1,7 +1,9 @@
-"""Weight-only int8 quantization of the linear layers (per-output-channel symmetric scales).
+"""Weight-only quantization of the linear layers: int8 (per-output-channel symmetric scales) or
+int4 (asymmetric, groups of 32: the layout of the Q4_1 GGUF the model ships as).
 
-On CPU it runs torch's fused int8 weight-packed matmul, which reads a quarter of float32's bytes;
-pair it with bfloat16 activations (the kernel is slow with float32 input).
+One stream is memory-bound: each token reads every weight once. torch's fused CPU kernels for
+int8 and int4 weight-packed matmuls read a quarter and an eighth of float32's bytes; pair them
+with bfloat16 activations (the kernels are slow with float32 input).
 """
 
 from __future__ import annotations
@@ -30,17 +32,48 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_int8(model: LlamaForServing) -> LlamaForServing:
-    """Replace every projection and the LM head with Int8Linear, in place."""
+def quantize(model: LlamaForServing, method: str) -> LlamaForServing:
+    """Replace every projection and the LM head with quantized linears, in place.
+    method: "int8" (per output channel) or "int4" (groups of 32)."""
+    make = {"int8": Int8Linear, "int4": Int4Linear}[method]
     act_dtype = model.embed_tokens.weight.dtype
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = Int8Linear(attn.qkv_proj.weight, act_dtype)
-        attn.o_proj = Int8Linear(attn.o_proj.weight, act_dtype)
-        mlp.gate_up_proj = Int8Linear(mlp.gate_up_proj.weight, act_dtype)
-        mlp.down_proj = Int8Linear(mlp.down_proj.weight, act_dtype)
-    # The head is the largest matrix of a small model; the embedding lookup keeps its float table.
+        attn.qkv_proj = make(attn.qkv_proj.weight, act_dtype)
+        attn.o_proj = make(attn.o_proj.weight, act_dtype)
+        mlp.gate_up_proj = make(mlp.gate_up_proj.weight, act_dtype)
+        mlp.down_proj = make(mlp.down_proj.weight, act_dtype)
+    # The head is the largest matrix of a small model, and it picks every token: int8 at most (int4
+    # there flips greedy answers). The embedding lookup keeps its float table.
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     model.lm_head_int8 = Int8Linear(head, act_dtype)
     model.lm_head = None
     return model
+
+
+class Int4Linear(nn.Module):
+    """Weight-only 4-bit, asymmetric per group of `group_size` input channels (the layout of the
+    Q4_1 GGUF the model ships as), run with torch's fused int4 weight-packed matmul on CPU."""
+
+    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype, group_size: int = 32):
+        super().__init__()
+        w = weight.detach().float()
+        n, k = w.shape
+        if k % group_size:
+            raise ValueError(f"in_features {k} is not a multiple of group_size {group_size}")
+        groups = w.view(n, k // group_size, group_size)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        q = torch.clamp(torch.round((groups - low) / scale), 0, 15).to(torch.int32).view(n, k)
+        # The kernel computes w = (q - 8) * scale + zero.
+        zero = low + 8 * scale
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        scales_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_zeros", scales_zeros.to(act_dtype))  # [k / group, n, 2]
+        self.group_size = group_size
+        self.out_features, self.in_features = n, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
