@@ -16,10 +16,15 @@ from datetime import datetime
 from pathlib import Path
 
 
+def complete_lines(path: Path) -> list[str]:
+    """The lines of a file another process is still appending to, without a half-written last one."""
+    return path.read_text(errors="replace").split("\n")[:-1]
+
+
 def load_spans(trace_dir: Path) -> list[dict]:
     spans = []
     for path in sorted(Path(trace_dir).glob("*.jsonl")):
-        for line in path.read_text().splitlines():
+        for line in complete_lines(path):
             if line.strip():
                 spans.append(json.loads(line))
     return spans

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
 from services.launcher import ServiceSpec, free_port, wait_healthy
+from services.trace_view import load_spans
 
 pytestmark = pytest.mark.e2e
 
@@ -156,12 +156,7 @@ def test_every_service_answers_health_and_reflection(mesh):
 
 
 def _spans(trace_dir: Path) -> list[dict]:
-    spans = []
-    for path in trace_dir.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                spans.append(json.loads(line))
-    return spans
+    return load_spans(trace_dir)
 
 
 def test_one_request_is_one_trace_across_the_four_services(mesh, gateway):

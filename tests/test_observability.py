@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.v1 import common_pb2, gateway_pb2
-from services.trace_view import format_tree, load_spans
+from services.trace_view import complete_lines, format_tree, load_spans
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +75,7 @@ def test_every_service_exposes_parseable_metrics(mesh):
 
 def _audit_lines(mesh, request_id: str) -> list[dict]:
     lines = []
-    for line in (mesh.log_dir / "gateway.log").read_text().splitlines():
+    for line in complete_lines(mesh.log_dir / "gateway.log"):
         if line.startswith("{"):
             entry = json.loads(line)
             if entry.get("logger") == "llmmesh.audit" and entry.get("request_id") == request_id:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.launcher import Mesh, plan_mesh
+from services.trace_view import complete_lines
 
 from .conftest import free_ports
 
@@ -107,5 +108,5 @@ def test_killing_a_shard_mid_stream_is_invisible_to_clients(real_model_dir, voca
             assert _tokens(got) == _tokens(want)
             assert "".join(c.text for c in got) == "".join(c.text for c in want)
             assert got[-1].finish_reason == want[-1].finish_reason
-        log = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line.startswith("{")]
+        log = [json.loads(line) for line in complete_lines(tmp_path / "gateway.log") if line.startswith("{")]
         assert any("resuming elsewhere" in entry["message"] for entry in log), "no stream was on the killed shard"
