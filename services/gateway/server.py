@@ -22,7 +22,7 @@ from services.common.errors import STATUS_DETAILS_KEY, retry_later
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.response_cache import response_key
-from services.gateway.shards import NoShardAvailable, Replica, ShardPool
+from services.gateway.shards import NoShardAvailable, ShardPool
 from services.gateway.stop_strings import StopStringMatcher
 from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
 import torch
 from prometheus_client import REGISTRY
@@ -17,8 +16,6 @@ from services.common.telemetry import setup_tracing
 from services.model_shard.engine.async_engine import AsyncEngine
 from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
 from services.model_shard.server import EngineCollector, ModelShardServicer, observe_step
-
-log = logging.getLogger("services.model_shard")
 
 
 def main(argv: list[str] | None = None) -> None:
