@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="requests per second per tenant (0: no limit)")
     parser.add_argument("--rate-limit-tpm", type=float, default=float(env_default("LLMMESH_RATE_LIMIT_TPM", "0")),
                         help="prompt + completion tokens per minute per tenant (0: no limit)")
+    parser.add_argument("--no-prefix-routing", action="store_true",
+                        help="route by load only, not to the replica that holds the prompt's prefix")
     parser.add_argument("--audit-prompts", action="store_true", help="put prompt text in audit lines (off: never)")
     parser.add_argument("--http-listen", default=env_default("LLMMESH_GATEWAY_HTTP_LISTEN", ""),
                         help="host:port of the OpenAI-compatible HTTP API; empty for none")
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         cache = cache_pb2_grpc.CacheStub(make_channel(args.cache, tls)) if args.cache else None
         shards = ShardPool([a.strip() for a in args.shards.split(",") if a.strip()], tls=tls)
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
-        config = GatewayConfig(args.model_name, limits, not args.no_response_cache, audit_prompts=args.audit_prompts)
+        config = GatewayConfig(args.model_name, limits, not args.no_response_cache, audit_prompts=args.audit_prompts,
+                               prefix_routing=not args.no_prefix_routing)
         servicer = GatewayServicer(config,
                                    tokenizer, cache, shards, ApiKeys.from_file(args.api_keys_file),
                                    TenantRateLimiter(args.rate_limit_rps, args.rate_limit_tpm))

@@ -22,7 +22,8 @@ from services.common.errors import STATUS_DETAILS_KEY, retry_later
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.response_cache import response_key
-from services.gateway.shards import NoShardAvailable, ShardPool
+from services.gateway.routing import PrefixAffinity
+from services.gateway.shards import NoShardAvailable, Replica, ShardPool
 from services.gateway.stop_strings import StopStringMatcher
 from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
 
@@ -53,6 +54,7 @@ class GatewayConfig:
     response_cache: bool = True
     default_timeout_s: float = 600.0  # when the client sets no deadline
     audit_prompts: bool = False  # audit lines never carry prompt text unless this is set
+    prefix_routing: bool = True  # prefer the replica that holds the prompt's prefix (routing.py)
 
 
 class _ShardLost(Exception):
@@ -152,6 +154,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.config = config
         self.api_keys = api_keys or ApiKeys({})
         self.rate_limiter = rate_limiter or TenantRateLimiter()
+        self.affinity = PrefixAffinity() if config.prefix_routing else None
         self.tokenizer = tokenizer
         self.cache = cache
         self.shards = shards
@@ -285,8 +288,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         first, last_at, resumes = True, None, 0
         detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001))
         replica, call = None, None
+        hashes = PrefixAffinity.hashes(prompt_ids, info.block_size) if self.affinity is not None else []
         try:
-            replica, call, first_msg = await self._open_shard_stream(shard_request, deadline)
+            order = self.affinity.order(self.shards.replicas, hashes) if self.affinity is not None else None
+            replica, call, first_msg = await self._open_shard_stream(shard_request, deadline, order)
+            if self.affinity is not None:
+                self.affinity.record(replica.address, hashes)
+                span.set_attribute("llmmesh.replica", replica.address)
             usage.cached = first_msg.cached_tokens
             msg = first_msg
             while msg is not None:
@@ -387,11 +395,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except NoShardAvailable as exc:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
-    async def _open_shard_stream(self, shard_request, deadline: float):
+    async def _open_shard_stream(self, shard_request, deadline: float, order: list[Replica] | None = None):
         """Start the shard stream and read its first message. A replica that fails before that is
         marked down and the next one is tried: nothing was sent to the client yet."""
         errors = []
-        for replica in self.shards.ordered():
+        for replica in order or self.shards.ordered():
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a shard answered")
