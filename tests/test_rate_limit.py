@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -59,10 +62,11 @@ def test_gateway_refuses_a_tenant_over_its_limit(mesh):
     root = Path(mesh.log_dir).parent / "rate-limit"
     root.mkdir(exist_ok=True)
     (root / "keys").write_text("".join(f"{t} {hash_key(k)}\n" for t, k in keys.items()))
-    (port,) = free_ports(1)
+    port, http_port = free_ports(2)
     p = mesh.plan
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway", "--listen", f"127.0.0.1:{port}", "--api-keys-file",
+        [sys.executable, "-m", "services.gateway", "--listen", f"127.0.0.1:{port}",
+         "--http-listen", f"127.0.0.1:{http_port}", "--api-keys-file",
          str(root / "keys"), "--rate-limit-rps", "0.2", "--tokenizer", p.tokenizer.listen, "--cache",
          p.cache.listen, "--shards", ",".join(s.listen for s in p.shards)],
         cwd=ROOT, stdout=open(root / "gateway.log", "wb"), stderr=subprocess.STDOUT)
@@ -83,6 +87,16 @@ def test_gateway_refuses_a_tenant_over_its_limit(mesh):
             assert "requests per second" in err.value.details()
             assert 4 < retry_delay_s(err.value) <= 5
             assert call("beta")[-1].finish_reason  # another tenant is not held back
+        # The HTTP front shares the limiter: alpha is still over its rate there.
+        body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 2}).encode()
+        http = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=body, method="POST",
+                                      headers={"content-type": "application/json",
+                                               "authorization": f"Bearer {keys['alpha']}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(http, timeout=30)
+        assert refused.value.code == 429
+        assert 1 <= int(refused.value.headers["retry-after"]) <= 5
+        assert json.loads(refused.value.read())["error"]["type"] == "rate_limit_error"
     finally:
         proc.terminate()
         proc.wait(30)
