@@ -297,7 +297,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 span.set_attribute("llmmesh.replica", replica.address)
             usage.cached = first_msg.cached_tokens
             msg = first_msg
-            while msg is not None:
+            while True:  # ends at a finish reason; a lost shard resumes elsewhere or raises
                 token_ids.extend(msg.token_ids)
                 text = await detok.push(msg.token_ids) if msg.token_ids else ""
                 text, stopped = matcher.feed(text)

@@ -172,8 +172,8 @@ class Scheduler:
         # At least the last token is computed: its logits pick the next one.
         usable = seq.block_hashes[: (seq.num_tokens - 1) // bs]
         seq.block_ids = self.pool.take_cached_prefix(usable)
-        seq.num_computed_tokens = seq.num_registered_blocks = len(seq.block_ids)
-        seq.num_computed_tokens *= bs
+        seq.num_registered_blocks = len(seq.block_ids)  # they are named in the pool already
+        seq.num_computed_tokens = len(seq.block_ids) * bs
         if not seq.output_token_ids:
             seq.num_cached_tokens = seq.num_computed_tokens
 
