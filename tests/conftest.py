@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,17 @@ def real_model_dir() -> Path:
     if not (REAL_MODEL_DIR / "config.json").exists():
         pytest.fail(f"the real model is missing at {REAL_MODEL_DIR}: run `make model`")
     return REAL_MODEL_DIR
+
+
+def wait_for(condition, timeout: float = 20.0, interval: float = 0.1):
+    """Poll a condition on state other processes change (span files, logs, metrics), bounded.
+    Returns the condition's last result: truthy once it held, falsy if the time ran out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
 
 
 def free_ports(n: int) -> list[int]:

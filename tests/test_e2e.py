@@ -17,6 +17,8 @@ from llmmesh.v1 import tokenizer_pb2_grpc
 from services.launcher import ServiceSpec, free_port, wait_healthy
 from services.trace_view import load_spans
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.e2e
 
 FRANCE = [common_pb2.ChatMessage(role="user", content="What is the capital of France?")]
@@ -155,27 +157,27 @@ def test_every_service_answers_health_and_reflection(mesh):
             assert {service, "grpc.health.v1.Health"} <= names, name
 
 
-def _spans(trace_dir: Path) -> list[dict]:
-    return load_spans(trace_dir)
-
-
 def test_one_request_is_one_trace_across_the_four_services(mesh, gateway):
     request_id = f"trace-{time.time_ns()}"
     sampling = common_pb2.SamplingParams(max_tokens=6, temperature=0.3, seed=time.time_ns() % 10**6)
     _stream(gateway, messages=FRANCE, sampling=sampling, request_id=request_id)
 
     wanted = {"llmmesh-gateway", "llmmesh-tokenizer", "llmmesh-cache", "llmmesh-model_shard"}
-    deadline = time.monotonic() + 20
-    while True:  # spans are written as each process ends them; wait for all four, bounded
-        spans = _spans(mesh.trace_dir)
+
+    def trace_of_request():  # spans are written as each process ends them: complete once all four wrote
+        spans = load_spans(mesh.trace_dir)
         roots = [s for s in spans if s["name"] == "/llmmesh.v1.Gateway/GenerateStream"
                  and s["attributes"].get("llmmesh.request_id") == request_id]
         trace = [s for s in spans if roots and s["context"]["trace_id"] == roots[0]["context"]["trace_id"]]
-        services = {s["resource"]["attributes"]["service.name"] for s in trace}
-        names = {s["name"] for s in trace}
-        if (wanted <= services and {"queue", "prefill", "decode", "detokenize"} <= names) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+        complete = (wanted <= {s["resource"]["attributes"]["service.name"] for s in trace}
+                    and {"queue", "prefill", "decode", "detokenize"} <= {s["name"] for s in trace})
+        return (roots, trace) if complete else None
+
+    found = wait_for(trace_of_request)
+    assert found, "the request's trace never showed all four services"
+    roots, trace = found
+    services = {s["resource"]["attributes"]["service.name"] for s in trace}
+    names = {s["name"] for s in trace}
     assert len(roots) == 1
     assert wanted <= services, services
     assert {"/llmmesh.v1.Tokenizer/Encode", "/llmmesh.v1.Tokenizer/DetokenizeStream", "/llmmesh.v1.Cache/GetResponse",
@@ -242,9 +244,7 @@ def test_a_passed_deadline_ends_generation_and_frees_kv(mesh, gateway):
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - start < 5
     # The shard saw the deadline too: its blocks return to zero within a few engine steps.
-    deadline = time.monotonic() + 10
-    while any(_shard_kv_used(mesh)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not any(_shard_kv_used(mesh)), timeout=10, interval=0.05)
     assert _shard_kv_used(mesh) == [0.0, 0.0]
 
 
@@ -255,7 +255,6 @@ def test_a_client_cancel_mid_stream_frees_kv(mesh, gateway):
     next(stream)
     assert any(_shard_kv_used(mesh))  # the request holds blocks while it streams
     stream.cancel()
-    deadline = time.monotonic() + 10  # the gateway cancels the shard call; the engine frees at its next step
-    while any(_shard_kv_used(mesh)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # The gateway cancels the shard call; the engine frees the blocks at its next step.
+    wait_for(lambda: not any(_shard_kv_used(mesh)), timeout=10, interval=0.05)
     assert _shard_kv_used(mesh) == [0.0, 0.0]

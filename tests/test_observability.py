@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmmesh.v1 import common_pb2, gateway_pb2
 from services.trace_view import complete_lines, format_tree, load_spans
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.e2e
 
 
@@ -25,16 +27,6 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def _value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def _wait_for(condition, timeout: float = 20.0):
-    """Poll a condition on files other processes write (spans, logs), bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
 
 
 def test_metrics_move_with_requests(mesh, gateway):
@@ -88,19 +80,19 @@ def test_audit_line_names_the_request_and_its_trace(mesh, gateway):
     secret = "my secret prompt text"
     gateway.Generate(gateway_pb2.GenerateRequest(prompt=secret, request_id=request_id,
                                                  sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=60)
-    lines = _wait_for(lambda: _audit_lines(mesh, request_id))
+    lines = wait_for(lambda: _audit_lines(mesh, request_id))
     assert len(lines) == 1
     audit = lines[0]
     assert audit["status"] == "OK" and audit["tenant"] == "anonymous" and audit["front"] == "grpc"
     assert audit["prompt_tokens"] > 0 and audit["completion_tokens"] == 3
     assert secret not in json.dumps(audit)
-    root = _wait_for(lambda: next((s for s in load_spans(mesh.trace_dir)
+    root = wait_for(lambda: next((s for s in load_spans(mesh.trace_dir)
                                    if s["attributes"].get("llmmesh.request_id") == request_id), None))
     assert root["context"]["trace_id"] == "0x" + audit["trace_id"]
 
     with pytest.raises(grpc.RpcError):
         gateway.Generate(gateway_pb2.GenerateRequest(prompt="", request_id=request_id + "-bad"), timeout=30)
-    bad = _wait_for(lambda: _audit_lines(mesh, request_id + "-bad"))
+    bad = wait_for(lambda: _audit_lines(mesh, request_id + "-bad"))
     assert bad[0]["status"] == "INVALID_ARGUMENT"
 
 
@@ -116,7 +108,7 @@ def test_a_callers_traceparent_is_continued_over_grpc(mesh, gateway):
         spans = [s for s in load_spans(mesh.trace_dir) if s["context"]["trace_id"] == "0x" + trace_id]
         return spans if wanted <= {s["name"] for s in spans} else None
 
-    spans = _wait_for(trace_spans)
+    spans = wait_for(trace_spans)
     assert spans, "the mesh did not continue the caller's trace"
     root = next(s for s in spans if s["name"] == "/llmmesh.v1.Gateway/Generate")
     assert root["parent_id"] == "0x" + parent

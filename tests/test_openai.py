@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import json
@@ -16,8 +15,9 @@ import pytest
 from services.gateway.auth import hash_key
 from services.launcher import wait_healthy
 
-from .conftest import free_ports
-from .test_e2e import _spans
+from services.trace_view import load_spans
+
+from .conftest import free_ports, wait_for
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,10 +159,9 @@ def test_traceparent_on_http_continues_the_callers_trace(mesh, client):
                                    extra_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
     # The shared mesh's services write their spans to files: the caller's trace id reaches them.
     wanted = {"prefill", "/llmmesh.v1.Tokenizer/Encode", "/llmmesh.v1.ModelShard/Generate"}
-    deadline = time.monotonic() + 20
-    while True:
-        names = {s["name"] for s in _spans(mesh.trace_dir) if s["context"]["trace_id"] == "0x" + trace_id}
-        if wanted <= names or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert wanted <= names
+
+    def names():
+        return {s["name"] for s in load_spans(mesh.trace_dir) if s["context"]["trace_id"] == "0x" + trace_id}
+
+    wait_for(lambda: wanted <= names())
+    assert wanted <= names()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from llmmesh.v1 import common_pb2, gateway_pb2
