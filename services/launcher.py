@@ -61,6 +61,7 @@ def plan_mesh(
     metrics_ports: list[int] | None = None,
     shard_args: list[str] | None = None,
     gateway_args: list[str] | None = None,
+    cache_args: list[str] | None = None,
     gateway_metrics_port: int = 9400,
     tls_dir: Path | None = None,
 ) -> MeshPlan:
@@ -75,7 +76,7 @@ def plan_mesh(
     threads = max(1, (os.cpu_count() or 1) // shards)
     shard_specs = [
         ServiceSpec(f"shard-{i}", "services.model_shard", addr[2 + i], metrics_ports[2 + i],
-                    ["--model", model, "--threads", str(threads), *(shard_args or [])])
+                    ["--model", model, "--threads", str(threads), "--cache", addr[1], *(shard_args or [])])
         for i in range(shards)
     ]
     plan = MeshPlan(
@@ -83,7 +84,7 @@ def plan_mesh(
                             ["--tokenizer", addr[0], "--cache", addr[1], "--shards", ",".join(addr[2:]),
                              "--model-name", Path(model).name, *(gateway_args or [])]),
         tokenizer=ServiceSpec("tokenizer", "services.tokenizer", addr[0], metrics_ports[0], ["--model", model]),
-        cache=ServiceSpec("cache", "services.cache", addr[1], metrics_ports[1]),
+        cache=ServiceSpec("cache", "services.cache", addr[1], metrics_ports[1], list(cache_args or [])),
         shards=shard_specs,
     )
     if tls_dir is not None:
@@ -169,6 +170,11 @@ class Mesh:
             raise
         return self
 
+    def start_extra(self, spec: ServiceSpec, timeout: float = 180.0) -> None:
+        """Start one more process beside the plan's (e.g. a second gateway with other flags)."""
+        self._spawn(spec)
+        self._wait([spec], timeout)
+
     def _wait(self, specs: list[ServiceSpec], timeout: float) -> None:
         errors: list[str] = []
 
@@ -218,7 +224,7 @@ class Mesh:
 
     def stop(self, grace: float = 15.0) -> None:
         # The gateway first, so no new work reaches the backends while they drain.
-        order = ["gateway", *[s.name for s in self.plan.backends]]
+        order = ["gateway", *[n for n in self.processes if n.startswith("gateway-")], *[s.name for s in self.plan.backends]]
         for name in order:
             if name in self.processes and self.processes[name].poll() is None:
                 self.processes[name].send_signal(signal.SIGTERM)

@@ -1,5 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -32,22 +34,62 @@ class PutResponseReply(_message.Message):
     stored: bool
     def __init__(self, stored: _Optional[bool] = ...) -> None: ...
 
+class KvBlockChunk(_message.Message):
+    __slots__ = ("layout", "block_hash", "data", "last")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    layout: str
+    block_hash: bytes
+    data: bytes
+    last: bool
+    def __init__(self, layout: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class PutKvBlocksReply(_message.Message):
+    __slots__ = ("stored", "refused")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    refused: int
+    def __init__(self, stored: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
+
+class GetKvBlocksRequest(_message.Message):
+    __slots__ = ("layout", "block_hashes")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    layout: str
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, layout: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class CacheStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CacheStats(_message.Message):
-    __slots__ = ("entries", "bytes", "budget_bytes", "lookups", "hits", "evictions")
+    __slots__ = ("entries", "bytes", "budget_bytes", "lookups", "hits", "evictions", "kv_blocks", "kv_bytes", "kv_budget_bytes", "kv_lookups", "kv_hits", "kv_evictions")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    KV_HITS_FIELD_NUMBER: _ClassVar[int]
+    KV_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     entries: int
     bytes: int
     budget_bytes: int
     lookups: int
     hits: int
     evictions: int
-    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+    kv_blocks: int
+    kv_bytes: int
+    kv_budget_bytes: int
+    kv_lookups: int
+    kv_hits: int
+    kv_evictions: int
+    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., kv_lookups: _Optional[int] = ..., kv_hits: _Optional[int] = ..., kv_evictions: _Optional[int] = ...) -> None: ...

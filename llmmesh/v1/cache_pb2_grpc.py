@@ -50,6 +50,16 @@ class CacheStub:
                 request_serializer=llmmesh_dot_v1_dot_cache__pb2.CacheStatsRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_cache__pb2.CacheStats.FromString,
                 _registered_method=True)
+        self.PutKvBlocks = channel.stream_unary(
+                '/llmmesh.v1.Cache/PutKvBlocks',
+                request_serializer=llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_cache__pb2.PutKvBlocksReply.FromString,
+                _registered_method=True)
+        self.GetKvBlocks = channel.unary_stream(
+                '/llmmesh.v1.Cache/GetKvBlocks',
+                request_serializer=llmmesh_dot_v1_dot_cache__pb2.GetKvBlocksRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -74,6 +84,24 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutKvBlocks(self, request_iterator, context):
+        """KV prefix blocks, named by the chained block hash within a layout (model, dtype, block size,
+        parallel layout: see the shard's kv_layout). Values move as chunks of at most 1 MiB, so no
+        block size meets gRPC's message limit.
+        Put is idempotent: a block already held is refreshed, not stored twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKvBlocks(self, request, context):
+        """Streams the blocks of the leading run of block_hashes that this replica holds, in order; it
+        stops at the first one it lacks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +119,16 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=llmmesh_dot_v1_dot_cache__pb2.CacheStatsRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_cache__pb2.CacheStats.SerializeToString,
+            ),
+            'PutKvBlocks': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutKvBlocks,
+                    request_deserializer=llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_cache__pb2.PutKvBlocksReply.SerializeToString,
+            ),
+            'GetKvBlocks': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetKvBlocks,
+                    request_deserializer=llmmesh_dot_v1_dot_cache__pb2.GetKvBlocksRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +213,60 @@ class Cache:
             '/llmmesh.v1.Cache/Stats',
             llmmesh_dot_v1_dot_cache__pb2.CacheStatsRequest.SerializeToString,
             llmmesh_dot_v1_dot_cache__pb2.CacheStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutKvBlocks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/llmmesh.v1.Cache/PutKvBlocks',
+            llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.SerializeToString,
+            llmmesh_dot_v1_dot_cache__pb2.PutKvBlocksReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKvBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmmesh.v1.Cache/GetKvBlocks',
+            llmmesh_dot_v1_dot_cache__pb2.GetKvBlocksRequest.SerializeToString,
+            llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""python -m services.cache [--listen HOST:PORT] [--response-budget-mb N]"""
+"""python -m services.cache [--listen HOST:PORT] [--response-budget-mb N] [--kv-budget-mb N]"""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--response-budget-mb", type=float,
                         default=float(env_default("LLMMESH_CACHE_RESPONSE_BUDGET_MB", "256")),
                         help="byte budget of the response cache (LRU eviction beyond it)")
+    parser.add_argument("--kv-budget-mb", type=float, default=float(env_default("LLMMESH_CACHE_KV_BUDGET_MB", "2048")),
+                        help="byte budget of the shared KV prefix blocks (LRU eviction beyond it)")
     args = parser.parse_args(argv)
     setup_logging("cache", args.log_level, args.log_format)
     setup_tracing("cache", instance_id(args.listen))
-    servicer = CacheServicer(LRUByteStore(int(args.response_budget_mb * (1 << 20))))
+    servicer = CacheServicer(LRUByteStore(int(args.response_budget_mb * (1 << 20))),
+                             LRUByteStore(int(args.kv_budget_mb * (1 << 20))))
 
     def register(server):
         cache_pb2_grpc.add_CacheServicer_to_server(servicer, server)

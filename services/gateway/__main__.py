@@ -8,6 +8,7 @@ import asyncio
 from llmmesh.v1 import cache_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2_grpc
 from services.common.channels import make_channel
 from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
+from services.common.hash_ring import HashRing
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     add_service_args(parser, "gateway", "127.0.0.1:50051")
     parser.add_argument("--tokenizer", default=env_default("LLMMESH_TOKENIZER_ADDR", "127.0.0.1:50052"))
     parser.add_argument("--cache", default=env_default("LLMMESH_CACHE_ADDR", "127.0.0.1:50053"),
-                        help="cache service address; empty for none")
+                        help="cache service replicas (HOST:PORT, comma-separated; keys spread by consistent "
+                             "hashing); empty for none")
     parser.add_argument("--shards", default=env_default("LLMMESH_SHARD_ADDRS", "127.0.0.1:50061"),
                         help="comma-separated model shard addresses")
     parser.add_argument("--model-name", default=env_default("LLMMESH_MODEL_NAME", "SmolLM2-135M-Instruct"))
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     async def run():
         # Channels belong to the running event loop: make them inside it.
         tokenizer = tokenizer_pb2_grpc.TokenizerStub(make_channel(args.tokenizer, tls))
-        cache = cache_pb2_grpc.CacheStub(make_channel(args.cache, tls)) if args.cache else None
+        caches = [a.strip() for a in args.cache.split(",") if a.strip()]
+        cache = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches}) if caches else None
         shards = ShardPool([a.strip() for a in args.shards.split(",") if a.strip()], tls=tls)
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
         config = GatewayConfig(args.model_name, limits, not args.no_response_cache, audit_prompts=args.audit_prompts,

@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
 from services.common.errors import STATUS_DETAILS_KEY, retry_later
+from services.common.hash_ring import HashRing
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.response_cache import response_key
@@ -149,7 +150,7 @@ class DetokenizeSession:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
-                 cache: cache_pb2_grpc.CacheStub | None, shards: ShardPool, api_keys: ApiKeys | None = None,
+                 cache: HashRing[cache_pb2_grpc.CacheStub] | None, shards: ShardPool, api_keys: ApiKeys | None = None,
                  rate_limiter: TenantRateLimiter | None = None):
         self.config = config
         self.api_keys = api_keys or ApiKeys({})
@@ -452,7 +453,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _cache_get(self, key: bytes) -> gateway_pb2.GenerateResponse | None:
         with trace.get_tracer(__name__).start_as_current_span("cache.lookup") as span:
             try:
-                reply = await self.cache.GetResponse(cache_pb2.GetResponseRequest(key=key), timeout=CACHE_TIMEOUT_S)
+                reply = await self.cache.get(key).GetResponse(cache_pb2.GetResponseRequest(key=key), timeout=CACHE_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 span.set_attribute("llmmesh.cache_error", exc.code().name)
                 return None
@@ -463,7 +464,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _cache_put(self, key: bytes, value: gateway_pb2.GenerateResponse) -> None:
         try:
-            await self.cache.PutResponse(cache_pb2.PutResponseRequest(key=key, value=value.SerializeToString()),
+            await self.cache.get(key).PutResponse(cache_pb2.PutResponseRequest(key=key, value=value.SerializeToString()),
                                          timeout=CACHE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             log.info("response cache put failed: %s", exc.code().name)

@@ -8,13 +8,16 @@ import asyncio
 import torch
 from prometheus_client import REGISTRY
 
-from llmmesh.v1 import shard_pb2, shard_pb2_grpc
+from llmmesh.v1 import cache_pb2_grpc, shard_pb2, shard_pb2_grpc
+from services.common.channels import make_channel
 from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
+from services.common.hash_ring import HashRing
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.model_shard.engine.async_engine import AsyncEngine
 from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
+from services.model_shard.kv_share import SharedKvBlocks
 from services.model_shard.server import EngineCollector, ModelShardServicer, observe_step
 
 
@@ -34,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=512,
                         help="tokens per engine step; longer prompts are prefilled in chunks")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    parser.add_argument("--cache", default=env_default("LLMMESH_CACHE_ADDR", ""),
+                        help="cache service replicas (HOST:PORT, comma-separated) that share KV prefix blocks "
+                             "between shards; empty for none")
+    parser.add_argument("--kv-fetch-timeout", type=float, default=0.5,
+                        help="seconds a prompt waits for shared KV blocks before computing them itself")
     parser.add_argument("--retry-after", type=float, default=0.5, help="seconds a refused client is told to wait")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -57,6 +65,20 @@ def main(argv: list[str] | None = None) -> None:
 
     async def on_start(runtime):
         runtime_ref["runtime"] = runtime
+        caches = [a.strip() for a in args.cache.split(",") if a.strip()]
+        if caches and config.enable_prefix_caching:
+            tls = tls_from_args(args)
+            ring = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches})
+            shared = SharedKvBlocks(ring, engine.engine.kv_layout, fetch_timeout_s=args.kv_fetch_timeout)
+            loop = asyncio.get_running_loop()
+
+            def offer(hashes, data):  # engine thread -> event loop
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(shared.offer, hashes, data)
+
+            engine.engine.prompt_block_listener = offer
+            shared.start()
+            servicer.shared_kv = shared
 
     async def on_engine_dead():
         await runtime_ref["runtime"].set_serving(False)
@@ -70,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
 
     async def on_stop():
         engine.stop()
+        if servicer.shared_kv is not None:
+            await servicer.shared_kv.stop()
 
     asyncio.run(serve(ServeOptions("model_shard", args.listen, args.metrics_port, args.grace, tls_from_args(args), args.tls_client_auth), register,
                       on_start=on_start, on_stop=on_stop))

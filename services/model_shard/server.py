@@ -12,11 +12,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
+from services.common.block_hash import chain_block_hashes
 from services.common.errors import retry_later
-from services.common.telemetry import record_span
+from services.common.telemetry import record_span, tracer
 from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, StepReport
 from services.model_shard.engine.request import FinishReason, SamplingParams
 from services.model_shard.engine.scheduler import QueueFullError
+from services.model_shard.kv_share import SharedKvBlocks
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,10 @@ def sampling_from_proto(p, skip_draws: int = 0) -> SamplingParams:
 
 
 class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
-    def __init__(self, engine: AsyncEngine, model_name: str, on_engine_dead=None, retry_after_s: float = 0.5):
+    def __init__(self, engine: AsyncEngine, model_name: str, on_engine_dead=None, retry_after_s: float = 0.5,
+                 shared_kv: SharedKvBlocks | None = None):
         self.engine = engine
+        self.shared_kv = shared_kv
         self.retry_after_s = retry_after_s
         self.model_name = model_name
         self._on_engine_dead = on_engine_dead
@@ -63,6 +67,8 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         request_id = request.request_id or uuid.uuid4().hex
         params = sampling_from_proto(request.sampling, request.resume_draws)
         first, times, count, steps = True, None, 0, 0
+        if self.shared_kv is not None:
+            await self._fetch_shared_prefix(list(request.prompt_token_ids))
         try:
             async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params):
                 last = batch[-1]
@@ -98,6 +104,36 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
             if times is not None and times.first_token_ns is not None:
                 record_span("decode", times.first_token_ns, times.finished_ns or times.first_token_ns,
                             {"llmmesh.completion_tokens": count, "llmmesh.decode_steps": max(steps - 1, 0)})
+
+    async def _fetch_shared_prefix(self, prompt: list[int]) -> None:
+        """Bring the prompt's leading blocks that this shard lacks from the cache service, so the
+        engine prefills only the rest. Failures are recorded on the span and otherwise ignored."""
+        config = self.engine.engine.config
+        if not config.enable_prefix_caching:
+            return
+        # As the scheduler does: the last prompt token is always computed, its logits pick the next.
+        hashes = chain_block_hashes(prompt, config.block_size)[: (len(prompt) - 1) // config.block_size]
+        local = self.engine.cached_prefix_blocks(hashes)
+        if local == len(hashes):
+            return
+        with tracer("llmmesh").start_as_current_span("kv_fetch") as span:
+            span.set_attribute("llmmesh.kv_blocks_local", local)
+            span.set_attribute("llmmesh.kv_blocks_wanted", len(hashes) - local)
+            fetched = await self.shared_kv.fetch(hashes[local:])
+            span.set_attribute("llmmesh.kv_blocks_fetched", len(fetched.values))
+            span.set_attribute("llmmesh.kv_bytes_fetched", fetched.bytes)
+            if fetched.errors:
+                span.set_attribute("llmmesh.kv_fetch_errors", fetched.errors)
+            if not fetched.values:
+                return
+            try:
+                cached = await self.engine.import_blocks(hashes[: local + len(fetched.values)],
+                                                         [None] * local + fetched.values)
+            except ValueError as exc:  # blocks of another size: a misconfigured layout, not this request's fault
+                log.warning("shared KV blocks refused: %s", exc)
+                span.set_attribute("llmmesh.kv_fetch_errors", [str(exc)])
+                return
+            span.set_attribute("llmmesh.kv_blocks_cached", cached)
 
     async def Abort(self, request: shard_pb2.AbortRequest, context):
         self.engine.abort(request.request_id)

@@ -55,6 +55,14 @@ class _Abort:
 
 
 @dataclass
+class _Import:
+    block_hashes: list[bytes]
+    values: list[bytes]
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+
+
+@dataclass
 class _Barrier:
     loop: asyncio.AbstractEventLoop
     reached: asyncio.Future
@@ -121,11 +129,29 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def cached_prefix_blocks(self, block_hashes: list[bytes]) -> int:
+        """Leading blocks held by the prefix cache now (a hint, read from this thread)."""
+        return self.engine.pool.count_cached_prefix(block_hashes)
+
+    async def import_blocks(self, block_hashes: list[bytes], values: list[bytes]) -> int:
+        """LLMEngine.import_blocks, applied between steps; returns the leading blocks cached."""
+        loop = asyncio.get_running_loop()
+        msg = _Import(block_hashes, values, loop, loop.create_future())
+        self._send(msg)
+        return await msg.done
+
+    def _send(self, msg) -> None:
+        """Queue a message whose future the engine thread settles. A thread that failed settles what
+        it finds in its inbox; anything sent after it failed is refused here (see _run)."""
+        self._inbox.put(msg)
+        if self._error is not None:
+            raise EngineDeadError(f"the engine failed: {self._error}")
+
     async def sync(self) -> None:
         """Return once the engine thread has applied everything sent to it before this call."""
         loop = asyncio.get_running_loop()
         barrier = _Barrier(loop, loop.create_future())
-        self._inbox.put(barrier)
+        self._send(barrier)
         await barrier.reached
 
     # --- engine thread ---
@@ -142,6 +168,13 @@ class AsyncEngine:
         elif isinstance(msg, _Abort):
             if self.engine.abort(msg.request_id):
                 self._deliver(self._aborted_output(msg.request_id))
+        elif isinstance(msg, _Import):
+            try:
+                n = self.engine.import_blocks(msg.block_hashes, msg.values)
+            except ValueError as exc:
+                msg.loop.call_soon_threadsafe(_settle, msg.done, exc)
+            else:
+                msg.loop.call_soon_threadsafe(_settle_value, msg.done, n)
         elif isinstance(msg, _Barrier):
             msg.loop.call_soon_threadsafe(_settle, msg.reached, None)
 
@@ -189,12 +222,21 @@ class AsyncEngine:
             for stream in list(self._streams.values()):
                 stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, dead)
             self._streams.clear()
+            while (msg := self._get_nowait()) is not None:
+                future = getattr(msg, "accepted", None) or getattr(msg, "done", None) or getattr(msg, "reached", None)
+                if future is not None:
+                    msg.loop.call_soon_threadsafe(_settle, future, dead)
 
     def _get_nowait(self):
         try:
             return self._inbox.get_nowait()
         except queue.Empty:
             return None
+
+
+def _settle_value(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _settle(future: asyncio.Future, exc: BaseException | None) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import RequestOutput, SamplingParams, Sequence
 from services.model_shard.engine.scheduler import Scheduler, SchedulerConfig
 from services.model_shard.executor.local import LocalExecutor, kv_cache_bytes_per_block
-from services.model_shard.model.llama import LlamaForServing, load_model
+from services.model_shard.model.llama import LlamaForServing, load_model, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,17 @@ class EngineStats:
     preemptions: int = 0
 
 
+# Called on the engine thread with the hashes of newly computed prompt blocks and a copy of their
+# KV bytes (uint8 [n, bytes per block]): the hook that lets a shared cache learn them.
+PromptBlockListener = Callable[[list[bytes], torch.Tensor], None]
+
+
 class LLMEngine:
-    def __init__(self, model: LlamaForServing, config: EngineConfig):
+    def __init__(self, model: LlamaForServing, config: EngineConfig, model_id: str = "unnamed"):
+        """model_id names the weights (see weights_fingerprint): it is part of kv_layout."""
         self.model = model
         self.config = config
+        self.prompt_block_listener: PromptBlockListener | None = None
         cfg = model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         dtype = model.embed_tokens.weight.dtype
@@ -64,11 +73,40 @@ class LLMEngine:
         self.executor = LocalExecutor(model, num_blocks, config.block_size)
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self.stats = EngineStats()
+        # Everything that decides a KV block's bytes: blocks are shared only between equal layouts.
+        self.kv_layout = (f"{model_id}/{config.dtype}/{config.quantization or 'none'}/b{config.block_size}"
+                          f"/l{cfg.num_layers}h{cfg.num_kv_heads}d{cfg.head_dim}/tp1pp1/kv1")
         log.info("engine ready: %d KV blocks of %d tokens, context %d", num_blocks, config.block_size, self.max_model_len)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: EngineConfig) -> "LLMEngine":
-        return cls(load_model(model_dir, DTYPES[config.dtype], config.quantization), config)
+        model_id = f"{Path(model_dir).name}-{weights_fingerprint(model_dir)}"
+        return cls(load_model(model_dir, DTYPES[config.dtype], config.quantization), config, model_id)
+
+    def import_blocks(self, block_hashes: list[bytes], values: list[bytes | None]) -> int:
+        """Adopt KV blocks computed elsewhere (same kv_layout) into the prefix cache, as free cached
+        blocks a request can take. block_hashes is a prompt's chain from its first block; values[i]
+        may be None where the caller expects block i to be held here already. Stops at a gap or when
+        the pool has no free block; returns how many leading blocks are cached now."""
+        if not self.config.enable_prefix_caching:
+            return 0
+        pinned = self.pool.take_cached_prefix(block_hashes, record_stats=False)  # not evicted below
+        held = len(pinned)
+        todo = list(itertools.takewhile(lambda item: item[1] is not None, zip(block_hashes[held:], values[held:])))
+        blocks = self.pool.allocate(min(len(todo), self.pool.num_free)) or []
+        todo = todo[: len(blocks)]
+        try:
+            if blocks:
+                self.executor.import_blocks(blocks, [v for _, v in todo])
+                for block, (h, _) in zip(blocks, todo):
+                    self.pool.register(block, h)
+        except ValueError:
+            self.pool.free(blocks)
+            blocks = []
+            raise
+        finally:
+            self.pool.free(pinned + blocks)  # cached and free again; the chain's tail is evicted first
+        return held + len(blocks)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
         params.validate()
@@ -94,7 +132,12 @@ class LLMEngine:
         self.stats.computed_tokens += out.num_tokens
         self.stats.scheduled_seqs += len(out.scheduled)
         self.stats.preemptions += out.num_preempted
-        return self.scheduler.update_from_output(out, sampled)
+        outputs = self.scheduler.update_from_output(out, sampled)
+        new_blocks = self.scheduler.take_new_prompt_blocks()
+        if new_blocks and self.prompt_block_listener is not None:
+            ids, hashes = zip(*new_blocks)
+            self.prompt_block_listener(list(hashes), self.executor.export_blocks(list(ids)))
+        return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion together (offline use and tests)."""

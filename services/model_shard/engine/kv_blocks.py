@@ -71,7 +71,17 @@ class BlockPool:
             if self._ref_counts[block] == 0:
                 self._free[block] = None
 
-    def take_cached_prefix(self, hashes: list[bytes]) -> list[int]:
+    def count_cached_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading hashes are cached, taking nothing. Safe to call from another thread
+        as a hint (dict reads are atomic); the answer may be stale by the time it is used."""
+        n = 0
+        for h in hashes:
+            if h not in self._block_of:
+                break
+            n += 1
+        return n
+
+    def take_cached_prefix(self, hashes: list[bytes], record_stats: bool = True) -> list[int]:
         """The blocks holding the longest cached run of `hashes`, each with a reference taken."""
         blocks = []
         for h in hashes:
@@ -82,8 +92,9 @@ class BlockPool:
                 del self._free[block]
             self._ref_counts[block] += 1
             blocks.append(block)
-        self.stats.queried_tokens += len(hashes) * self.block_size
-        self.stats.hit_tokens += len(blocks) * self.block_size
+        if record_stats:
+            self.stats.queried_tokens += len(hashes) * self.block_size
+            self.stats.hit_tokens += len(blocks) * self.block_size
         return blocks
 
     def register(self, block: int, block_hash: bytes) -> None:

@@ -70,6 +70,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._finished_ids: list[str] = []
+        self._new_prompt_blocks: list[tuple[int, bytes]] = []  # (block id, hash) computed since the last take
         # Admission keeps a few blocks free so running sequences can grow without preempting at once.
         self._watermark = max(1, pool.num_blocks // 100)
 
@@ -182,9 +183,18 @@ class Scheduler:
         if not self.config.enable_prefix_caching or full <= seq.num_registered_blocks:
             return
         chain_block_hashes(seq.token_ids[: full * self.pool.block_size], self.pool.block_size, seq.block_hashes)
+        prompt_blocks = len(seq.prompt_token_ids) // self.pool.block_size
         for j in range(seq.num_registered_blocks, full):
             self.pool.register(seq.block_ids[j], seq.block_hashes[j])
+            if j < prompt_blocks:
+                self._new_prompt_blocks.append((seq.block_ids[j], seq.block_hashes[j]))
         seq.num_registered_blocks = full
+
+    def take_new_prompt_blocks(self) -> list[tuple[int, bytes]]:
+        """Full prompt blocks computed (not reused) since the last call, as (block id, hash): what a
+        shared cache does not have from this shard yet. Valid until the next step allocates."""
+        blocks, self._new_prompt_blocks = self._new_prompt_blocks, []
+        return blocks
 
     def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         """result.tokens[i] is the token made for out.scheduled[i] (None where it did not sample)."""

@@ -47,6 +47,35 @@ class LocalExecutor:
             self._generators[request_id] = gen
         return self._generators[request_id]
 
+    def _block_slots(self, block_ids: list[int]) -> torch.Tensor:
+        offsets = torch.arange(self.block_size)
+        return (torch.tensor(block_ids, dtype=torch.long).unsqueeze(1) * self.block_size + offsets).flatten()
+
+    @torch.inference_mode()
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of the blocks' K and V for every layer: uint8 [n, kv_cache_bytes_per_block], each row
+        laid out [layer, k/v, kv_head, offset, head_dim] (see kv_layout)."""
+        slots = self._block_slots(block_ids)
+        n, (kvh, _, d) = len(block_ids), self.kv_caches[0][0].shape
+        per_layer = [torch.stack([k.index_select(1, slots), v.index_select(1, slots)]) for k, v in self.kv_caches]
+        data = torch.stack(per_layer).view(len(per_layer), 2, kvh, n, self.block_size, d)
+        return data.permute(3, 0, 1, 2, 4, 5).contiguous().view(n, -1).view(torch.uint8)
+
+    @torch.inference_mode()
+    def import_blocks(self, block_ids: list[int], values: list[bytes]) -> None:
+        """Write blocks exported by export_blocks (here or on another shard of the same layout)."""
+        bad = next((len(v) for v in values if len(v) != self.kv_cache_bytes_per_block), None)
+        if bad is not None:
+            raise ValueError(f"a KV block of {bad} bytes; this layout's blocks are {self.kv_cache_bytes_per_block}")
+        k0 = self.kv_caches[0][0]
+        (kvh, _, d), n = k0.shape, len(block_ids)
+        data = torch.frombuffer(bytearray(b"".join(values)), dtype=torch.uint8).view(k0.dtype)
+        data = data.view(n, len(self.kv_caches), 2, kvh, self.block_size, d).permute(1, 2, 3, 0, 4, 5)
+        slots = self._block_slots(block_ids)
+        for (k, v), layer in zip(self.kv_caches, data):
+            k.index_copy_(1, slots, layer[0].reshape(kvh, n * self.block_size, d))
+            v.index_copy_(1, slots, layer[1].reshape(kvh, n * self.block_size, d))
+
     def _slots(self, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
         table = torch.tensor(block_ids, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size

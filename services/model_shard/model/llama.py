@@ -11,6 +11,7 @@ through each sequence's block table (a block is a contiguous run of slots).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,3 +307,20 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
     elif quantization is not None:
         raise ValueError(f"unknown quantization {quantization!r}; expected int8 or int4")
     return model
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """A short id of a model's weights that equal copies share on any machine: its config and, per
+    safetensors file, the size and the first and last MiB (the header names every tensor; the tail
+    differs between fine-tunes). Keys shared KV blocks, which are only valid for identical weights."""
+    h = hashlib.blake2b(digest_size=6)
+    model_dir = Path(model_dir)
+    h.update((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        size = path.stat().st_size
+        h.update(size.to_bytes(8, "little"))
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()

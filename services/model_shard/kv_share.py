@@ -1,0 +1,171 @@
+"""The shard's side of the mesh's shared KV prefix blocks (held by the cache service's replicas).
+
+Before a prompt is queued, the leading full blocks missing from the shard's own prefix cache are
+fetched, with a short timeout, and adopted by the engine; the prompt then prefills only the rest.
+After a prefill, its new full blocks are uploaded in the background, off the token path.
+A cache that is slow, down or wrong never fails a request: the shard computes instead.
+
+Blocks are spread over cache replicas by consistent hashing of their chained hash, so a prefix's
+blocks may live on several replicas; each is asked for its share in one parallel round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from prometheus_client import Counter, Gauge
+
+from llmmesh.v1 import cache_pb2, cache_pb2_grpc
+from services.common.hash_ring import HashRing
+from services.common.kv_wire import MalformedStream, from_chunks, to_chunks
+
+log = logging.getLogger(__name__)
+
+KV_FETCHED_BLOCKS = Counter("llmmesh_kv_fetched_blocks", "KV blocks fetched from the cache service")
+KV_FETCHED_BYTES = Counter("llmmesh_kv_fetched_bytes", "Bytes of KV blocks fetched from the cache service")
+KV_FETCH_FAILURES = Counter("llmmesh_kv_fetch_failures", "Fetches from a cache replica that failed (then computed)",
+                            ["reason"])
+KV_UPLOADED_BLOCKS = Counter("llmmesh_kv_uploaded_blocks", "KV blocks uploaded to the cache service")
+KV_UPLOADED_BYTES = Counter("llmmesh_kv_uploaded_bytes", "Bytes of KV blocks uploaded to the cache service")
+KV_UPLOAD_DROPPED = Counter("llmmesh_kv_upload_dropped_blocks",
+                            "KV blocks not uploaded: backlog full or cache unreachable")
+KV_UPLOAD_BACKLOG = Gauge("llmmesh_kv_upload_backlog_bytes", "Bytes of KV blocks waiting for upload")
+
+
+@dataclass
+class FetchResult:
+    values: list[bytes] = field(default_factory=list)  # the leading run of blocks found
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)  # one per replica that failed, e.g. "DEADLINE_EXCEEDED"
+
+
+class SharedKvBlocks:
+    def __init__(self, ring: HashRing[cache_pb2_grpc.CacheStub], layout: str, fetch_timeout_s: float = 0.5,
+                 upload_timeout_s: float = 10.0, max_backlog_bytes: int = 256 << 20, known_capacity: int = 200_000):
+        self.ring = ring
+        self.layout = layout
+        self.fetch_timeout_s = fetch_timeout_s
+        self.upload_timeout_s = upload_timeout_s
+        self.max_backlog_bytes = max_backlog_bytes
+        self._known: OrderedDict[bytes, None] = OrderedDict()  # hashes the cache has from us (LRU)
+        self._known_capacity = known_capacity
+        self._backlog: asyncio.Queue[tuple[bytes, bytes] | None] = asyncio.Queue()
+        self._backlog_bytes = 0
+        self._uploader: asyncio.Task | None = None
+
+    # --- fetch ---
+
+    async def fetch(self, block_hashes: list[bytes]) -> FetchResult:
+        """The values of the longest leading run of block_hashes that the cache replicas hold."""
+        if not block_hashes or not len(self.ring):
+            return FetchResult()
+        groups = self.ring.group(block_hashes)
+        found: dict[int, bytes] = {}
+        result = FetchResult()
+        replies = await asyncio.gather(*(self._fetch_from(owner, [block_hashes[i] for i in idx])
+                                         for owner, idx in groups.items()))
+        for (owner, idx), (values, error) in zip(groups.items(), replies):
+            found.update(zip(idx, values))
+            if error:
+                result.errors.append(f"{owner}: {error}")
+        for i in range(len(block_hashes)):
+            if i not in found:
+                break
+            result.values.append(found[i])
+        result.bytes = sum(len(v) for v in result.values)
+        self._remember(block_hashes[: len(result.values)])
+        if len(result.values) < len(block_hashes):  # evicted there: upload it again when computed
+            self._known.pop(block_hashes[len(result.values)], None)
+        KV_FETCHED_BLOCKS.inc(len(result.values))
+        KV_FETCHED_BYTES.inc(result.bytes)
+        return result
+
+    async def _fetch_from(self, owner: str, hashes: list[bytes]) -> tuple[list[bytes], str | None]:
+        """The leading run of hashes held by one replica, and why it stopped early if it failed."""
+        values: list[bytes] = []
+        try:
+            stream = self.ring.node(owner).GetKvBlocks(cache_pb2.GetKvBlocksRequest(layout=self.layout, block_hashes=hashes),
+                                      timeout=self.fetch_timeout_s)
+            async for _, block_hash, value in from_chunks(stream):
+                if len(values) >= len(hashes) or block_hash != hashes[len(values)]:
+                    raise MalformedStream("the cache sent a block that was not asked for next")
+                values.append(value)
+            return values, None
+        except grpc.aio.AioRpcError as exc:
+            KV_FETCH_FAILURES.labels(exc.code().name).inc()
+            return values, exc.code().name
+        except MalformedStream as exc:
+            KV_FETCH_FAILURES.labels("MALFORMED").inc()
+            log.warning("cache replica %s sent a malformed KV stream: %s", owner, exc)
+            return [], "MALFORMED"
+
+    # --- upload ---
+
+    def offer(self, block_hashes: list[bytes], data: torch.Tensor) -> None:
+        """Queue new prompt blocks for upload (event-loop thread). data: uint8 [n, bytes per block].
+        Beyond the backlog budget blocks are dropped: the cache is an optimisation."""
+        for i, block_hash in enumerate(block_hashes):
+            if block_hash in self._known:
+                continue
+            value = data[i].numpy().tobytes()
+            if self._backlog_bytes + len(value) > self.max_backlog_bytes:
+                KV_UPLOAD_DROPPED.inc()
+                continue
+            self._backlog_bytes += len(value)
+            self._backlog.put_nowait((block_hash, value))
+        KV_UPLOAD_BACKLOG.set(self._backlog_bytes)
+
+    def start(self) -> None:
+        self._uploader = asyncio.get_running_loop().create_task(self._upload_forever(), name="kv-upload")
+
+    async def stop(self) -> None:
+        if self._uploader is not None:
+            self._uploader.cancel()
+            await asyncio.gather(self._uploader, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait until every offered block has been sent (or dropped)."""
+        await self._backlog.join()
+
+    async def _upload_forever(self) -> None:
+        while True:
+            batch = [await self._backlog.get()]
+            while not self._backlog.empty():
+                batch.append(self._backlog.get_nowait())
+            try:
+                await self._upload(batch)
+            except Exception:  # noqa: BLE001 - the uploader must outlive any one failure
+                log.exception("KV block upload failed")
+            finally:
+                self._backlog_bytes -= sum(len(v) for _, v in batch)
+                KV_UPLOAD_BACKLOG.set(self._backlog_bytes)
+                for _ in batch:
+                    self._backlog.task_done()
+
+    async def _upload(self, batch: list[tuple[bytes, bytes]]) -> None:
+        groups = self.ring.group(h for h, _ in batch)
+
+        async def put(owner: str, blocks: list[tuple[bytes, bytes]]) -> None:
+            try:
+                await self.ring.node(owner).PutKvBlocks(to_chunks(self.layout, blocks), timeout=self.upload_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                KV_UPLOAD_DROPPED.inc(len(blocks))
+                log.info("KV upload to %s failed: %s", owner, exc.code().name)
+                return
+            self._remember([h for h, _ in blocks])
+            KV_UPLOADED_BLOCKS.inc(len(blocks))
+            KV_UPLOADED_BYTES.inc(sum(len(v) for _, v in blocks))
+
+        await asyncio.gather(*(put(owner, [batch[i] for i in idx]) for owner, idx in groups.items()))
+
+    def _remember(self, block_hashes: list[bytes]) -> None:
+        for h in block_hashes:
+            self._known[h] = None
+            self._known.move_to_end(h)
+        while len(self._known) > self._known_capacity:
+            self._known.popitem(last=False)
