@@ -7,9 +7,10 @@ Part 1, straight to the shards (so the replica is chosen by us), each row a fres
   warm, same replica        : A again, same prefix, another question (its own prefix cache)
   warm, across replicas     : replica B, same prefix, a third question (blocks fetched from the cache)
 
-Part 2, through the gateway (chat requests whose system prompt is the long prefix): several prefixes,
-each asked several questions in turn, once with prefix-affinity routing and once without (a second
-gateway on the same backends). TTFT is split by the first question of each prefix and the rest.
+Part 2, through the gateway (chat requests whose system prompt is the long prefix): concurrent
+clients, each with its own prefixes, each prefix asked several questions in turn; once with
+prefix-affinity routing and once without (a second gateway on the same backends, which then picks
+the least busy replica). TTFT is split by the first question of each prefix and the rest.
 
     .venv/bin/python bench/prefix.py [--model DIR] [--prefix-tokens 512] [--rounds 4] [--json out.json]
 """
@@ -22,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prefix-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=4, help="fresh prefixes per row")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent gateway clients, each with its own prefixes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from tokenizers import Tokenizer
@@ -136,13 +139,18 @@ def main() -> None:
             first, rest = Row(f"gateway, {label}: first question", [], []), Row(f"gateway, {label}: later questions", [], [])
             with grpc.insecure_channel(address) as channel:
                 stub = gateway_pb2_grpc.GatewayStub(channel)
-                for r in range(args.rounds + 1):
-                    system = long_text(f"{label} {r}", tokenizer, args.prefix_tokens)
-                    for i, question in enumerate(QUESTIONS):
-                        ttft, cached = gateway_ttft(stub, system, question)
-                        if r:
-                            (first if i == 0 else rest).ttft_ms.append(ttft * 1e3)
-                            (first if i == 0 else rest).cached_tokens.append(cached)
+
+                def client(c: int) -> None:  # its own prefixes, asked in turn
+                    for r in range(args.rounds + 1):
+                        system = long_text(f"{label} client {c} {r}", tokenizer, args.prefix_tokens)
+                        for i, question in enumerate(QUESTIONS):
+                            ttft, cached = gateway_ttft(stub, system, question)
+                            if r:
+                                (first if i == 0 else rest).ttft_ms.append(ttft * 1e3)
+                                (first if i == 0 else rest).cached_tokens.append(cached)
+
+                with ThreadPoolExecutor(args.clients) as pool:
+                    list(pool.map(client, range(args.clients)))
             rows += [first, rest]
 
     summaries = [row.summary() for row in rows]
