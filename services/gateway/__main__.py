@@ -27,7 +27,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="cache service replicas (HOST:PORT, comma-separated; keys spread by consistent "
                              "hashing); empty for none")
     parser.add_argument("--shards", default=env_default("LLMMESH_SHARD_ADDRS", "127.0.0.1:50061"),
-                        help="comma-separated model shard addresses")
+                        help="comma-separated model shard addresses (--discovery static)")
+    parser.add_argument("--discovery", choices=["static", "kubernetes"], default=env_default("LLMMESH_DISCOVERY", "static"),
+                        help="kubernetes: follow the ready pods of --shard-service through its EndpointSlices")
+    parser.add_argument("--shard-service", default=env_default("LLMMESH_SHARD_SERVICE", "llm-mesh-shard"),
+                        help="the shards' headless Service (--discovery kubernetes)")
+    parser.add_argument("--namespace", default=env_default("LLMMESH_NAMESPACE", "default"))
+    parser.add_argument("--kubeconfig", default=env_default("KUBECONFIG", ""),
+                        help="kubeconfig file; empty: the pod's service account (in-cluster)")
     parser.add_argument("--model-name", default=env_default("LLMMESH_MODEL_NAME", "SmolLM2-135M-Instruct"))
     parser.add_argument("--max-tokens-limit", type=int, default=int(env_default("LLMMESH_MAX_TOKENS_LIMIT", "4096")))
     parser.add_argument("--default-max-tokens", type=int, default=256)
@@ -54,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = tokenizer_pb2_grpc.TokenizerStub(make_channel(args.tokenizer, tls))
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
         cache = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches}) if caches else None
-        shards = ShardPool([a.strip() for a in args.shards.split(",") if a.strip()], tls=tls)
+        discovered = args.discovery == "kubernetes"
+        shards = ShardPool([] if discovered else [a.strip() for a in args.shards.split(",") if a.strip()],
+                           tls=tls, dynamic=discovered)
+        watcher = None
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
         config = GatewayConfig(args.model_name, limits, not args.no_response_cache, audit_prompts=args.audit_prompts,
                                prefix_routing=not args.no_prefix_routing)
@@ -68,7 +78,14 @@ def main(argv: list[str] | None = None) -> None:
             return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
         async def on_start(runtime):
+            nonlocal watcher
             shards.start()
+            if discovered:
+                from services.gateway.discovery import EndpointSliceWatcher, kubernetes_api_client
+
+                watcher = EndpointSliceWatcher(kubernetes_api_client(args.kubeconfig), args.namespace,
+                                               args.shard_service, shards.set_addresses, asyncio.get_running_loop())
+                watcher.start()
             if args.http_listen:
                 from services.gateway.openai_http import OpenAIFront, make_http_server
 
@@ -88,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                 await http["task"]
 
         async def on_stop():
+            if watcher is not None:
+                watcher.stop()
             await shards.close()
 
         await serve(ServeOptions("gateway", args.listen, args.metrics_port, args.grace, tls, args.tls_client_auth), register,

@@ -42,22 +42,53 @@ class Replica:
 
 
 class ShardPool:
-    def __init__(self, addresses: list[str], backoff_s: float = 2.0, tls: TlsFiles | None = None):
-        if not addresses:
+    def __init__(self, addresses: list[str], backoff_s: float = 2.0, tls: TlsFiles | None = None,
+                 dynamic: bool = False, drain_grace_s: float = 600.0):
+        """dynamic: replicas come and go through set_addresses (discovery); it may start empty."""
+        if not addresses and not dynamic:
             raise ValueError("at least one model shard address is needed")
-        self.replicas = []
-        for address in addresses:
-            channel = make_channel(address, tls)
-            self.replicas.append(Replica(address, channel, shard_pb2_grpc.ModelShardStub(channel)))
+        self.tls = tls
+        self.replicas = [self._replica(a) for a in addresses]
         self.backoff_s = backoff_s
+        self.drain_grace_s = drain_grace_s
         self._info: shard_pb2.ShardInfo | None = None
         self._info_lock = asyncio.Lock()
-        self._watchers: list[asyncio.Task] = []
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._closing: set[asyncio.Task] = set()
+        self._started = False
+
+    def _replica(self, address: str) -> Replica:
+        channel = make_channel(address, self.tls)
+        return Replica(address, channel, shard_pb2_grpc.ModelShardStub(channel))
 
     def start(self) -> None:
         """Begin watching every replica's health (call inside the running event loop)."""
-        loop = asyncio.get_running_loop()
-        self._watchers = [loop.create_task(self._watch(r)) for r in self.replicas]
+        self._started = True
+        for r in self.replicas:
+            self._watchers[r.address] = asyncio.get_running_loop().create_task(self._watch(r))
+
+    def set_addresses(self, addresses: list[str]) -> None:
+        """Make the pool exactly these replicas (event-loop thread). New ones are added and watched;
+        a removed one takes no new requests, and its channel closes once its streams finish."""
+        wanted = list(dict.fromkeys(addresses))
+        current = {r.address: r for r in self.replicas}
+        for address in wanted:
+            if address not in current:
+                replica = self._replica(address)
+                self.replicas.append(replica)
+                if self._started:
+                    self._watchers[address] = asyncio.get_running_loop().create_task(self._watch(replica))
+                log.info("shard %s added", address)
+        for address, replica in current.items():
+            if address not in wanted:
+                self.replicas.remove(replica)
+                watcher = self._watchers.pop(address, None)
+                if watcher is not None:
+                    watcher.cancel()
+                task = asyncio.get_running_loop().create_task(replica.channel.close(self.drain_grace_s))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                log.info("shard %s removed", address)
 
     async def _watch(self, replica: Replica) -> None:
         stub = health_pb2_grpc.HealthStub(replica.channel)
@@ -105,7 +136,8 @@ class ShardPool:
         return self._info
 
     async def close(self) -> None:
-        for task in self._watchers:
+        watchers = list(self._watchers.values())
+        for task in watchers:
             task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        await asyncio.gather(*(r.channel.close() for r in self.replicas))
+        await asyncio.gather(*watchers, return_exceptions=True)
+        await asyncio.gather(*(r.channel.close() for r in self.replicas), *self._closing, return_exceptions=True)
