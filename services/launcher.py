@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="certificates from `make certs`: TLS to the gateway, mutual TLS between services")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--quantization", choices=["int8", "int4"], help="weight-only int8 (pair with --dtype bfloat16)")
-    parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard")
+    parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard (per worker when parallel)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="Ray workers per layer in each shard")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages in each shard")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
     args = parser.parse_args(argv)
     if args.shards < 1:
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no model at {args.model}: run `make model` first")
     plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port, tls_dir=args.tls_dir,
                      shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb),
+                                 "--tensor-parallel-size", str(args.tensor_parallel_size),
+                                 "--pipeline-parallel-size", str(args.pipeline_parallel_size),
                                  *(["--quantization", args.quantization] if args.quantization else [])],
                      gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),
                                    *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else [])])

@@ -17,7 +17,9 @@ from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.model_shard.engine.async_engine import AsyncEngine
 from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
+from services.model_shard.executor.ray_workers import WorkerDiedError, connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
+from services.model_shard.model.llama import LlamaConfig, check_parallel
 from services.model_shard.server import EngineCollector, ModelShardServicer, observe_step
 
 
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a prompt waits for shared KV blocks before computing them itself")
     parser.add_argument("--retry-after", type=float, default=0.5, help="seconds a refused client is told to wait")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=int(env_default("LLMMESH_TENSOR_PARALLEL_SIZE", "1")),
+                        help="split each layer's heads and MLP over this many Ray workers")
+    parser.add_argument("--pipeline-parallel-size", type=int,
+                        default=int(env_default("LLMMESH_PIPELINE_PARALLEL_SIZE", "1")),
+                        help="split the layers into this many stages, one Ray worker group each")
+    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each parallel worker")
     args = parser.parse_args(argv)
     setup_logging("shard", args.log_level, args.log_format)
     setup_tracing("model_shard", instance_id(args.listen))
@@ -52,21 +60,36 @@ def main(argv: list[str] | None = None) -> None:
         kv_cache_bytes=args.kv_cache_mb << 20, max_model_len=args.max_model_len, max_running=args.max_running,
         max_waiting=args.max_waiting, max_batched_tokens=args.max_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        threads_per_worker=args.threads_per_worker,
     )
+    if config.parallel:  # a split the model cannot take is refused here, before anything starts
+        try:
+            check_parallel(LlamaConfig.from_dir(args.model), args.tensor_parallel_size, args.pipeline_parallel_size)
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
 
     def build_engine() -> LLMEngine:  # runs on the engine thread: all torch work stays there
         if args.threads:
             torch.set_num_threads(args.threads)
         return LLMEngine.from_dir(args.model, config)
 
-    engine = AsyncEngine(build_engine, on_step=observe_step)
-    REGISTRY.register(EngineCollector(engine))
+    if config.parallel:
+        connect_ray(config.tensor_parallel_size * config.pipeline_parallel_size)  # main thread: see connect_ray
     runtime_ref = {}
 
+    def on_health(serving: bool) -> None:  # engine thread: a parallel worker died, or was rebuilt
+        runtime, loop = runtime_ref.get("runtime"), runtime_ref.get("loop")
+        if runtime is not None and not runtime.stopping.is_set():
+            asyncio.run_coroutine_threadsafe(runtime.set_serving(serving), loop)
+
+    engine = AsyncEngine(build_engine, on_step=observe_step, recover_from=(WorkerDiedError,), on_health=on_health)
+    REGISTRY.register(EngineCollector(engine))
+
     async def on_start(runtime):
-        runtime_ref["runtime"] = runtime
+        runtime_ref["runtime"], runtime_ref["loop"] = runtime, asyncio.get_running_loop()
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
-        if caches and config.enable_prefix_caching:
+        if caches and config.enable_prefix_caching and engine.engine.can_transfer_blocks:
             tls = tls_from_args(args)
             ring = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches})
             shared = SharedKvBlocks(ring, engine.engine.kv_layout, fetch_timeout_s=args.kv_fetch_timeout)
@@ -80,11 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             shared.start()
             servicer.shared_kv = shared
 
-    async def on_engine_dead():
-        await runtime_ref["runtime"].set_serving(False)
-
     servicer = ModelShardServicer(engine, model_name=args.model.rstrip("/").rsplit("/", 1)[-1],
-                                  on_engine_dead=on_engine_dead, retry_after_s=args.retry_after)
+                                  retry_after_s=args.retry_after)
 
     def register(server):
         shard_pb2_grpc.add_ModelShardServicer_to_server(servicer, server)
@@ -92,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
 
     async def on_stop():
         engine.stop()
+        if engine.engine is not None:
+            engine.engine.shutdown()
         if servicer.shared_kv is not None:
             await servicer.shared_kv.stop()
 

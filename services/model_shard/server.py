@@ -6,7 +6,7 @@ import logging
 import uuid
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -53,13 +53,13 @@ def sampling_from_proto(p, skip_draws: int = 0) -> SamplingParams:
 
 
 class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
-    def __init__(self, engine: AsyncEngine, model_name: str, on_engine_dead=None, retry_after_s: float = 0.5,
+    def __init__(self, engine: AsyncEngine, model_name: str, retry_after_s: float = 0.5,
                  shared_kv: SharedKvBlocks | None = None):
+        """Health follows the engine through AsyncEngine's on_health hook, not this servicer."""
         self.engine = engine
         self.shared_kv = shared_kv
         self.retry_after_s = retry_after_s
         self.model_name = model_name
-        self._on_engine_dead = on_engine_dead
 
     async def Generate(self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext):
         if not request.prompt_token_ids:
@@ -70,7 +70,9 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         if self.shared_kv is not None:
             await self._fetch_shared_prefix(list(request.prompt_token_ids))
         try:
-            async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params):
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params, carrier):
                 last = batch[-1]
                 times = last.times
                 if last.finish_reason is FinishReason.ABORTED:
@@ -97,8 +99,6 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         except QueueFullError as exc:
             await context.abort_with_status(retry_later(f"the shard's queue is full ({exc})", self.retry_after_s))
         except EngineDeadError as exc:
-            if self._on_engine_dead is not None:
-                await self._on_engine_dead()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             if times is not None and times.first_token_ns is not None:
@@ -108,9 +108,10 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
     async def _fetch_shared_prefix(self, prompt: list[int]) -> None:
         """Bring the prompt's leading blocks that this shard lacks from the cache service, so the
         engine prefills only the rest. Failures are recorded on the span and otherwise ignored."""
-        config = self.engine.engine.config
-        if not config.enable_prefix_caching:
+        engine = self.engine.engine
+        if engine is None or not engine.config.enable_prefix_caching or not engine.can_transfer_blocks:
             return
+        config = engine.config
         # As the scheduler does: the last prompt token is always computed, its logits pick the next.
         hashes = chain_block_hashes(prompt, config.block_size)[: (len(prompt) - 1) // config.block_size]
         local = self.engine.cached_prefix_blocks(hashes)
@@ -141,11 +142,16 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
 
     async def Info(self, request, context):
         e = self.engine.engine
+        if e is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is being rebuilt")
         c = e.config
+        pids = await self.engine.worker_pids()
         return shard_pb2.ShardInfo(
             model=self.model_name, max_model_len=e.max_model_len, block_size=c.block_size,
             num_blocks=e.pool.num_blocks, dtype=c.dtype, max_running=c.max_running,
             max_waiting=c.max_waiting, eos_token_ids=sorted(e.eos_token_ids),
+            tensor_parallel_size=c.tensor_parallel_size, pipeline_parallel_size=c.pipeline_parallel_size,
+            workers=[shard_pb2.ParallelWorker(rank=r, pid=p) for r, p in enumerate(pids)],
         )
 
 
@@ -157,6 +163,8 @@ class EngineCollector(Collector):
 
     def collect(self):
         e = self.engine.engine
+        if e is None:  # being rebuilt
+            return
         yield GaugeMetricFamily("llmmesh_requests_running", "Requests in the running batch", value=len(e.scheduler.running))
         yield GaugeMetricFamily("llmmesh_requests_waiting", "Requests waiting to be scheduled", value=len(e.scheduler.waiting))
         yield GaugeMetricFamily("llmmesh_kv_blocks_used_ratio", "Share of KV blocks in use",

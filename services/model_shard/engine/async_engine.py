@@ -44,6 +44,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    trace_carrier: dict[str, str] | None
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     accepted: asyncio.Future
@@ -63,6 +64,15 @@ class _Import:
 
 
 @dataclass
+class _Call:
+    """Run fn(engine) between steps; its result settles `done`."""
+
+    fn: Callable
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+
+
+@dataclass
 class _Barrier:
     loop: asyncio.AbstractEventLoop
     reached: asyncio.Future
@@ -70,12 +80,20 @@ class _Barrier:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], ready_timeout_s: float = 600.0,
-                 on_step: Callable[[StepReport], None] | None = None):
+                 on_step: Callable[[StepReport], None] | None = None,
+                 recover_from: tuple[type[BaseException], ...] = (),
+                 on_health: Callable[[bool], None] | None = None):
         """engine: an LLMEngine, or a factory called on the engine thread (preferred, see above).
-        Returns once the engine is built; raises what the factory raised."""
+        Returns once the engine is built; raises what the factory raised.
+
+        When a step raises one of `recover_from` (e.g. a parallel worker died), the requests in
+        flight fail with EngineDeadError and the factory builds a fresh engine. on_health(False)
+        is called (engine thread) when the engine fails, on_health(True) once a rebuilt one runs."""
         self.engine: LLMEngine | None = engine if isinstance(engine, LLMEngine) else None
         self._factory = None if self.engine is not None else engine
         self._on_step = on_step  # called on the engine thread after each step
+        self._recover_from = recover_from if self._factory is not None else ()
+        self._on_health = on_health or (lambda serving: None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}  # owned by the engine thread
         self._stopped = threading.Event()
@@ -98,7 +116,8 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        trace_carrier: dict[str, str] | None = None,
     ) -> AsyncIterator[list[RequestOutput]]:
         """Yields the outputs available at each wake-up (several when the reader fell behind).
 
@@ -108,7 +127,7 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDeadError(f"the engine failed: {self._error}")
         loop = asyncio.get_running_loop()
-        add = _Add(request_id, prompt_token_ids, params, asyncio.Queue(), loop, loop.create_future())
+        add = _Add(request_id, prompt_token_ids, params, trace_carrier, asyncio.Queue(), loop, loop.create_future())
         self._inbox.put(add)
         finished = False
         try:
@@ -147,6 +166,13 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDeadError(f"the engine failed: {self._error}")
 
+    async def worker_pids(self) -> list[int]:
+        """Process ids of the engine's parallel workers, by rank (none for a local executor)."""
+        loop = asyncio.get_running_loop()
+        msg = _Call(lambda engine: engine.worker_pids(), loop, loop.create_future())
+        self._send(msg)
+        return await msg.done
+
     async def sync(self) -> None:
         """Return once the engine thread has applied everything sent to it before this call."""
         loop = asyncio.get_running_loop()
@@ -159,7 +185,7 @@ class AsyncEngine:
     def _apply(self, msg) -> None:
         if isinstance(msg, _Add):
             try:
-                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.trace_carrier)
             except (ValueError, QueueFullError) as exc:
                 msg.loop.call_soon_threadsafe(_settle, msg.accepted, exc)
                 return
@@ -175,6 +201,13 @@ class AsyncEngine:
                 msg.loop.call_soon_threadsafe(_settle, msg.done, exc)
             else:
                 msg.loop.call_soon_threadsafe(_settle_value, msg.done, n)
+        elif isinstance(msg, _Call):
+            try:
+                result = msg.fn(self.engine)
+            except Exception as exc:  # noqa: BLE001 - the caller gets it
+                msg.loop.call_soon_threadsafe(_settle, msg.done, exc)
+            else:
+                msg.loop.call_soon_threadsafe(_settle_value, msg.done, result)
         elif isinstance(msg, _Barrier):
             msg.loop.call_soon_threadsafe(_settle, msg.reached, None)
 
@@ -199,33 +232,63 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
+        while True:
+            try:
+                self._serve()
+                return
+            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+                log.exception("engine thread failed")
+                self._error = exc
+                self._fail_waiters(EngineDeadError(f"the engine failed: {exc}"))
+                self._on_health(False)
+                if not isinstance(exc, self._recover_from) or not self._rebuild():
+                    return
+                self._on_health(True)
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            # Block only when idle; otherwise take what arrived and step.
+            msg = self._inbox.get() if not self.engine.has_work else self._get_nowait()
+            while msg is not None:
+                self._apply(msg)
+                msg = self._get_nowait()
+            if self.engine.has_work:
+                started = time.perf_counter()
+                stats = self.engine.stats
+                steps, tokens, seqs = stats.steps, stats.computed_tokens, stats.scheduled_seqs
+                for out in self.engine.step():
+                    self._deliver(out)
+                if self._on_step is not None and stats.steps > steps:
+                    self._on_step(StepReport(stats.scheduled_seqs - seqs, stats.computed_tokens - tokens,
+                                             time.perf_counter() - started))
+
+    def _fail_waiters(self, dead: EngineDeadError) -> None:
+        for stream in list(self._streams.values()):
+            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, dead)
+        self._streams.clear()
+        while (msg := self._get_nowait()) is not None:
+            future = getattr(msg, "accepted", None) or getattr(msg, "done", None) or getattr(msg, "reached", None)
+            if future is not None:
+                msg.loop.call_soon_threadsafe(_settle, future, dead)
+
+    def _rebuild(self) -> bool:
+        """Replace the failed engine (its workers released first); False when that failed too."""
+        old, self.engine = self.engine, None
         try:
-            while not self._stopped.is_set():
-                # Block only when idle; otherwise take what arrived and step.
-                msg = self._inbox.get() if not self.engine.has_work else self._get_nowait()
-                while msg is not None:
-                    self._apply(msg)
-                    msg = self._get_nowait()
-                if self.engine.has_work:
-                    started = time.perf_counter()
-                    stats = self.engine.stats
-                    steps, tokens, seqs = stats.steps, stats.computed_tokens, stats.scheduled_seqs
-                    for out in self.engine.step():
-                        self._deliver(out)
-                    if self._on_step is not None and stats.steps > steps:
-                        self._on_step(StepReport(stats.scheduled_seqs - seqs, stats.computed_tokens - tokens,
-                                                 time.perf_counter() - started))
-        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
-            log.exception("engine thread failed")
-            self._error = exc
-            dead = EngineDeadError(f"the engine failed: {exc}")
-            for stream in list(self._streams.values()):
-                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, dead)
-            self._streams.clear()
-            while (msg := self._get_nowait()) is not None:
-                future = getattr(msg, "accepted", None) or getattr(msg, "done", None) or getattr(msg, "reached", None)
-                if future is not None:
-                    msg.loop.call_soon_threadsafe(_settle, future, dead)
+            old.shutdown()
+        except Exception:  # noqa: BLE001 - what is left of it goes anyway
+            log.exception("releasing the failed engine")
+        log.info("rebuilding the engine")
+        try:
+            engine = self._factory()
+        except BaseException:  # noqa: BLE001
+            log.exception("the engine could not be rebuilt")
+            return False
+        self.engine = engine
+        self._fail_waiters(EngineDeadError("the engine failed; it has been rebuilt"))  # sent while rebuilding
+        self._error = None
+        log.info("engine rebuilt")
+        return True
 
     def _get_nowait(self):
         try:

@@ -14,7 +14,8 @@ from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import RequestOutput, SamplingParams, Sequence
 from services.model_shard.engine.scheduler import Scheduler, SchedulerConfig
 from services.model_shard.executor.local import LocalExecutor, kv_cache_bytes_per_block
-from services.model_shard.model.llama import LlamaForServing, load_model, weights_fingerprint
+from services.model_shard.model.llama import (LlamaConfig, LlamaForServing, check_parallel, load_model,
+                                              weights_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,13 @@ class EngineConfig:
     max_waiting: int = 256
     max_batched_tokens: int = 512
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    threads_per_worker: int = 1  # torch threads of each parallel worker process
+
+    @property
+    def parallel(self) -> bool:
+        return self.tensor_parallel_size * self.pipeline_parallel_size > 1
 
 
 @dataclass
@@ -48,15 +56,21 @@ PromptBlockListener = Callable[[list[bytes], torch.Tensor], None]
 
 
 class LLMEngine:
-    def __init__(self, model: LlamaForServing, config: EngineConfig, model_id: str = "unnamed"):
-        """model_id names the weights (see weights_fingerprint): it is part of kv_layout."""
-        self.model = model
+    def __init__(self, model: LlamaForServing | LlamaConfig, config: EngineConfig, model_id: str = "unnamed",
+                 executor_factory: Callable[[int], object] | None = None):
+        """model: the loaded model, run here; or only its config, with executor_factory(num_blocks)
+        building the executor whose workers hold the weights (tensor/pipeline parallel, see
+        executor/ray_workers.py). model_id names the weights (weights_fingerprint): part of kv_layout."""
+        cfg = model.cfg if isinstance(model, LlamaForServing) else model
+        self.model = model if isinstance(model, LlamaForServing) else None
+        self.model_config = cfg
         self.config = config
         self.prompt_block_listener: PromptBlockListener | None = None
-        cfg = model.cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        dtype = model.embed_tokens.weight.dtype
-        num_blocks = config.kv_cache_bytes // kv_cache_bytes_per_block(model, config.block_size, dtype)
+        tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+        check_parallel(cfg, tp, pp)
+        per_block = kv_cache_bytes_per_block(cfg, config.block_size, DTYPES[config.dtype], tp, pp)
+        num_blocks = config.kv_cache_bytes // per_block  # the budget is per worker
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {config.block_size} tokens")
         self.pool = BlockPool(num_blocks, config.block_size)
@@ -70,25 +84,51 @@ class LLMEngine:
             ),
             self.pool,
         )
-        self.executor = LocalExecutor(model, num_blocks, config.block_size)
+        if executor_factory is not None:
+            self.executor = executor_factory(num_blocks)
+        else:
+            self.executor = LocalExecutor(model, num_blocks, config.block_size)
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self.stats = EngineStats()
         # Everything that decides a KV block's bytes: blocks are shared only between equal layouts.
         self.kv_layout = (f"{model_id}/{config.dtype}/{config.quantization or 'none'}/b{config.block_size}"
-                          f"/l{cfg.num_layers}h{cfg.num_kv_heads}d{cfg.head_dim}/tp1pp1/kv1")
-        log.info("engine ready: %d KV blocks of %d tokens, context %d", num_blocks, config.block_size, self.max_model_len)
+                          f"/l{cfg.num_layers}h{cfg.num_kv_heads}d{cfg.head_dim}/tp{tp}pp{pp}/kv1")
+        log.info("engine ready: %d KV blocks of %d tokens, context %d, tensor x pipeline parallel %d x %d",
+                 num_blocks, config.block_size, self.max_model_len, tp, pp)
+
+    @property
+    def can_transfer_blocks(self) -> bool:
+        """Whether KV blocks can be exported and imported (shared through the cache service)."""
+        return hasattr(self.executor, "export_blocks")
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: EngineConfig) -> "LLMEngine":
         model_id = f"{Path(model_dir).name}-{weights_fingerprint(model_dir)}"
+        if config.parallel:
+            from services.model_shard.executor.ray_workers import RayExecutor
+
+            def workers(num_blocks: int):
+                return RayExecutor(model_dir, config, num_blocks)
+
+            return cls(LlamaConfig.from_dir(model_dir), config, model_id, executor_factory=workers)
         return cls(load_model(model_dir, DTYPES[config.dtype], config.quantization), config, model_id)
+
+    def worker_pids(self) -> list[int]:
+        pids = getattr(self.executor, "worker_pids", None)
+        return pids() if pids is not None else []
+
+    def shutdown(self) -> None:
+        """Release the executor's workers, if it has any."""
+        shutdown = getattr(self.executor, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def import_blocks(self, block_hashes: list[bytes], values: list[bytes | None]) -> int:
         """Adopt KV blocks computed elsewhere (same kv_layout) into the prefix cache, as free cached
         blocks a request can take. block_hashes is a prompt's chain from its first block; values[i]
         may be None where the caller expects block i to be held here already. Stops at a gap or when
         the pool has no free block; returns how many leading blocks are cached now."""
-        if not self.config.enable_prefix_caching:
+        if not self.config.enable_prefix_caching or not self.can_transfer_blocks:
             return 0
         pinned = self.pool.take_cached_prefix(block_hashes, record_stats=False)  # not evicted below
         held = len(pinned)
@@ -108,13 +148,15 @@ class LLMEngine:
             self.pool.free(pinned + blocks)  # cached and free again; the chain's tail is evicted first
         return held + len(blocks)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    trace_carrier: dict[str, str] | None = None) -> Sequence:
+        """trace_carrier: the request's W3C trace context, for spans recorded by parallel workers."""
         params.validate()
-        vocab = self.model.cfg.vocab_size
+        vocab = self.model_config.vocab_size
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
-        seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, trace_carrier=trace_carrier)
         self.scheduler.add(seq)
         return seq
 
@@ -134,7 +176,7 @@ class LLMEngine:
         self.stats.preemptions += out.num_preempted
         outputs = self.scheduler.update_from_output(out, sampled)
         new_blocks = self.scheduler.take_new_prompt_blocks()
-        if new_blocks and self.prompt_block_listener is not None:
+        if new_blocks and self.prompt_block_listener is not None and self.can_transfer_blocks:
             ids, hashes = zip(*new_blocks)
             self.prompt_block_listener(list(hashes), self.executor.export_blocks(list(ids)))
         return outputs

@@ -67,6 +67,7 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     times: RequestTimes = field(default_factory=RequestTimes)
+    trace_carrier: dict[str, str] | None = None  # W3C trace context of the request (workers' spans join it)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

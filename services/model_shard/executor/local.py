@@ -6,31 +6,36 @@ import torch
 
 from services.model_shard.engine.request import SamplingParams
 from services.model_shard.engine.sampler import sample
-from services.model_shard.engine.scheduler import ModelRunnerOutput, SchedulerOutput
-from services.model_shard.model.llama import AttentionMetadata, DecodeBatch, LlamaForServing, PrefillSpan
+from services.model_shard.engine.scheduler import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+from services.model_shard.model.llama import (AttentionMetadata, DecodeBatch, LlamaConfig, LlamaForServing, PrefillSpan,
+                                              stage_layers)
 
 
-def kv_cache_bytes_per_block(model: LlamaForServing, block_size: int, dtype: torch.dtype) -> int:
-    cfg = model.cfg
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+def kv_cache_bytes_per_block(cfg: LlamaConfig, block_size: int, dtype: torch.dtype, tensor_parallel: int = 1,
+                             pipeline_parallel: int = 1) -> int:
+    """KV bytes one block costs a worker: its KV heads, in the largest pipeline stage's layers."""
+    first, last = stage_layers(cfg.num_layers, pipeline_parallel, 0)  # stage 0 is never smaller
+    per_token = 2 * (last - first) * (cfg.num_kv_heads // tensor_parallel) * cfg.head_dim * torch.finfo(dtype).bits // 8
     return per_token * block_size
 
 
 class LocalExecutor:
+    """Runs steps on a model (or a worker's partition of one) in this process."""
+
     def __init__(self, model: LlamaForServing, num_blocks: int, block_size: int):
         self.model = model
         self.block_size = block_size
-        cfg = model.cfg
-        self.kv_cache_bytes_per_block = kv_cache_bytes_per_block(model, block_size, model.embed_tokens.weight.dtype)
-        dtype = model.embed_tokens.weight.dtype
+        cfg, dtype = model.cfg, model.dtype
         num_slots = num_blocks * block_size
         self.kv_caches = [
             (
-                torch.zeros(cfg.num_kv_heads, num_slots, cfg.head_dim, dtype=dtype),
-                torch.zeros(cfg.num_kv_heads, num_slots, cfg.head_dim, dtype=dtype),
+                torch.zeros(model.num_kv_heads, num_slots, cfg.head_dim, dtype=dtype),
+                torch.zeros(model.num_kv_heads, num_slots, cfg.head_dim, dtype=dtype),
             )
-            for _ in range(cfg.num_layers)
+            for _ in model.layers
         ]
+        k0 = self.kv_caches[0][0]
+        self.kv_cache_bytes_per_block = 2 * len(self.kv_caches) * k0[:, :block_size].numel() * k0.element_size()
         self._generators: dict[str, torch.Generator | None] = {}
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
@@ -80,15 +85,15 @@ class LocalExecutor:
         table = torch.tensor(block_ids, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def prepare(self, out: SchedulerOutput):
-        """Flat input ids, positions and attention metadata for one step."""
+    def prepare(self, scheduled: list[ScheduledSeq]):
+        """Flat input ids, positions and attention metadata for one step (or a micro-batch of one)."""
         input_ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         sample_index: list[int] = []
         decode_rows: list[tuple[int, int, list[int]]] = []  # (flat index, context length, blocks)
         prefills: list[PrefillSpan] = []
-        for item in out.scheduled:
+        for item in scheduled:
             seq, start = item.seq, len(input_ids)
             first = seq.num_computed_tokens
             end_pos = first + item.num_new_tokens
@@ -115,23 +120,30 @@ class LocalExecutor:
             meta.decode = DecodeBatch(torch.tensor([i for i, _, _ in decode_rows]), tables, mask)
         return torch.tensor(input_ids), torch.cat(positions), meta, torch.tensor(sample_index)
 
+    def forget(self, finished_request_ids: list[str]) -> None:
+        for request_id in finished_request_ids:
+            self._generators.pop(request_id, None)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         """One forward pass over every scheduled sequence; a token for each that samples, else None."""
-        for request_id in out.finished_request_ids:
-            self._generators.pop(request_id, None)
+        self.forget(out.finished_request_ids)
         if not out.scheduled:
             return ModelRunnerOutput([], [])
-        input_ids, positions, meta, sample_index = self.prepare(out)
+        input_ids, positions, meta, sample_index = self.prepare(out.scheduled)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        sampling = [item.seq for item in out.scheduled if item.sample]
+        return self.sample(out.scheduled, hidden, sample_index)
+
+    def sample(self, scheduled: list[ScheduledSeq], hidden: torch.Tensor, sample_index: torch.Tensor) -> ModelRunnerOutput:
+        """Tokens from the final hidden states of a step's (or micro-batch's) sequences."""
+        sampling = [item.seq for item in scheduled if item.sample]
         if not sampling:
-            return ModelRunnerOutput([None] * len(out.scheduled), [None] * len(out.scheduled))
+            return ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled))
         logits = self.model.compute_logits(hidden[sample_index])
         params = [s.params for s in sampling]
         generators = [self._generator(s.request_id, s.params) for s in sampling]
         histories = [s.token_ids for s in sampling] if any(p.repetition_penalty != 1.0 for p in params) else None
         tokens, logprobs = sample(logits, params, generators, histories)
         it_tokens, it_logprobs = iter(tokens), iter(logprobs)
-        return ModelRunnerOutput([next(it_tokens) if item.sample else None for item in out.scheduled],
-                                 [next(it_logprobs) if item.sample else None for item in out.scheduled])
+        return ModelRunnerOutput([next(it_tokens) if item.sample else None for item in scheduled],
+                                 [next(it_logprobs) if item.sample else None for item in scheduled])

@@ -13,7 +13,7 @@ from services.model_shard.model.llama import AttentionMetadata, LlamaForServing,
 def prompt_logits(model: LlamaForServing, ids: list[int]) -> torch.Tensor:
     """float32 logits [len(ids), vocab] of one prompt, through a scratch KV cache."""
     cfg, n = model.cfg, len(ids)
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.dtype
     caches = [(torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype),
                torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype)) for _ in range(cfg.num_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n, None, None)])

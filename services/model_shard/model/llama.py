@@ -68,6 +68,48 @@ class LlamaConfig:
         return cls.from_hf_dict(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
+@dataclass(frozen=True)
+class Partition:
+    """The part of the model one worker holds: a tensor-parallel slice (its share of the attention
+    heads, KV heads and MLP columns) of the layers of one pipeline stage."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    first_layer: int = 0
+    last_layer: int | None = None  # exclusive; None: through the last layer
+
+    def layer_ids(self, cfg: LlamaConfig) -> range:
+        return range(self.first_layer, cfg.num_layers if self.last_layer is None else self.last_layer)
+
+    def is_first_stage(self) -> bool:
+        return self.first_layer == 0
+
+    def is_last_stage(self, cfg: LlamaConfig) -> bool:
+        return self.last_layer is None or self.last_layer == cfg.num_layers
+
+
+def check_parallel(cfg: LlamaConfig, tensor_parallel: int, pipeline_parallel: int) -> None:
+    """Refuse a split the model cannot take, saying which sizes would work."""
+    if tensor_parallel < 1 or pipeline_parallel < 1:
+        raise ValueError("tensor and pipeline parallel sizes must be at least 1")
+    for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
+                    ("MLP columns", cfg.intermediate_size)):
+        if n % tensor_parallel:
+            ok = [t for t in range(1, cfg.num_kv_heads + 1)
+                  if cfg.num_heads % t == 0 and cfg.num_kv_heads % t == 0 and cfg.intermediate_size % t == 0]
+            raise ValueError(f"tensor parallel size {tensor_parallel} does not divide the model's {n} {what} "
+                             f"({cfg.num_heads} heads, {cfg.num_kv_heads} KV heads): use one of {ok}")
+    if pipeline_parallel > cfg.num_layers:
+        raise ValueError(f"pipeline parallel size {pipeline_parallel} exceeds the model's {cfg.num_layers} layers")
+
+
+def stage_layers(num_layers: int, pipeline_parallel: int, stage: int) -> tuple[int, int]:
+    """Contiguous layer range [first, last) of a pipeline stage; earlier stages take the remainder."""
+    base, extra = divmod(num_layers, pipeline_parallel)
+    first = stage * base + min(stage, extra)
+    return first, first + base + (1 if stage < extra else 0)
+
+
 @dataclass
 class DecodeBatch:
     """Sequences that add exactly one token this step, attended in one padded call."""
@@ -150,17 +192,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding, tp_size: int = 1):
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
+        self.num_heads = cfg.num_heads // tp_size
+        self.num_kv_heads = cfg.num_kv_heads // tp_size
         self.head_dim = cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         # q, k and v fused into one matmul; the loader concatenates the checkpoint's three weights.
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.rope = rope
+        self.reduce = None  # tensor parallel: sums the ranks' partial outputs (row-parallel o_proj)
 
     def forward(self, x, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         T = x.shape[0]
@@ -193,28 +236,31 @@ class Attention(nn.Module):
                 vp = v_cache[:, span.kv_slots]
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, enable_gqa=True)
             out[span.start : span.end] = op.transpose(0, 1)
-        return self.o_proj(out.view(T, self.q_size))
+        out = self.o_proj(out.view(T, self.q_size))
+        return out if self.reduce is None else self.reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp_size: int = 1):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.intermediate_size = cfg.intermediate_size // tp_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=False)
+        self.reduce = None  # tensor parallel: sums the ranks' partial outputs (row-parallel down_proj)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(F.silu(gate) * up)
+        return out if self.reduce is None else self.reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding, tp_size: int = 1):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope)
+        self.self_attn = Attention(cfg, rope, tp_size)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp_size)
 
     def forward(self, x, positions, kv_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
@@ -222,19 +268,43 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForServing(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """The whole model, or one worker's partition of it (see Partition): a pipeline stage holds its
+    layers, the first the embedding, the last the final norm and LM head."""
+
+    def __init__(self, cfg: LlamaConfig, partition: Partition = Partition()):
         super().__init__()
         self.cfg = cfg
+        self.partition = partition
+        first, last = partition.is_first_stage(), partition.is_last_stage(cfg)
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # A tied LM head reads the embedding table, so the last stage keeps it too.
+        needs_embedding = first or (last and cfg.tie_word_embeddings)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if needs_embedding else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, partition.tp_size) for _ in partition.layer_ids(cfg))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
+        self.lm_head = None if cfg.tie_word_embeddings or not last else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_int8: nn.Module | None = None
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T]; returns the final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].input_layernorm.weight.dtype
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this partition holds per layer."""
+        return self.cfg.num_kv_heads // self.partition.tp_size
+
+    def set_tensor_parallel_reduce(self, reduce) -> None:
+        """reduce(tensor) -> the sum over the tensor-parallel group (an all-reduce)."""
+        for layer in self.layers:
+            layer.self_attn.reduce = reduce
+            layer.mlp.reduce = reduce
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]; returns the final hidden states [T, hidden]. A later pipeline
+        stage passes the previous stage's output as `hidden` instead of embedding input_ids."""
+        x = self.embed_tokens(input_ids) if hidden is None else hidden
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, positions, kv_cache, meta)
         return x
@@ -249,8 +319,12 @@ class LlamaForServing(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load a HF Llama state dict (names as in `LlamaForCausalLM`), fusing q/k/v and gate/up."""
+        """Load a HF Llama state dict (names as in `LlamaForCausalLM`), fusing q/k/v and gate/up,
+        and keeping only this partition's layers and tensor-parallel slices."""
+        cfg, part = self.cfg, self.partition
         params = dict(self.named_parameters())
+        r, tp, d = part.tp_rank, part.tp_size, cfg.head_dim
+        hq, hk, inter = cfg.num_heads // tp * d, cfg.num_kv_heads // tp * d, cfg.intermediate_size // tp
 
         def put(name: str, value: torch.Tensor) -> None:
             param = params.pop(name)
@@ -258,35 +332,47 @@ class LlamaForServing(nn.Module):
                 raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}")
             param.copy_(value)
 
-        put("embed_tokens.weight", tensors["model.embed_tokens.weight"])
-        put("norm.weight", tensors["model.norm.weight"])
+        def rows(t: torch.Tensor, size: int) -> torch.Tensor:  # column-parallel: this rank's outputs
+            return t[r * size : (r + 1) * size]
+
+        def cols(t: torch.Tensor, size: int) -> torch.Tensor:  # row-parallel: this rank's inputs
+            return t[:, r * size : (r + 1) * size]
+
+        if self.embed_tokens is not None:
+            put("embed_tokens.weight", tensors["model.embed_tokens.weight"])
+        if self.norm is not None:
+            put("norm.weight", tensors["model.norm.weight"])
         if self.lm_head is not None:
             put("lm_head.weight", tensors["lm_head.weight"])
-        for i in range(self.cfg.num_layers):
-            src, dst = f"model.layers.{i}.", f"layers.{i}."
+        for j, i in enumerate(part.layer_ids(cfg)):
+            src, dst = f"model.layers.{i}.", f"layers.{j}."
             attn = src + "self_attn."
-            put(dst + "self_attn.qkv_proj.weight",
-                torch.cat([tensors[attn + f"{p}_proj.weight"] for p in ("q", "k", "v")]))
-            put(dst + "self_attn.o_proj.weight", tensors[attn + "o_proj.weight"])
+            put(dst + "self_attn.qkv_proj.weight", torch.cat([
+                rows(tensors[attn + "q_proj.weight"], hq), rows(tensors[attn + "k_proj.weight"], hk),
+                rows(tensors[attn + "v_proj.weight"], hk)]))
+            put(dst + "self_attn.o_proj.weight", cols(tensors[attn + "o_proj.weight"], hq))
             mlp = src + "mlp."
             put(dst + "mlp.gate_up_proj.weight",
-                torch.cat([tensors[mlp + "gate_proj.weight"], tensors[mlp + "up_proj.weight"]]))
-            put(dst + "mlp.down_proj.weight", tensors[mlp + "down_proj.weight"])
+                torch.cat([rows(tensors[mlp + "gate_proj.weight"], inter), rows(tensors[mlp + "up_proj.weight"], inter)]))
+            put(dst + "mlp.down_proj.weight", cols(tensors[mlp + "down_proj.weight"], inter))
             put(dst + "input_layernorm.weight", tensors[src + "input_layernorm.weight"])
             put(dst + "post_attention_layernorm.weight", tensors[src + "post_attention_layernorm.weight"])
         if params:
             raise ValueError(f"checkpoint is missing {sorted(params)}")
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None) -> LlamaForServing:
-    """Build the serving model from a folder with config.json and *.safetensors.
-    quantization: None, or "int8" (weight-only, see quant.py)."""
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None,
+               partition: Partition = Partition()) -> LlamaForServing:
+    """Build the serving model (or one worker's partition of it) from a folder with config.json and
+    *.safetensors. quantization: None, "int8" or "int4" (weight-only, see quant.py)."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
     cfg = LlamaConfig.from_dir(model_dir)
+    if partition.tp_size > 1:
+        check_parallel(cfg, partition.tp_size, 1)
     with torch.device("meta"):
-        model = LlamaForServing(cfg)
+        model = LlamaForServing(cfg, partition)
     model = model.to_empty(device="cpu")
     # Buffers built on meta are empty: rebuild the RoPE tables for real.
     rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)

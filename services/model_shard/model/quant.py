@@ -36,7 +36,7 @@ def quantize(model: LlamaForServing, method: str) -> LlamaForServing:
     """Replace every projection and the LM head with quantized linears, in place.
     method: "int8" (per output channel) or "int4" (groups of 32)."""
     make = {"int8": Int8Linear, "int4": Int4Linear}[method]
-    act_dtype = model.embed_tokens.weight.dtype
+    act_dtype = model.dtype
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = make(attn.qkv_proj.weight, act_dtype)
@@ -45,9 +45,10 @@ def quantize(model: LlamaForServing, method: str) -> LlamaForServing:
         mlp.down_proj = make(mlp.down_proj.weight, act_dtype)
     # The head is the largest matrix of a small model, and it picks every token: int8 at most (int4
     # there flips greedy answers). The embedding lookup keeps its float table.
-    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    model.lm_head_int8 = Int8Linear(head, act_dtype)
-    model.lm_head = None
+    if model.norm is not None:  # the last pipeline stage holds the head
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        model.lm_head_int8 = Int8Linear(head, act_dtype)
+        model.lm_head = None
     return model
 
 

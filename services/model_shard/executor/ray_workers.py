@@ -1,0 +1,263 @@
+"""Tensor and pipeline parallel execution over Ray: one worker actor per (pipeline stage, tensor rank).
+
+The scheduler stays in the shard's process; each step, every worker receives the same scheduler
+output (one object in Ray's store) and runs its part:
+
+- Tensor parallel: a worker holds its share of the attention heads, KV heads and MLP columns
+  (column-parallel QKV and gate/up, row-parallel o_proj and down_proj), and its share of the KV
+  cache; the row-parallel outputs are summed with an all-reduce over the stage's tensor group.
+  The embedding and LM head are replicated.
+- Pipeline parallel: a stage holds a contiguous range of layers; hidden states go stage to stage
+  with send/recv. The step's sequences are cut into micro-batches, so stage s works on micro-batch
+  i while stage s+1 works on micro-batch i-1.
+
+The last stage's tensor rank 0 samples and returns the tokens. torch.distributed joins the workers:
+gloo on CPU (NCCL is for CUDA tensors, which the model runner does not place yet).
+Ray joins an existing cluster when RAY_ADDRESS is set (KubeRay), else starts a local one. A worker
+that dies fails the step with WorkerDiedError; the shard then rebuilds all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from services.model_shard.engine.scheduler import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+# Passed into the workers so their spans and logs go where the shard's go.
+FORWARDED_ENV = ("LLMMESH_TRACE_DIR", "LLMMESH_LOG_FORMAT", "LLMMESH_LOG_LEVEL", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_TRACES_SAMPLER",
+                 "OTEL_TRACES_SAMPLER_ARG", "OTEL_RESOURCE_ATTRIBUTES", "PYTHONPATH")
+
+
+class WorkerDiedError(RuntimeError):
+    """A parallel worker process is gone; the step cannot finish."""
+
+
+def micro_batches(scheduled: list[ScheduledSeq], stages: int) -> list[list[ScheduledSeq]]:
+    """Contiguous, near-equal slices by token count (so concatenated results stay in order)."""
+    if stages <= 1 or len(scheduled) < 2:
+        return [scheduled]
+    n = min(stages, len(scheduled))
+    total = sum(item.num_new_tokens for item in scheduled)
+    out, current, done = [], [], 0
+    for item in scheduled:
+        current.append(item)
+        done += item.num_new_tokens
+        if len(out) < n - 1 and done >= total * (len(out) + 1) / n:
+            out.append(current)
+            current = []
+    if current:
+        out.append(current)
+    return out
+
+
+class ModelWorker:
+    """One rank: a partition of the model and of the KV cache. Made a Ray actor by RayExecutor."""
+
+    def __init__(self, model_dir: str, dtype: str, quantization: str | None, rank: int, tensor_parallel: int,
+                 pipeline_parallel: int, threads: int):
+        self.model_dir, self.dtype, self.quantization = model_dir, dtype, quantization
+        self.rank, self.tp, self.pp = rank, tensor_parallel, pipeline_parallel
+        self.tp_rank, self.stage = rank % tensor_parallel, rank // tensor_parallel
+        if threads:
+            torch.set_num_threads(threads)
+        from services.common.telemetry import setup_tracing
+
+        setup_tracing("model_shard_worker", f"rank{rank}-pid{os.getpid()}")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rendezvous_address(self) -> str:
+        """host:port for torch.distributed's TCP store, on this (rank 0's) node."""
+        host = socket.gethostbyname(socket.gethostname()) if os.environ.get("RAY_ADDRESS") else "127.0.0.1"
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"{host}:{s.getsockname()[1]}"
+
+    def init(self, rendezvous: str, block_size: int, num_blocks: int) -> int:
+        """Join the process groups, load this rank's partition, allocate its KV cache; returns the
+        KV bytes per block of this rank."""
+        import torch.distributed as dist
+
+        from services.model_shard.engine.engine import DTYPES
+        from services.model_shard.executor.local import LocalExecutor
+        from services.model_shard.model.llama import LlamaConfig, Partition, load_model, stage_layers
+
+        world = self.tp * self.pp
+        dist.init_process_group("gloo", init_method=f"tcp://{rendezvous}", rank=self.rank, world_size=world,
+                                timeout=timedelta(seconds=120))
+        # Every rank creates every group, in the same order (torch.distributed requires it).
+        for stage in range(self.pp):
+            group = dist.new_group([stage * self.tp + i for i in range(self.tp)])
+            if stage == self.stage:
+                self.tp_group = group
+        cfg = LlamaConfig.from_dir(self.model_dir)
+        first, last = stage_layers(cfg.num_layers, self.pp, self.stage)
+        model = load_model(self.model_dir, DTYPES[self.dtype], self.quantization,
+                           Partition(self.tp_rank, self.tp, first, last))
+        if self.tp > 1:
+            group = self.tp_group
+
+            def all_reduce(t: torch.Tensor) -> torch.Tensor:
+                dist.all_reduce(t, group=group)
+                return t
+
+            model.set_tensor_parallel_reduce(all_reduce)
+        self.model = model
+        self.hidden_size = cfg.hidden_size
+        self.is_last_stage = self.stage == self.pp - 1
+        self.runner = LocalExecutor(model, num_blocks, block_size)
+        return self.runner.kv_cache_bytes_per_block
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
+        import torch.distributed as dist
+
+        self.runner.forget(out.finished_request_ids)
+        returns = self.is_last_stage and self.tp_rank == 0
+        if not out.scheduled:
+            return ModelRunnerOutput([], []) if returns else None
+        tokens: list[int | None] = []
+        logprobs: list[float | None] = []
+        in_flight = []  # (work, tensor): isend buffers must outlive the send
+        for batch in micro_batches(out.scheduled, self.pp):
+            started = time.time_ns()
+            input_ids, positions, meta, sample_index = self.runner.prepare(batch)
+            hidden = None
+            if self.stage > 0:
+                hidden = torch.empty(len(input_ids), self.hidden_size, dtype=self.model.dtype)
+                dist.recv(hidden, src=self.rank - self.tp)
+            x = self.model(input_ids, positions, self.runner.kv_caches, meta, hidden=hidden)
+            if not self.is_last_stage:
+                x = x.contiguous()
+                in_flight.append((dist.isend(x, dst=self.rank + self.tp), x))
+            elif returns:
+                result = self.runner.sample(batch, x, sample_index)
+                tokens += result.tokens
+                logprobs += result.logprobs
+            self._trace_prefills(batch, started, time.time_ns())
+        for work, _ in in_flight:
+            work.wait()
+        return ModelRunnerOutput(tokens, logprobs) if returns else None
+
+
+    def _trace_prefills(self, batch: list[ScheduledSeq], start_ns: int, end_ns: int) -> None:
+        """A span in each request's trace for this rank's part of its prefill. Decode steps are
+        not traced per request: one span per rank per token would drown the trace."""
+        from opentelemetry import propagate
+
+        from services.common.telemetry import tracer
+
+        for item in batch:
+            if item.num_new_tokens > 1 and item.seq.trace_carrier:
+                span = tracer("llmmesh.worker").start_span(
+                    "worker.forward", context=propagate.extract(item.seq.trace_carrier), start_time=start_ns,
+                    attributes={"llmmesh.rank": self.rank, "llmmesh.pipeline_stage": self.stage,
+                                "llmmesh.tensor_rank": self.tp_rank, "llmmesh.tokens": item.num_new_tokens,
+                                "llmmesh.batch_tokens": sum(i.num_new_tokens for i in batch)})
+                span.end(end_time=end_ns)
+
+
+def connect_ray(ranks: int = 1) -> None:
+    """Join the Ray cluster at RAY_ADDRESS, or start a local one (no-op when already connected).
+
+    Call it from the main thread of a long-lived process: a local cluster's processes are started
+    with a parent-death signal, which Linux delivers when the *thread* that started them ends.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        # Its CPUs are logical slots, one per rank (a rank's torch threads are threads_per_worker):
+        # room for 16 ranks even on a small machine.
+        ray.init(address="local", num_cpus=max(16, ranks, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
+
+
+class RayExecutor:
+    """The engine's executor for tensor x pipeline parallel shards (same execute() as LocalExecutor)."""
+
+    def __init__(self, model_dir: str | Path, config, num_blocks: int, place_timeout_s: float = 60.0):
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.tp, self.pp = config.tensor_parallel_size, config.pipeline_parallel_size
+        world = self.tp * self.pp
+        connect_ray(world)
+        use_gpu = torch.cuda.is_available() and bool(ray.cluster_resources().get("GPU"))
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        self.workers: list = []
+        self._pg = placement_group([bundle] * world, strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=place_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self._pg)
+            raise RuntimeError(f"the Ray cluster cannot place {world} workers of {bundle} within {place_timeout_s:.0f}s "
+                               f"(it has {ray.available_resources()})") from None
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        root = str(Path(__file__).resolve().parents[3])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        actor = ray.remote(ModelWorker)
+        self.workers = [
+            actor.options(num_cpus=1, num_gpus=1 if use_gpu else 0, runtime_env={"env_vars": env},
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank))
+            .remote(str(model_dir), config.dtype, config.quantization, rank, self.tp, self.pp, config.threads_per_worker)
+            for rank in range(world)
+        ]
+        self._output_rank = world - self.tp  # the last stage's tensor rank 0 samples
+        try:
+            rendezvous = self._gather([self.workers[0].rendezvous_address.remote()])[0]
+            self._gather([w.init.remote(rendezvous, config.block_size, num_blocks) for w in self.workers])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _gather(self, refs: list) -> list:
+        """Results in order; WorkerDiedError as soon as any worker dies (the others may be blocked
+        in a collective waiting for it, so this cannot wait for all of them first)."""
+        import ray
+        from ray.exceptions import RayActorError, WorkerCrashedError
+
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    results[index[ref]] = ray.get(ref)
+                except (RayActorError, WorkerCrashedError) as exc:
+                    raise WorkerDiedError(f"parallel worker {index[ref]} died: {type(exc).__name__}") from exc
+        return results
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        import ray
+
+        step = ray.put(out)
+        return self._gather([w.execute.remote(step) for w in self.workers])[self._output_rank]
+
+    def worker_pids(self) -> list[int]:
+        return self._gather([w.pid.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+        remove_placement_group(self._pg)
