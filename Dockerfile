@@ -20,7 +20,7 @@ COPY pyproject.toml README.md ./
 COPY llmmesh ./llmmesh
 COPY services ./services
 # convert: the GGUF -> safetensors step of `make model`, done once at build time.
-RUN pip install --no-cache-dir ".[kubernetes,convert]"
+RUN pip install --no-cache-dir ".[kubernetes,parallel,convert]"
 RUN python -m services.model_shard.model.fetch --out models/SmolLM2-135M-Instruct \
     && pip uninstall -y transformers gguf accelerate && rm -rf /root/.cache
 USER 10001
