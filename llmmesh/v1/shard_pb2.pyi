@@ -82,3 +82,19 @@ class ParallelWorker(_message.Message):
     rank: int
     pid: int
     def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class WatchPrefixIndexRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrefixIndexUpdate(_message.Message):
+    __slots__ = ("reset", "added", "removed", "block_size")
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    added: _containers.RepeatedScalarFieldContainer[int]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    block_size: int
+    def __init__(self, reset: _Optional[bool] = ..., added: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...

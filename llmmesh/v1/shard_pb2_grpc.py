@@ -50,6 +50,11 @@ class ModelShardStub:
                 request_serializer=llmmesh_dot_v1_dot_shard__pb2.ShardInfoRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_shard__pb2.ShardInfo.FromString,
                 _registered_method=True)
+        self.WatchPrefixIndex = channel.unary_stream(
+                '/llmmesh.v1.ModelShard/WatchPrefixIndex',
+                request_serializer=llmmesh_dot_v1_dot_shard__pb2.WatchPrefixIndexRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_shard__pb2.PrefixIndexUpdate.FromString,
+                _registered_method=True)
 
 
 class ModelShardServicer:
@@ -75,6 +80,14 @@ class ModelShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchPrefixIndex(self, request, context):
+        """The full KV blocks this shard's prefix cache holds, as they come and go: first a snapshot
+        (reset = true), then changes. The gateway routes prompts to the replica holding their prefix.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ModelShardServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=llmmesh_dot_v1_dot_shard__pb2.ShardInfoRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_shard__pb2.ShardInfo.SerializeToString,
+            ),
+            'WatchPrefixIndex': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPrefixIndex,
+                    request_deserializer=llmmesh_dot_v1_dot_shard__pb2.WatchPrefixIndexRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_shard__pb2.PrefixIndexUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class ModelShard:
             '/llmmesh.v1.ModelShard/Info',
             llmmesh_dot_v1_dot_shard__pb2.ShardInfoRequest.SerializeToString,
             llmmesh_dot_v1_dot_shard__pb2.ShardInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPrefixIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmmesh.v1.ModelShard/WatchPrefixIndex',
+            llmmesh_dot_v1_dot_shard__pb2.WatchPrefixIndexRequest.SerializeToString,
+            llmmesh_dot_v1_dot_shard__pb2.PrefixIndexUpdate.FromString,
             options,
             channel_credentials,
             insecure,

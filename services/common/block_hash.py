@@ -24,3 +24,8 @@ def chain_block_hashes(token_ids, block_size: int, parents: list[bytes] | None =
         parent = hashes[i - 1] if i else ROOT
         hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size]))
     return hashes
+
+
+def index_key(block_hash: bytes) -> int:
+    """A block's compact name in the shards' prefix index: the first 8 bytes of its hash."""
+    return int.from_bytes(block_hash[:8], "big")

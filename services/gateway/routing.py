@@ -1,16 +1,18 @@
-"""Prefix-affinity routing: send a prompt to the replica that most likely still holds its prefix.
+"""Prefix-affinity routing: send a prompt to the replica that holds the longest run of its prefix.
 
-The gateway remembers, per prompt block (by the chained block hash the shards use), which replica
-last computed it, in a bounded LRU. A replica's score is the number of leading blocks it holds
-minus its outstanding requests times `load_weight_blocks`, so one hot prefix does not pin every
-request on a busy replica.
+Each shard streams the block hashes its prefix cache holds (WatchPrefixIndex; ShardPool mirrors
+it per replica), so the index follows what shards really keep, evictions included. Where a shard
+does not stream one, the gateway falls back to its own memory: which replica it last sent each
+prompt block to (a bounded LRU). A replica's score is the number of leading blocks it holds minus
+its outstanding requests times `load_weight_blocks`, so one hot prefix does not pin every request
+on a busy replica.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from services.common.block_hash import chain_block_hashes
+from services.common.block_hash import chain_block_hashes, index_key
 from services.gateway.shards import Replica
 
 
@@ -24,18 +26,20 @@ class PrefixAffinity:
     def hashes(token_ids: list[int], block_size: int) -> list[bytes]:
         return chain_block_hashes(token_ids, block_size)
 
-    def held_blocks(self, address: str, hashes: list[bytes]) -> int:
-        """Leading blocks of the prompt last computed on `address`."""
+    def held_blocks(self, replica: Replica, hashes: list[bytes]) -> int:
+        """Leading blocks of the prompt that `replica` holds (by its own index when it streams one)."""
+        index = replica.prefix_index
         n = 0
         for h in hashes:
-            if self._owner.get(h) != address:
+            held = index is not None and index_key(h) in index
+            if not held and (index is not None or self._owner.get(h) != replica.address):
                 break
             n += 1
         return n
 
     def order(self, replicas: list[Replica], hashes: list[bytes]) -> list[Replica]:
         """Best first: healthy before suspect, then prefix held against load."""
-        return sorted(replicas, key=lambda r: (r.suspect, -(self.held_blocks(r.address, hashes)
+        return sorted(replicas, key=lambda r: (r.suspect, -(self.held_blocks(r, hashes)
                                                             - r.outstanding * self.load_weight_blocks)))
 
     def record(self, address: str, hashes: list[bytes]) -> None:

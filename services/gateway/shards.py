@@ -35,6 +35,9 @@ class Replica:
     outstanding: int = 0
     down_until: float = 0.0  # monotonic seconds; tried only as a last resort before then
     serving: bool = True  # its health status, as watched (optimistic until the first answer)
+    # The shard's own account of the KV blocks it holds (index keys, see WatchPrefixIndex); None
+    # until its first snapshot arrives, or while the stream is down.
+    prefix_index: set[int] | None = field(default=None, repr=False)
 
     @property
     def suspect(self) -> bool:
@@ -65,7 +68,7 @@ class ShardPool:
         """Begin watching every replica's health (call inside the running event loop)."""
         self._started = True
         for r in self.replicas:
-            self._watchers[r.address] = asyncio.get_running_loop().create_task(self._watch(r))
+            self._watchers[r.address] = asyncio.get_running_loop().create_task(self._watch_all(r))
 
     def set_addresses(self, addresses: list[str]) -> None:
         """Make the pool exactly these replicas (event-loop thread). New ones are added and watched;
@@ -77,7 +80,7 @@ class ShardPool:
                 replica = self._replica(address)
                 self.replicas.append(replica)
                 if self._started:
-                    self._watchers[address] = asyncio.get_running_loop().create_task(self._watch(replica))
+                    self._watchers[address] = asyncio.get_running_loop().create_task(self._watch_all(replica))
                 log.info("shard %s added", address)
         for address, replica in current.items():
             if address not in wanted:
@@ -89,6 +92,26 @@ class ShardPool:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
                 log.info("shard %s removed", address)
+
+    async def _watch_all(self, replica: Replica) -> None:
+        await asyncio.gather(self._watch(replica), self._watch_prefix_index(replica))
+
+    async def _watch_prefix_index(self, replica: Replica) -> None:
+        """Mirror the shard's prefix index (it streams a snapshot, then changes)."""
+        while True:
+            try:
+                async for update in replica.stub.WatchPrefixIndex(shard_pb2.WatchPrefixIndexRequest(),
+                                                                  wait_for_ready=True):
+                    if update.reset or replica.prefix_index is None:
+                        replica.prefix_index = set(update.added)
+                    else:
+                        replica.prefix_index.update(update.added)
+                    replica.prefix_index.difference_update(update.removed)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older shard: route by our own memory
+                    return
+            replica.prefix_index = None
+            await asyncio.sleep(self.backoff_s)
 
     async def _watch(self, replica: Replica) -> None:
         stub = health_pb2_grpc.HealthStub(replica.channel)

@@ -83,7 +83,15 @@ def main(argv: list[str] | None = None) -> None:
         if runtime is not None and not runtime.stopping.is_set():
             asyncio.run_coroutine_threadsafe(runtime.set_serving(serving), loop)
 
-    engine = AsyncEngine(build_engine, on_step=observe_step, recover_from=(WorkerDiedError,), on_health=on_health)
+    feed_ref = {}
+
+    def on_prefix_change(added, removed) -> None:  # engine thread -> the index streams
+        loop = runtime_ref.get("loop")
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(feed_ref["feed"].publish, added, removed)
+
+    engine = AsyncEngine(build_engine, on_step=observe_step, recover_from=(WorkerDiedError,), on_health=on_health,
+                         on_prefix_change=on_prefix_change)
     REGISTRY.register(EngineCollector(engine))
 
     async def on_start(runtime):
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     servicer = ModelShardServicer(engine, model_name=args.model.rstrip("/").rsplit("/", 1)[-1],
                                   retry_after_s=args.retry_after)
+    feed_ref["feed"] = servicer.prefix_feed
 
     def register(server):
         shard_pb2_grpc.add_ModelShardServicer_to_server(servicer, server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -12,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
-from services.common.block_hash import chain_block_hashes
+from services.common.block_hash import chain_block_hashes, index_key
 from services.common.errors import retry_later
 from services.common.telemetry import record_span, tracer
 from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, StepReport
@@ -52,6 +53,17 @@ def sampling_from_proto(p, skip_draws: int = 0) -> SamplingParams:
     )
 
 
+class PrefixIndexFeed:
+    """Fans the engine's prefix-cache changes out to WatchPrefixIndex streams (event-loop thread)."""
+
+    def __init__(self):
+        self.subscribers: set[asyncio.Queue] = set()
+
+    def publish(self, added: list[bytes], removed: list[bytes]) -> None:
+        for queue in self.subscribers:
+            queue.put_nowait((added, removed))
+
+
 class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
     def __init__(self, engine: AsyncEngine, model_name: str, retry_after_s: float = 0.5,
                  shared_kv: SharedKvBlocks | None = None):
@@ -60,6 +72,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         self.shared_kv = shared_kv
         self.retry_after_s = retry_after_s
         self.model_name = model_name
+        self.prefix_feed = PrefixIndexFeed()  # wire AsyncEngine's on_prefix_change to publish()
 
     async def Generate(self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext):
         if not request.prompt_token_ids:
@@ -135,6 +148,22 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 span.set_attribute("llmmesh.kv_fetch_errors", [str(exc)])
                 return
             span.set_attribute("llmmesh.kv_blocks_cached", cached)
+
+    async def WatchPrefixIndex(self, request, context: grpc.aio.ServicerContext):
+        queue: asyncio.Queue = asyncio.Queue()
+        self.prefix_feed.subscribers.add(queue)  # before the snapshot: no change falls between
+        try:
+            snapshot = await self.engine.prefix_snapshot()
+            block_size = self.engine.engine.config.block_size
+            yield shard_pb2.PrefixIndexUpdate(reset=True, added=[index_key(h) for h in snapshot], block_size=block_size)
+            while True:
+                added, removed = await queue.get()
+                yield shard_pb2.PrefixIndexUpdate(added=[index_key(h) for h in added],
+                                                  removed=[index_key(h) for h in removed], block_size=block_size)
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            self.prefix_feed.subscribers.discard(queue)
 
     async def Abort(self, request: shard_pb2.AbortRequest, context):
         self.engine.abort(request.request_id)

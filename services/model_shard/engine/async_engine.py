@@ -82,18 +82,22 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], ready_timeout_s: float = 600.0,
                  on_step: Callable[[StepReport], None] | None = None,
                  recover_from: tuple[type[BaseException], ...] = (),
-                 on_health: Callable[[bool], None] | None = None):
+                 on_health: Callable[[bool], None] | None = None,
+                 on_prefix_change: Callable[[list[bytes], list[bytes]], None] | None = None):
         """engine: an LLMEngine, or a factory called on the engine thread (preferred, see above).
         Returns once the engine is built; raises what the factory raised.
 
         When a step raises one of `recover_from` (e.g. a parallel worker died), the requests in
         flight fail with EngineDeadError and the factory builds a fresh engine. on_health(False)
-        is called (engine thread) when the engine fails, on_health(True) once a rebuilt one runs."""
+        is called (engine thread) when the engine fails, on_health(True) once a rebuilt one runs.
+        on_prefix_change(added, removed) (engine thread) follows the prefix cache's block hashes;
+        prefix_snapshot() gives the whole set, in order with those calls."""
         self.engine: LLMEngine | None = engine if isinstance(engine, LLMEngine) else None
         self._factory = None if self.engine is not None else engine
         self._on_step = on_step  # called on the engine thread after each step
         self._recover_from = recover_from if self._factory is not None else ()
         self._on_health = on_health or (lambda serving: None)
+        self._on_prefix_change = on_prefix_change
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}  # owned by the engine thread
         self._stopped = threading.Event()
@@ -165,6 +169,20 @@ class AsyncEngine:
         self._inbox.put(msg)
         if self._error is not None:
             raise EngineDeadError(f"the engine failed: {self._error}")
+
+    async def prefix_snapshot(self) -> list[bytes]:
+        """Every block hash the prefix cache holds, taken between steps: on_prefix_change calls made
+        after it are changes to this set."""
+        loop = asyncio.get_running_loop()
+        msg = _Call(lambda engine: self._snapshot(engine), loop, loop.create_future())
+        self._send(msg)
+        return await msg.done
+
+    def _snapshot(self, engine: LLMEngine) -> list[bytes]:
+        added, removed = engine.pool.take_changes()  # earlier changes go out first, then the snapshot
+        if self._on_prefix_change is not None and (added or removed):
+            self._on_prefix_change(added, removed)
+        return engine.pool.cached_hashes()
 
     async def worker_pids(self) -> list[int]:
         """Process ids of the engine's parallel workers, by rank (none for a local executor)."""
@@ -246,6 +264,7 @@ class AsyncEngine:
                 self._on_health(True)
 
     def _serve(self) -> None:
+        self.engine.pool.track_changes = self._on_prefix_change is not None
         while not self._stopped.is_set():
             # Block only when idle; otherwise take what arrived and step.
             msg = self._inbox.get() if not self.engine.has_work else self._get_nowait()
@@ -261,6 +280,10 @@ class AsyncEngine:
                 if self._on_step is not None and stats.steps > steps:
                     self._on_step(StepReport(stats.scheduled_seqs - seqs, stats.computed_tokens - tokens,
                                              time.perf_counter() - started))
+            if self._on_prefix_change is not None:
+                added, removed = self.engine.pool.take_changes()
+                if added or removed:
+                    self._on_prefix_change(added, removed)
 
     def _fail_waiters(self, dead: EngineDeadError) -> None:
         for stream in list(self._streams.values()):

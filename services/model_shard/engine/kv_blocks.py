@@ -30,6 +30,10 @@ class BlockPool:
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._block_of: dict[bytes, int] = {}
         self.stats = PrefixStats()
+        # Changes to the set of cached hashes since the last take_changes(), for whoever mirrors
+        # it (the gateway's routing index); off until someone asks.
+        self.track_changes = False
+        self._changes: dict[bytes, bool] = {}  # hash -> cached now (the last change wins)
 
     @property
     def num_free(self) -> int:
@@ -58,6 +62,8 @@ class BlockPool:
                 del self._block_of[old]
                 self._hash_of[block] = None
                 self.stats.evicted_blocks += 1
+                if self.track_changes:
+                    self._changes[old] = False
             self._ref_counts[block] = 1
             blocks.append(block)
         return blocks
@@ -102,3 +108,13 @@ class BlockPool:
         if self._hash_of[block] is None and block_hash not in self._block_of:
             self._hash_of[block] = block_hash
             self._block_of[block_hash] = block
+            if self.track_changes:
+                self._changes[block_hash] = True
+
+    def cached_hashes(self) -> list[bytes]:
+        return list(self._block_of)
+
+    def take_changes(self) -> tuple[list[bytes], list[bytes]]:
+        """The net change since the last call: (hashes now cached, hashes no longer cached)."""
+        changes, self._changes = self._changes, {}
+        return [h for h, cached in changes.items() if cached], [h for h, cached in changes.items() if not cached]
