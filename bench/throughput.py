@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--shard-threads", type=int, help="torch threads in the shard (default: all cores)")
     parser.add_argument("--max-batched-tokens", type=int, default=256, help="the shard's token budget per step")
+    parser.add_argument("--no-kv-sharing", action="store_true",
+                        help="shards do not upload/fetch KV prefix blocks through the cache service")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -185,7 +187,8 @@ def main() -> None:
     shard_args = ["--dtype", args.dtype, "--kv-cache-mb", "1024", "--max-running", "128",
                   "--max-batched-tokens", str(args.max_batched_tokens),
                   *(["--quantization", args.quantization] if args.quantization else []),
-                  *(["--threads", str(args.shard_threads)] if args.shard_threads else [])]
+                  *(["--threads", str(args.shard_threads)] if args.shard_threads else []),
+                  *(["--cache", ""] if args.no_kv_sharing else [])]
     plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0], gateway_metrics_port=0,
                      shard_args=shard_args, gateway_args=["--no-response-cache"])
     rows = []

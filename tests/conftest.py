@@ -81,6 +81,17 @@ def free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """Tests that build parallel engines in this process share one local Ray cluster, started on
+    first use from the main thread (see connect_ray) and stopped at the end of the session."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def otlp_receiver():
     from .otlp_receiver import OtlpReceiver
 

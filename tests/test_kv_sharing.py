@@ -64,30 +64,37 @@ def test_blocks_larger_than_a_chunk_cross_the_wire_intact():
 # --- the engine: export on one, import on another ---
 
 
-def test_blocks_exported_by_one_engine_serve_another_with_identical_tokens(tiny_model_dir):
-    config = EngineConfig(block_size=4, kv_cache_bytes=1 << 20)
-    a, b, cold = (LLMEngine.from_dir(tiny_model_dir, config) for _ in range(3))
-    assert a.kv_layout == b.kv_layout and "tiny-llama" in a.kv_layout
-    shared: dict[bytes, bytes] = {}
-    a.prompt_block_listener = lambda hashes, data: shared.update(
-        (h, data[i].numpy().tobytes()) for i, h in enumerate(hashes))
-    prefix = [(7 * i) % 250 + 3 for i in range(40)]  # 10 blocks
-    params = SamplingParams(max_tokens=12)
-    a.generate([prefix + [11, 12, 13]], params)
-    hashes = chain_block_hashes(prefix, 4)
-    assert set(hashes) <= set(shared)  # every full prompt block was offered
+@pytest.mark.parametrize("parallel", [{}, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}],
+                         ids=["local", "tp2xpp2"])
+def test_blocks_exported_by_one_engine_serve_another_with_identical_tokens(tiny_model_dir, ray_cluster, parallel):
+    config = EngineConfig(block_size=4, kv_cache_bytes=1 << 20, **parallel)
+    a, b = (LLMEngine.from_dir(tiny_model_dir, config) for _ in range(2))
+    cold = LLMEngine.from_dir(tiny_model_dir, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+    try:
+        assert a.kv_layout == b.kv_layout and "tiny-llama" in a.kv_layout
+        shared: dict[bytes, bytes] = {}
+        a.prompt_block_listener = lambda hashes, data: shared.update(
+            (h, data[i].numpy().tobytes()) for i, h in enumerate(hashes))
+        prefix = [(7 * i) % 250 + 3 for i in range(40)]  # 10 blocks
+        params = SamplingParams(max_tokens=12)
+        a.generate([prefix + [11, 12, 13]], params)
+        hashes = chain_block_hashes(prefix, 4)
+        assert set(hashes) <= set(shared)  # every full prompt block was offered
 
-    prompt = prefix + [21, 22, 23, 24, 25]
-    usable = chain_block_hashes(prompt, 4)[: (len(prompt) - 1) // 4]
-    assert b.import_blocks(usable, [shared.get(h) for h in usable]) == 10
-    warm = b.generate([prompt], params)[0]
-    assert warm == cold.generate([prompt], params)[0]
-    assert b.stats.computed_tokens == cold.stats.computed_tokens - 40
-    # A block of another layout is refused, and nothing is held by the refusal.
-    used = b.pool.num_used
-    with pytest.raises(ValueError, match="bytes"):
-        b.import_blocks([b"x" * 16], [b"short"])
-    assert b.pool.num_used == used
+        prompt = prefix + [21, 22, 23, 24, 25]
+        usable = chain_block_hashes(prompt, 4)[: (len(prompt) - 1) // 4]
+        assert b.import_blocks(usable, [shared.get(h) for h in usable]) == 10
+        warm = b.generate([prompt], params)[0]
+        assert warm == cold.generate([prompt], params)[0]
+        assert b.stats.computed_tokens == cold.stats.computed_tokens - 40
+        # A block of another layout is refused, and nothing is held by the refusal.
+        used = b.pool.num_used
+        with pytest.raises(ValueError, match="bytes"):
+            b.import_blocks([b"x" * 16], [b"short"])
+        assert b.pool.num_used == used
+    finally:
+        a.shutdown()
+        b.shutdown()
 
 
 # --- the cache service: budget, order, idempotence ---

@@ -28,14 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + i for i in range(40)], [3, 4]]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    yield
-    import ray
-
-    ray.shutdown()
-
-
 def _run(model_dir, params, **parallel) -> tuple[list[list[int]], list[list[float]]]:
     engine = LLMEngine.from_dir(model_dir, EngineConfig(block_size=4, kv_cache_bytes=1 << 20, **parallel))
     try:
@@ -50,7 +42,7 @@ def _run(model_dir, params, **parallel) -> tuple[list[list[int]], list[list[floa
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
-def test_parallel_shards_match_the_local_executor(tiny_model_dir, ray_session, tp, pp):
+def test_parallel_shards_match_the_local_executor(tiny_model_dir, ray_cluster, tp, pp):
     params = [SamplingParams(max_tokens=12, logprobs=True),
               SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, logprobs=True)]
     local_tokens, local_logprobs = _run(tiny_model_dir, params)
@@ -82,7 +74,7 @@ def test_a_split_the_model_cannot_take_is_refused_clearly(tiny_model_dir, real_m
 
 
 @pytest.mark.parametrize("tp, pp", [(3, 1), (1, 2)])
-def test_the_real_model_gives_the_same_answer_split(real_model_dir, ray_session, tp, pp):
+def test_the_real_model_gives_the_same_answer_split(real_model_dir, ray_cluster, tp, pp):
     from services.tokenizer.text import Message, TextTokenizer
 
     text = TextTokenizer(real_model_dir)

@@ -119,6 +119,12 @@ class ModelWorker:
         self.runner = LocalExecutor(model, num_blocks, block_size)
         return self.runner.kv_cache_bytes_per_block
 
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return self.runner.export_blocks(block_ids)
+
+    def import_blocks(self, block_ids: list[int], values: list[bytes]) -> None:
+        self.runner.import_blocks(block_ids, values)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
         import torch.distributed as dist
@@ -221,7 +227,9 @@ class RayExecutor:
         self._output_rank = world - self.tp  # the last stage's tensor rank 0 samples
         try:
             rendezvous = self._gather([self.workers[0].rendezvous_address.remote()])[0]
-            self._gather([w.init.remote(rendezvous, config.block_size, num_blocks) for w in self.workers])
+            # Each rank's share of a block's bytes; a block travels as their concatenation, by rank.
+            self.rank_block_bytes = self._gather([w.init.remote(rendezvous, config.block_size, num_blocks)
+                                                  for w in self.workers])
         except BaseException:
             self.shutdown()
             raise
@@ -249,6 +257,24 @@ class RayExecutor:
 
         step = ray.put(out)
         return self._gather([w.execute.remote(step) for w in self.workers])[self._output_rank]
+
+    @property
+    def kv_cache_bytes_per_block(self) -> int:
+        return sum(self.rank_block_bytes)
+
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """uint8 [n, bytes per block]: every rank's part of each block, concatenated by rank."""
+        return torch.cat(self._gather([w.export_blocks.remote(block_ids) for w in self.workers]), dim=1)
+
+    def import_blocks(self, block_ids: list[int], values: list[bytes]) -> None:
+        bad = next((len(v) for v in values if len(v) != self.kv_cache_bytes_per_block), None)
+        if bad is not None:
+            raise ValueError(f"a KV block of {bad} bytes; this layout's blocks are {self.kv_cache_bytes_per_block}")
+        refs, offset = [], 0
+        for worker, size in zip(self.workers, self.rank_block_bytes):
+            refs.append(worker.import_blocks.remote(block_ids, [v[offset : offset + size] for v in values]))
+            offset += size
+        self._gather(refs)
 
     def worker_pids(self) -> list[int]:
         return self._gather([w.pid.remote() for w in self.workers])
