@@ -217,14 +217,16 @@ def test_a_prefix_computed_on_one_replica_is_reused_by_another_through_the_cache
 def test_a_slow_or_dead_cache_never_fails_a_request(kv_mesh, real_model_dir):
     cache = kv_mesh.processes["cache"]
     prompts = [_text_tokens(real_model_dir, f"Note {i}: the tide tables for the harbour list every high water. " * 12)
-               for i in range(2)]
+               for i in range(3)]
     os.kill(cache.pid, signal.SIGSTOP)  # accepts connections, answers nothing: the fetch times out
     try:
         slow_tokens, slow_cached = _shard_generate(kv_mesh, 1, prompts[0])
+        # The replica is now backed off: the next prompt does not ask it (BACKING_OFF below).
+        _shard_generate(kv_mesh, 1, prompts[1][:-4])
     finally:
         os.kill(cache.pid, signal.SIGCONT)
     kv_mesh.kill("cache")
-    dead_tokens, dead_cached = _shard_generate(kv_mesh, 1, prompts[1])
+    dead_tokens, dead_cached = _shard_generate(kv_mesh, 1, prompts[2])
     assert len(slow_tokens) == len(dead_tokens) == 8 and slow_cached == dead_cached == 0
 
     def fetch_errors():
@@ -232,5 +234,5 @@ def test_a_slow_or_dead_cache_never_fails_a_request(kv_mesh, real_model_dir):
         return [str(s["attributes"].get("llmmesh.kv_fetch_errors", "")) for s in spans]
 
     assert wait_for(lambda: any("DEADLINE_EXCEEDED" in e for e in fetch_errors())
-                    and any("UNAVAILABLE" in e for e in fetch_errors()), timeout=20), fetch_errors()
+                    and any("BACKING_OFF" in e for e in fetch_errors()), timeout=20), fetch_errors()
     kv_mesh.restart("cache")

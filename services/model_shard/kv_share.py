@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -46,8 +47,13 @@ class FetchResult:
 
 class SharedKvBlocks:
     def __init__(self, ring: HashRing[cache_pb2_grpc.CacheStub], layout: str, fetch_timeout_s: float = 0.5,
-                 upload_timeout_s: float = 10.0, max_backlog_bytes: int = 256 << 20, known_capacity: int = 200_000):
+                 upload_timeout_s: float = 10.0, max_backlog_bytes: int = 256 << 20, known_capacity: int = 200_000,
+                 backoff_s: float = 5.0):
+        """backoff_s: a replica that timed out or was unreachable is not asked again for this long,
+        so an outage costs one fetch timeout, not one per request."""
         self.ring = ring
+        self.backoff_s = backoff_s
+        self._down_until: dict[str, float] = {}  # replica -> monotonic time it may be asked again
         self.layout = layout
         self.fetch_timeout_s = fetch_timeout_s
         self.upload_timeout_s = upload_timeout_s
@@ -88,6 +94,9 @@ class SharedKvBlocks:
     async def _fetch_from(self, owner: str, hashes: list[bytes]) -> tuple[list[bytes], str | None]:
         """The leading run of hashes held by one replica, and why it stopped early if it failed."""
         values: list[bytes] = []
+        if time.monotonic() < self._down_until.get(owner, 0.0):
+            KV_FETCH_FAILURES.labels("BACKING_OFF").inc()
+            return values, "BACKING_OFF"
         try:
             stream = self.ring.node(owner).GetKvBlocks(cache_pb2.GetKvBlocksRequest(layout=self.layout, block_hashes=hashes),
                                       timeout=self.fetch_timeout_s)
@@ -98,6 +107,7 @@ class SharedKvBlocks:
             return values, None
         except grpc.aio.AioRpcError as exc:
             KV_FETCH_FAILURES.labels(exc.code().name).inc()
+            self._mark_down(owner, exc)
             return values, exc.code().name
         except MalformedStream as exc:
             KV_FETCH_FAILURES.labels("MALFORMED").inc()
@@ -151,9 +161,13 @@ class SharedKvBlocks:
         groups = self.ring.group(h for h, _ in batch)
 
         async def put(owner: str, blocks: list[tuple[bytes, bytes]]) -> None:
+            if time.monotonic() < self._down_until.get(owner, 0.0):
+                KV_UPLOAD_DROPPED.inc(len(blocks))
+                return
             try:
                 await self.ring.node(owner).PutKvBlocks(to_chunks(self.layout, blocks), timeout=self.upload_timeout_s)
             except grpc.aio.AioRpcError as exc:
+                self._mark_down(owner, exc)
                 KV_UPLOAD_DROPPED.inc(len(blocks))
                 log.info("KV upload to %s failed: %s", owner, exc.code().name)
                 return
@@ -162,6 +176,11 @@ class SharedKvBlocks:
             KV_UPLOADED_BYTES.inc(sum(len(v) for _, v in blocks))
 
         await asyncio.gather(*(put(owner, [batch[i] for i in idx]) for owner, idx in groups.items()))
+
+    def _mark_down(self, owner: str, exc: grpc.aio.AioRpcError) -> None:
+        if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            self._down_until[owner] = time.monotonic() + self.backoff_s
+            log.info("cache replica %s: %s; not asked for KV blocks for %.0fs", owner, exc.code().name, self.backoff_s)
 
     def _remember(self, block_hashes: list[bytes]) -> None:
         for h in block_hashes:
