@@ -77,6 +77,9 @@ def test_defaults_wire_the_services_together(chart):
     gateway = container(find(docs, "Deployment", "prod-llm-mesh-gateway"))
     assert "--discovery=kubernetes" in gateway["args"] and "--shard-service=prod-llm-mesh-shard" in gateway["args"]
     assert "--cache=prod-llm-mesh-cache-0.prod-llm-mesh-cache.serving.svc:50053" in gateway["args"]
+    # Tokenizer pods are resolved one by one (headless) so the gateway's calls spread over them.
+    assert "--tokenizer=dns:///prod-llm-mesh-tokenizer.serving.svc:50052" in gateway["args"]
+    assert find(docs, "Service", "prod-llm-mesh-tokenizer")["spec"]["clusterIP"] == "None"
     assert gateway["readinessProbe"]["grpc"]["port"] == 50051  # native gRPC probe on grpc.health.v1
     shard_set = find(docs, "StatefulSet", "prod-llm-mesh-shard")
     shard = container(shard_set)
