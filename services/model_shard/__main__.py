@@ -69,14 +69,23 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, OSError) as exc:
             parser.error(str(exc))
 
-    def build_engine() -> LLMEngine:  # runs on the engine thread: all torch work stays there
+    runtime_ref = {}
+    shared_ref: dict[str, SharedKvBlocks] = {}
+
+    def offer_blocks(hashes, data) -> None:  # engine thread -> the uploader on the event loop
+        shared, loop = shared_ref.get("shared"), runtime_ref.get("loop")
+        if shared is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(shared.offer, hashes, data)
+
+    def build_engine() -> LLMEngine:  # runs on the engine thread (first build and rebuilds)
         if args.threads:
             torch.set_num_threads(args.threads)
-        return LLMEngine.from_dir(args.model, config)
+        built = LLMEngine.from_dir(args.model, config)
+        built.prompt_block_listener = offer_blocks
+        return built
 
     if config.parallel:
         connect_ray(config.tensor_parallel_size * config.pipeline_parallel_size)  # main thread: see connect_ray
-    runtime_ref = {}
 
     def on_health(serving: bool) -> None:  # engine thread: a parallel worker died, or was rebuilt
         runtime, loop = runtime_ref.get("runtime"), runtime_ref.get("loop")
@@ -101,15 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             tls = tls_from_args(args)
             ring = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches})
             shared = SharedKvBlocks(ring, engine.engine.kv_layout, fetch_timeout_s=args.kv_fetch_timeout)
-            loop = asyncio.get_running_loop()
-
-            def offer(hashes, data):  # engine thread -> event loop
-                if not loop.is_closed():
-                    loop.call_soon_threadsafe(shared.offer, hashes, data)
-
-            engine.engine.prompt_block_listener = offer
             shared.start()
-            servicer.shared_kv = shared
+            servicer.shared_kv = shared_ref["shared"] = shared
 
     servicer = ModelShardServicer(engine, model_name=args.model.rstrip("/").rsplit("/", 1)[-1],
                                   retry_after_s=args.retry_after)
