@@ -120,6 +120,10 @@ def test_a_killed_worker_fails_its_streams_then_the_shard_rebuilds_and_serves(ti
         generate = next(sp for sp in trace_spans() if sp["name"].endswith("ModelShard/Generate"))
         assert {sp["parent_id"] for sp in worker_spans()} == {generate["context"]["span_id"]}
 
+        index = stub.WatchPrefixIndex(shard_pb2.WatchPrefixIndexRequest(), timeout=120)
+        mirror = set(next(index).added)
+        assert mirror  # the traced prompt's blocks are cached
+
         statuses: list[int] = []
         serving_again = threading.Event()
 
@@ -144,6 +148,13 @@ def test_a_killed_worker_fails_its_streams_then_the_shard_rebuilds_and_serves(ti
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "worker 1 died" in err.value.details()
 
         assert serving_again.wait(120), statuses
+        # Routers following the index hear that the rebuilt engine lost every cached block.
+        for update in index:
+            mirror = (mirror | set(update.added)) - set(update.removed)
+            if update.removed and not mirror:
+                break
+        index.cancel()
+        assert mirror == set()
         rebuilt = stub.Info(shard_pb2.ShardInfoRequest(), timeout=30)
         assert info.workers[1].pid not in [w.pid for w in rebuilt.workers]
         tokens = [t for m in stub.Generate(request, timeout=120) for t in m.token_ids]

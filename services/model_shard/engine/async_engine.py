@@ -297,6 +297,8 @@ class AsyncEngine:
     def _rebuild(self) -> bool:
         """Replace the failed engine (its workers released first); False when that failed too."""
         old, self.engine = self.engine, None
+        if self._on_prefix_change is not None:  # a rebuilt engine starts with an empty prefix cache
+            self._on_prefix_change([], old.pool.cached_hashes())
         try:
             old.shutdown()
         except Exception:  # noqa: BLE001 - what is left of it goes anyway
