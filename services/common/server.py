@@ -73,10 +73,15 @@ async def _stream_from(result):
 
 
 class InFlightCalls(grpc.aio.ServerInterceptor):
-    """Counts the service's own calls in progress (health and reflection aside), so a drain can end
-    as soon as they are done instead of waiting out the grace period for never-ending health watches."""
+    """Counts the service's own calls in progress, so a drain can end as soon as they are done instead
+    of waiting out the grace period for never-ending streams. Not counted: health and reflection, and
+    every `Watch*` method (by convention a subscription that lasts as long as its server)."""
 
     _UNCOUNTED = ("/grpc.health.", "/grpc.reflection.")
+
+    @classmethod
+    def counts(cls, method: str) -> bool:
+        return not method.startswith(cls._UNCOUNTED) and not method.rsplit("/", 1)[-1].startswith("Watch")
 
     def __init__(self):
         self.count = 0
@@ -101,7 +106,7 @@ class InFlightCalls(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._UNCOUNTED):
+        if handler is None or not self.counts(handler_call_details.method):
             return handler
         kind = next(k for k in ("unary_unary", "stream_unary", "unary_stream", "stream_stream")
                     if getattr(handler, k) is not None)

@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> None:
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
         if caches and config.enable_prefix_caching and engine.engine.can_transfer_blocks:
             tls = tls_from_args(args)
-            ring = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches})
-            shared = SharedKvBlocks(ring, engine.engine.kv_layout, fetch_timeout_s=args.kv_fetch_timeout)
+            channels = {a: make_channel(a, tls) for a in caches}
+            ring = HashRing({a: cache_pb2_grpc.CacheStub(ch) for a, ch in channels.items()})
+            shared = SharedKvBlocks(ring, engine.engine.kv_layout, fetch_timeout_s=args.kv_fetch_timeout,
+                                    channels=list(channels.values()))
             shared.start()
             servicer.shared_kv = shared_ref["shared"] = shared
 

@@ -48,10 +48,12 @@ class FetchResult:
 class SharedKvBlocks:
     def __init__(self, ring: HashRing[cache_pb2_grpc.CacheStub], layout: str, fetch_timeout_s: float = 0.5,
                  upload_timeout_s: float = 10.0, max_backlog_bytes: int = 256 << 20, known_capacity: int = 200_000,
-                 backoff_s: float = 5.0):
+                 backoff_s: float = 5.0, channels: list[grpc.aio.Channel] | None = None):
         """backoff_s: a replica that timed out or was unreachable is not asked again for this long,
-        so an outage costs one fetch timeout, not one per request."""
+        so an outage costs one fetch timeout, not one per request. channels: the stubs' channels,
+        closed by stop()."""
         self.ring = ring
+        self._channels = list(channels or [])
         self.backoff_s = backoff_s
         self._down_until: dict[str, float] = {}  # replica -> monotonic time it may be asked again
         self.layout = layout
@@ -137,6 +139,8 @@ class SharedKvBlocks:
         if self._uploader is not None:
             self._uploader.cancel()
             await asyncio.gather(self._uploader, return_exceptions=True)
+        # Closed inside the loop: a grpc.aio channel left to interpreter exit can crash the process.
+        await asyncio.gather(*(channel.close() for channel in self._channels), return_exceptions=True)
 
     async def drain(self) -> None:
         """Wait until every offered block has been sent (or dropped)."""
