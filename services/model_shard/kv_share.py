@@ -62,7 +62,7 @@ class SharedKvBlocks:
         self.max_backlog_bytes = max_backlog_bytes
         self._known: OrderedDict[bytes, None] = OrderedDict()  # hashes the cache has from us (LRU)
         self._known_capacity = known_capacity
-        self._backlog: asyncio.Queue[tuple[bytes, bytes] | None] = asyncio.Queue()
+        self._backlog: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
         self._backlog_bytes = 0
         self._uploader: asyncio.Task | None = None
 
@@ -100,8 +100,8 @@ class SharedKvBlocks:
             KV_FETCH_FAILURES.labels("BACKING_OFF").inc()
             return values, "BACKING_OFF"
         try:
-            stream = self.ring.node(owner).GetKvBlocks(cache_pb2.GetKvBlocksRequest(layout=self.layout, block_hashes=hashes),
-                                      timeout=self.fetch_timeout_s)
+            request = cache_pb2.GetKvBlocksRequest(layout=self.layout, block_hashes=hashes)
+            stream = self.ring.node(owner).GetKvBlocks(request, timeout=self.fetch_timeout_s)
             async for _, block_hash, value in from_chunks(stream):
                 if len(values) >= len(hashes) or block_hash != hashes[len(values)]:
                     raise MalformedStream("the cache sent a block that was not asked for next")
