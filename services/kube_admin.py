@@ -17,7 +17,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 
-from services.gateway.discovery import SERVICE_NAME_LABEL
+from services.gateway.discovery import SERVICE_NAME_LABEL, slice_endpoints
 
 
 @dataclass
@@ -57,16 +57,11 @@ def shard_endpoints(api, namespace: str, service: str, metrics_port: int | None,
     slices = client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
         namespace, label_selector=f"{SERVICE_NAME_LABEL}={service}")
     out = []
-    for s in slices.items:
-        port = next((p.port for p in s.ports or [] if p.name == "grpc"), None)
-        for e in s.endpoints or []:
-            ready = e.conditions is None or e.conditions.ready is not False
-            pod = e.target_ref.name if e.target_ref is not None else "?"
-            for address in e.addresses or []:
-                ep = ShardEndpoint(pod, f"{address}:{port}", ready)
-                if metrics_port:
-                    ep.running, ep.waiting = _load(address, metrics_port, timeout_s)
-                out.append(ep)
+    for pod, address, ready in slice_endpoints(slices.items, "grpc"):
+        endpoint = ShardEndpoint(pod, address, ready)
+        if metrics_port:
+            endpoint.running, endpoint.waiting = _load(address.rsplit(":", 1)[0], metrics_port, timeout_s)
+        out.append(endpoint)
     return sorted(out, key=lambda e: e.pod)
 
 

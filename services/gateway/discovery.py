@@ -12,30 +12,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
-def ready_addresses(slices: dict[str, object], port_name: str | None) -> list[str]:
-    """HOST:PORT of every ready endpoint over all slices (kubernetes client objects), sorted."""
-    out = set()
-    for s in slices.values():
+def slice_endpoints(slices: Iterable, port_name: str | None) -> Iterator[tuple[str, str, bool]]:
+    """(pod, HOST:PORT, ready) of every endpoint address in the slices (kubernetes client objects)."""
+    for s in slices:
         ports = [p for p in (s.ports or []) if port_name is None or p.name == port_name]
         if not ports or ports[0].port is None:
             continue
-        port = ports[0].port
         for endpoint in s.endpoints or []:
-            conditions = endpoint.conditions
             # Per the API: an unset `ready` means ready; terminating endpoints are never ready.
-            if conditions is not None and conditions.ready is False:
-                continue
+            ready = endpoint.conditions is None or endpoint.conditions.ready is not False
+            pod = endpoint.target_ref.name if endpoint.target_ref is not None else "?"
             for address in endpoint.addresses or []:
                 host = f"[{address}]" if ":" in address else address
-                out.add(f"{host}:{port}")
-    return sorted(out)
+                yield pod, f"{host}:{ports[0].port}", ready
+
+
+def ready_addresses(slices: dict[str, object], port_name: str | None) -> list[str]:
+    """HOST:PORT of every ready endpoint over all slices, sorted."""
+    return sorted({address for _, address, ready in slice_endpoints(slices.values(), port_name) if ready})
 
 
 class EndpointSliceWatcher:

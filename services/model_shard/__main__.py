@@ -20,7 +20,7 @@ from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
 from services.model_shard.executor.ray_workers import WorkerDiedError, connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
 from services.model_shard.model.llama import LlamaConfig, check_parallel
-from services.model_shard.server import EngineCollector, ModelShardServicer, observe_step
+from services.model_shard.server import EngineCollector, ModelShardServicer, PrefixIndexFeed, observe_step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         if runtime is not None and not runtime.stopping.is_set():
             asyncio.run_coroutine_threadsafe(runtime.set_serving(serving), loop)
 
-    feed_ref = {}
+    prefix_feed = PrefixIndexFeed()
 
     def on_prefix_change(added, removed) -> None:  # engine thread -> the index streams
         loop = runtime_ref.get("loop")
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(feed_ref["feed"].publish, added, removed)
+            loop.call_soon_threadsafe(prefix_feed.publish, added, removed)
 
     engine = AsyncEngine(build_engine, on_step=observe_step, recover_from=(WorkerDiedError,), on_health=on_health,
                          on_prefix_change=on_prefix_change)
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             servicer.shared_kv = shared_ref["shared"] = shared
 
     servicer = ModelShardServicer(engine, model_name=args.model.rstrip("/").rsplit("/", 1)[-1],
-                                  retry_after_s=args.retry_after)
-    feed_ref["feed"] = servicer.prefix_feed
+                                  retry_after_s=args.retry_after, prefix_feed=prefix_feed)
 
     def register(server):
         shard_pb2_grpc.add_ModelShardServicer_to_server(servicer, server)

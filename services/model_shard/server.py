@@ -66,13 +66,13 @@ class PrefixIndexFeed:
 
 class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
     def __init__(self, engine: AsyncEngine, model_name: str, retry_after_s: float = 0.5,
-                 shared_kv: SharedKvBlocks | None = None):
+                 shared_kv: SharedKvBlocks | None = None, prefix_feed: PrefixIndexFeed | None = None):
         """Health follows the engine through AsyncEngine's on_health hook, not this servicer."""
         self.engine = engine
         self.shared_kv = shared_kv
         self.retry_after_s = retry_after_s
         self.model_name = model_name
-        self.prefix_feed = PrefixIndexFeed()  # wire AsyncEngine's on_prefix_change to publish()
+        self.prefix_feed = prefix_feed or PrefixIndexFeed()  # fed by AsyncEngine's on_prefix_change
 
     async def Generate(self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext):
         if not request.prompt_token_ids:

@@ -56,26 +56,12 @@ class _Abort:
 
 
 @dataclass
-class _Import:
-    block_hashes: list[bytes]
-    values: list[bytes]
-    loop: asyncio.AbstractEventLoop
-    done: asyncio.Future
-
-
-@dataclass
 class _Call:
     """Run fn(engine) between steps; its result settles `done`."""
 
     fn: Callable
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
-
-
-@dataclass
-class _Barrier:
-    loop: asyncio.AbstractEventLoop
-    reached: asyncio.Future
 
 
 class AsyncEngine:
@@ -156,10 +142,14 @@ class AsyncEngine:
         """Leading blocks held by the prefix cache now (a hint, read from this thread)."""
         return self.engine.pool.count_cached_prefix(block_hashes)
 
-    async def import_blocks(self, block_hashes: list[bytes], values: list[bytes]) -> int:
+    async def import_blocks(self, block_hashes: list[bytes], values: list[bytes | None]) -> int:
         """LLMEngine.import_blocks, applied between steps; returns the leading blocks cached."""
+        return await self._call(lambda engine: engine.import_blocks(block_hashes, values))
+
+    async def _call(self, fn: Callable[[LLMEngine], object]):
+        """fn(engine) on the engine thread between steps; its result, or what it raised."""
         loop = asyncio.get_running_loop()
-        msg = _Import(block_hashes, values, loop, loop.create_future())
+        msg = _Call(fn, loop, loop.create_future())
         self._send(msg)
         return await msg.done
 
@@ -173,10 +163,7 @@ class AsyncEngine:
     async def prefix_snapshot(self) -> list[bytes]:
         """Every block hash the prefix cache holds, taken between steps: on_prefix_change calls made
         after it are changes to this set."""
-        loop = asyncio.get_running_loop()
-        msg = _Call(lambda engine: self._snapshot(engine), loop, loop.create_future())
-        self._send(msg)
-        return await msg.done
+        return await self._call(self._snapshot)
 
     def _snapshot(self, engine: LLMEngine) -> list[bytes]:
         added, removed = engine.pool.take_changes()  # earlier changes go out first, then the snapshot
@@ -186,17 +173,11 @@ class AsyncEngine:
 
     async def worker_pids(self) -> list[int]:
         """Process ids of the engine's parallel workers, by rank (none for a local executor)."""
-        loop = asyncio.get_running_loop()
-        msg = _Call(lambda engine: engine.worker_pids(), loop, loop.create_future())
-        self._send(msg)
-        return await msg.done
+        return await self._call(lambda engine: engine.worker_pids())
 
     async def sync(self) -> None:
         """Return once the engine thread has applied everything sent to it before this call."""
-        loop = asyncio.get_running_loop()
-        barrier = _Barrier(loop, loop.create_future())
-        self._send(barrier)
-        await barrier.reached
+        await self._call(lambda engine: None)
 
     # --- engine thread ---
 
@@ -212,13 +193,6 @@ class AsyncEngine:
         elif isinstance(msg, _Abort):
             if self.engine.abort(msg.request_id):
                 self._deliver(self._aborted_output(msg.request_id))
-        elif isinstance(msg, _Import):
-            try:
-                n = self.engine.import_blocks(msg.block_hashes, msg.values)
-            except ValueError as exc:
-                msg.loop.call_soon_threadsafe(_settle, msg.done, exc)
-            else:
-                msg.loop.call_soon_threadsafe(_settle_value, msg.done, n)
         elif isinstance(msg, _Call):
             try:
                 result = msg.fn(self.engine)
@@ -226,8 +200,6 @@ class AsyncEngine:
                 msg.loop.call_soon_threadsafe(_settle, msg.done, exc)
             else:
                 msg.loop.call_soon_threadsafe(_settle_value, msg.done, result)
-        elif isinstance(msg, _Barrier):
-            msg.loop.call_soon_threadsafe(_settle, msg.reached, None)
 
     def _aborted_output(self, request_id: str) -> RequestOutput:
         stream = self._streams[request_id]
@@ -290,7 +262,7 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, dead)
         self._streams.clear()
         while (msg := self._get_nowait()) is not None:
-            future = getattr(msg, "accepted", None) or getattr(msg, "done", None) or getattr(msg, "reached", None)
+            future = getattr(msg, "accepted", None) or getattr(msg, "done", None)
             if future is not None:
                 msg.loop.call_soon_threadsafe(_settle, future, dead)
 

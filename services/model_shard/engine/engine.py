@@ -130,6 +130,10 @@ class LLMEngine:
         the pool has no free block; returns how many leading blocks are cached now."""
         if not self.config.enable_prefix_caching or not self.can_transfer_blocks:
             return 0
+        size = self.executor.kv_cache_bytes_per_block
+        bad = next((len(v) for v in values if v is not None and len(v) != size), None)
+        if bad is not None:
+            raise ValueError(f"a KV block of {bad} bytes; this layout's blocks are {size}")
         pinned = self.pool.take_cached_prefix(block_hashes, record_stats=False)  # not evicted below
         held = len(pinned)
         todo = list(itertools.takewhile(lambda item: item[1] is not None, zip(block_hashes[held:], values[held:])))
@@ -140,10 +144,6 @@ class LLMEngine:
                 self.executor.import_blocks(blocks, [v for _, v in todo])
                 for block, (h, _) in zip(blocks, todo):
                     self.pool.register(block, h)
-        except ValueError:
-            self.pool.free(blocks)
-            blocks = []
-            raise
         finally:
             self.pool.free(pinned + blocks)  # cached and free again; the chain's tail is evicted first
         return held + len(blocks)

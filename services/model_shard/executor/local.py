@@ -68,10 +68,8 @@ class LocalExecutor:
 
     @torch.inference_mode()
     def import_blocks(self, block_ids: list[int], values: list[bytes]) -> None:
-        """Write blocks exported by export_blocks (here or on another shard of the same layout)."""
-        bad = next((len(v) for v in values if len(v) != self.kv_cache_bytes_per_block), None)
-        if bad is not None:
-            raise ValueError(f"a KV block of {bad} bytes; this layout's blocks are {self.kv_cache_bytes_per_block}")
+        """Write blocks exported by export_blocks (here or on another shard of the same layout);
+        LLMEngine.import_blocks has checked their size."""
         k0 = self.kv_caches[0][0]
         (kvh, _, d), n = k0.shape, len(block_ids)
         data = torch.frombuffer(bytearray(b"".join(values)), dtype=torch.uint8).view(k0.dtype)

@@ -267,9 +267,7 @@ class RayExecutor:
         return torch.cat(self._gather([w.export_blocks.remote(block_ids) for w in self.workers]), dim=1)
 
     def import_blocks(self, block_ids: list[int], values: list[bytes]) -> None:
-        bad = next((len(v) for v in values if len(v) != self.kv_cache_bytes_per_block), None)
-        if bad is not None:
-            raise ValueError(f"a KV block of {bad} bytes; this layout's blocks are {self.kv_cache_bytes_per_block}")
+        """Each rank gets its slice of every block (LLMEngine.import_blocks has checked their size)."""
         refs, offset = [], 0
         for worker, size in zip(self.workers, self.rank_block_bytes):
             refs.append(worker.import_blocks.remote(block_ids, [v[offset : offset + size] for v in values]))
