@@ -17,7 +17,7 @@ from llmmesh.v1 import tokenizer_pb2_grpc
 from services.launcher import ServiceSpec, free_port, wait_healthy
 from services.trace_view import load_spans
 
-from .conftest import wait_for
+from .conftest import metric, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -223,16 +223,7 @@ def test_shard_down_is_unavailable_fast(real_model_dir, mesh, tmp_path):
 
 
 def _shard_kv_used(mesh) -> list[float]:
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    used = []
-    for spec in mesh.plan.shards:
-        text = urlopen(f"http://127.0.0.1:{spec.metrics_port}/metrics", timeout=10).read().decode()
-        family = next(f for f in text_string_to_metric_families(text) if f.name == "llmmesh_kv_blocks_used_ratio")
-        used.append(family.samples[0].value)
-    return used
+    return [metric(spec.metrics_port, "llmmesh_kv_blocks_used_ratio") for spec in mesh.plan.shards]
 
 
 def test_a_passed_deadline_ends_generation_and_frees_kv(mesh, gateway):

@@ -7,7 +7,6 @@ real `kubernetes` package; the gateway, tokenizer and shards are real processes 
 from __future__ import annotations
 
 import threading
-import urllib.request
 
 import grpc
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services import kube_admin
 
-from .conftest import free_ports, wait_for
+from .conftest import free_ports, metric, wait_for
 from .kube_api_double import KubeApiDouble
 
 NAMESPACE, SERVICE = "serving", "llm-mesh-shard"
@@ -30,10 +29,7 @@ def kube_api():
 
 def _requests_seen(mesh, index: int) -> float:
     """Requests a shard has scheduled, from its /metrics."""
-    port = mesh.plan.shards[index].metrics_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return float(next(line.split()[-1] for line in text.splitlines()
-                      if line.startswith("llmmesh_queue_time_seconds_count")))
+    return metric(mesh.plan.shards[index].metrics_port, "llmmesh_queue_time_seconds_count")
 
 
 def test_the_gateway_follows_ready_shard_endpoints_while_requests_flow(kube_api, real_model_dir,

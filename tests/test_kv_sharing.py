@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import urllib.request
 
 import grpc
 import pytest
@@ -20,7 +19,7 @@ from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.request import SamplingParams
 from services.trace_view import load_spans
 
-from .conftest import free_ports, wait_for
+from .conftest import free_ports, metric, wait_for
 
 # --- consistent hashing ---
 
@@ -179,9 +178,7 @@ def _cache_stats(mesh):
 
 def _step_tokens(mesh, index: int) -> float:
     """Tokens the shard has run through the model (prefill chunks and decodes), from its /metrics."""
-    port = mesh.plan.shards[index].metrics_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("llmmesh_step_tokens_sum")))
+    return metric(mesh.plan.shards[index].metrics_port, "llmmesh_step_tokens_sum")
 
 
 def _text_tokens(model_dir, text: str) -> list[int]:

@@ -5,35 +5,23 @@ from __future__ import annotations
 
 import json
 import time
-from urllib.request import urlopen
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.v1 import common_pb2, gateway_pb2
 from services.trace_view import complete_lines, format_tree, load_spans
 
-from .conftest import wait_for
+from .conftest import sample_value, scrape_metrics, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_metrics_move_with_requests(mesh, gateway):
     n = 3
     gw_port = mesh.plan.gateway.metrics_port
     shard_ports = [s.metrics_port for s in mesh.plan.shards]
-    before, shards_before = _scrape(gw_port), [_scrape(p) for p in shard_ports]
+    before, shards_before = scrape_metrics(gw_port), [scrape_metrics(p) for p in shard_ports]
     completion_tokens = 0
     for i in range(n):
         prompt = f"Metrics probe {time.time_ns()} number {i}:"
@@ -41,10 +29,10 @@ def test_metrics_move_with_requests(mesh, gateway):
                                                              sampling=common_pb2.SamplingParams(max_tokens=4)),
                                  timeout=60)
         completion_tokens += reply.usage.completion_tokens
-    after, shards_after = _scrape(gw_port), [_scrape(p) for p in shard_ports]
+    after, shards_after = scrape_metrics(gw_port), [scrape_metrics(p) for p in shard_ports]
 
     def moved(name, samples_before=before, samples_after=after, **labels):
-        return _value(samples_after, name, **labels) - _value(samples_before, name, **labels)
+        return sample_value(samples_after, name, **labels) - sample_value(samples_before, name, **labels)
 
     assert moved("llmmesh_requests_total", method="Generate", code="OK") == n
     assert moved("llmmesh_time_to_first_token_seconds_count") == n
@@ -57,12 +45,12 @@ def test_metrics_move_with_requests(mesh, gateway):
     assert steps >= n * 4 / 2  # several decode steps per request, whatever the batching
     for samples in shards_after:
         assert ("llmmesh_kv_blocks_used_ratio", ()) in samples
-        assert _value(samples, "llmmesh_prefix_cache_queries_total") >= _value(samples, "llmmesh_prefix_cache_hits_total")
+        assert sample_value(samples, "llmmesh_prefix_cache_queries_total") >= sample_value(samples, "llmmesh_prefix_cache_hits_total")
 
 
 def test_every_service_exposes_parseable_metrics(mesh):
     for spec in [mesh.plan.gateway, *mesh.plan.backends]:
-        assert _scrape(spec.metrics_port), spec.name
+        assert scrape_metrics(spec.metrics_port), spec.name
 
 
 def _audit_lines(mesh, request_id: str) -> list[dict]:
@@ -134,7 +122,7 @@ def test_dashboard_queries_name_metrics_the_services_export(mesh, gateway):
             for m in re.findall(r"\b(llmmesh_[a-z0-9_]+)", t["expr"])}
     exported = set()
     for spec in [mesh.plan.gateway, *mesh.plan.backends]:
-        exported |= {name for name, _ in _scrape(spec.metrics_port)}
+        exported |= {name for name, _ in scrape_metrics(spec.metrics_port)}
     assert used and used <= exported, used - exported
 
 

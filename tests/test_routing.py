@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from services.launcher import free_port, wait_healthy
 from services.gateway.routing import PrefixAffinity
 from services.gateway.shards import Replica
 
-from .conftest import wait_for
+from .conftest import metric, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +69,7 @@ def test_a_shared_prefix_follows_its_replica_even_when_another_is_idle(mesh, gat
     greedy = common_pb2.SamplingParams(max_tokens=4)
 
     def fetched_from_cache() -> float:  # KV blocks the shards pulled from the cache service
-        return sum(_metric(spec.metrics_port, "llmmesh_kv_fetched_blocks_total") for spec in mesh.plan.shards)
+        return sum(metric(spec.metrics_port, "llmmesh_kv_fetched_blocks_total") for spec in mesh.plan.shards)
 
     first = gateway.Generate(gateway_pb2.GenerateRequest(messages=question("Which box holds record 3?"),
                                                          sampling=greedy), timeout=60)
@@ -89,11 +88,6 @@ def test_a_shared_prefix_follows_its_replica_even_when_another_is_idle(mesh, gat
     # Nearly the whole shared prefix came from the replica's own prefix cache, not the cache service.
     assert second.usage.cached >= first.usage.prompt_tokens - 48, (second.usage, first.usage)
     assert fetched_from_cache() == fetched
-
-
-def _metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def test_a_shard_streams_its_prefix_index_through_evictions(tiny_model_dir, tmp_path):
