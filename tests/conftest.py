@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -89,6 +90,28 @@ def sample_value(samples: dict[tuple[str, tuple], float], name: str, **labels) -
 def metric(port: int, name: str, **labels) -> float:
     """One sample of a process's /metrics (0 when absent), e.g. metric(p, "llmmesh_step_tokens_sum")."""
     return sample_value(scrape_metrics(port), name, **labels)
+
+
+@contextlib.contextmanager
+def shard_process(model_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None,
+                  timeout: float = 120.0):
+    """A model shard as its own process on a free loopback port, healthy on entry, drained on exit.
+    Yields (address, process)."""
+    import subprocess
+    import sys
+
+    from services.launcher import free_port, wait_healthy
+
+    listen = f"127.0.0.1:{free_port()}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.model_shard", "--model", str(model_dir),
+                                 "--listen", listen, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_healthy(listen, timeout, proc)
+            yield listen, proc
+        finally:
+            proc.terminate()
+            proc.wait(60)
 
 
 def free_ports(n: int) -> list[int]:

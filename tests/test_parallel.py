@@ -15,14 +15,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
-from services.launcher import free_port, wait_healthy
 from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.request import SamplingParams
 from services.model_shard.executor.ray_workers import micro_batches
 from services.model_shard.model.llama import LlamaConfig, check_parallel
 from services.trace_view import load_spans
 
-from .conftest import wait_for
+from .conftest import shard_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + i for i in range(40)], [3, 4]]
@@ -91,14 +90,9 @@ def test_the_real_model_gives_the_same_answer_split(real_model_dir, ray_cluster,
 
 
 def test_a_killed_worker_fails_its_streams_then_the_shard_rebuilds_and_serves(tiny_model_dir, tmp_path):
-    listen = f"127.0.0.1:{free_port()}"
-    log = open(tmp_path / "shard.log", "wb")
     env = {**os.environ, "LLMMESH_TRACE_DIR": str(tmp_path / "traces"), "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    proc = subprocess.Popen([sys.executable, "-m", "services.model_shard", "--model", str(tiny_model_dir),
-                             "--listen", listen, "--tensor-parallel-size", "2", "--kv-cache-mb", "4"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_healthy(listen, 120, proc)
+    with shard_process(tiny_model_dir, tmp_path / "shard.log", "--tensor-parallel-size", "2", "--kv-cache-mb", "4",
+                       env=env) as (listen, _):
         channel = grpc.insecure_channel(listen)
         stub = shard_pb2_grpc.ModelShardStub(channel)
         info = stub.Info(shard_pb2.ShardInfoRequest(), timeout=30)
@@ -159,7 +153,3 @@ def test_a_killed_worker_fails_its_streams_then_the_shard_rebuilds_and_serves(ti
         assert info.workers[1].pid not in [w.pid for w in rebuilt.workers]
         tokens = [t for m in stub.Generate(request, timeout=120) for t in m.token_ids]
         assert 0 < len(tokens) <= 480
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import grpc
 import pytest
 
 from llmmesh.v1 import common_pb2, gateway_pb2, shard_pb2, shard_pb2_grpc
 from services.common.block_hash import chain_block_hashes, index_key
-from services.launcher import free_port, wait_healthy
 from services.gateway.routing import PrefixAffinity
 from services.gateway.shards import Replica
 
-from .conftest import metric, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import metric, shard_process, wait_for
 
 
 def _replica(address: str, outstanding: int = 0, serving: bool = True) -> Replica:
@@ -91,13 +85,8 @@ def test_a_shared_prefix_follows_its_replica_even_when_another_is_idle(mesh, gat
 
 
 def test_a_shard_streams_its_prefix_index_through_evictions(tiny_model_dir, tmp_path):
-    listen = f"127.0.0.1:{free_port()}"
-    log = open(tmp_path / "shard.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.model_shard", "--model", str(tiny_model_dir),
-                             "--listen", listen, "--kv-cache-mb", "1", "--threads", "1"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(listen, 60, proc)
+    with shard_process(tiny_model_dir, tmp_path / "shard.log", "--kv-cache-mb", "1", "--threads", "1",
+                       timeout=60) as (listen, _):
         channel = grpc.insecure_channel(listen)
         stub = shard_pb2_grpc.ModelShardStub(channel)
         mirror: set[int] = set()
@@ -134,7 +123,3 @@ def test_a_shard_streams_its_prefix_index_through_evictions(tiny_model_dir, tmp_
         oldest = index_key(chain_block_hashes(prompts[0], 16)[0])
         assert oldest in removed and oldest not in mirror  # 160 blocks offered to a pool of 128
         stream.cancel()
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()

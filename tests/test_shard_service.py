@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 
 from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from services.common.errors import retry_delay_s
-from services.launcher import free_port, wait_healthy
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import shard_process
 
 
 @pytest.fixture(scope="module")
 def small_shard(tiny_model_dir, tmp_path_factory):
-    listen = f"127.0.0.1:{free_port()}"
-    log = open(tmp_path_factory.mktemp("shard") / "shard.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.model_shard", "--model", str(tiny_model_dir),
-                             "--listen", listen, "--max-running", "1", "--max-waiting", "1",
-                             "--retry-after", "0.75", "--kv-cache-mb", "4", "--threads", "1"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(listen, 60, proc)
+    with shard_process(tiny_model_dir, tmp_path_factory.mktemp("shard") / "shard.log", "--max-running", "1",
+                       "--max-waiting", "1", "--retry-after", "0.75", "--kv-cache-mb", "4", "--threads", "1",
+                       timeout=60) as (listen, _):
         with grpc.insecure_channel(listen) as channel:
             yield shard_pb2_grpc.ModelShardStub(channel)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 def _generate(stub, prompt, max_tokens):
