@@ -23,6 +23,12 @@ COPY services ./services
 RUN pip install --no-cache-dir ".[kubernetes,parallel,convert]"
 RUN python -m services.model_shard.model.fetch --out models/SmolLM2-135M-Instruct \
     && pip uninstall -y transformers gguf accelerate && rm -rf /root/.cache
+# The native decode-attention kernel, built for any x86-64 with AVX2 (the image runs on other machines);
+# the compiler leaves the image again, shards load the library from TORCH_EXTENSIONS_DIR.
+ENV TORCH_EXTENSIONS_DIR=/opt/llmmesh-kernels
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && LLMMESH_NATIVE_MARCH=x86-64-v3 python -m services.model_shard.model.native \
+    && apt-get purge -y g++ && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 USER 10001
 EXPOSE 50051 50052 50053 50061 8000 9400
 CMD ["python", "-m", "services.launcher", "--help"]

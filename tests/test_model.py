@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from services.model_shard.engine.engine import EngineConfig, LLMEngine
@@ -33,10 +34,14 @@ def test_real_model_logits_match_transformers(real_model_dir):
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_paged_greedy_decode_matches_transformers_generate(tiny_model_dir):
-    """Prefill then decode step by step through the paged cache (block size 4 forces many blocks)."""
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native-attention", "torch-attention"])
+def test_paged_greedy_decode_matches_transformers_generate(tiny_model_dir, native_kernels):
+    """Prefill then decode step by step through the paged cache (block size 4 forces many blocks),
+    with decode attention on the native paged kernel and on stock torch ops."""
     ref = hf_reference(tiny_model_dir)
-    engine = LLMEngine(load_model(tiny_model_dir), EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+    model = load_model(tiny_model_dir, native_kernels=native_kernels)
+    assert model.layers[0].self_attn.native_decode is native_kernels
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
     prompts = [[5, 17, 99, 3, 42, 8, 8, 1, 200, 31], [7, 7, 7], [250, 1, 2, 3, 4, 5, 6, 7, 9]]
     got = engine.generate(prompts, SamplingParams(max_tokens=12))
     for prompt, tokens in zip(prompts, got):

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                         default=int(env_default("LLMMESH_PIPELINE_PARALLEL_SIZE", "1")),
                         help="split the layers into this many stages, one Ray worker group each")
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each parallel worker")
+    parser.add_argument("--no-native-kernels", action="store_true",
+                        help="decode attention on stock torch ops instead of the native paged kernel")
     args = parser.parse_args(argv)
     setup_logging("shard", args.log_level, args.log_format)
     setup_tracing("model_shard", instance_id(args.listen))
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         max_waiting=args.max_waiting, max_batched_tokens=args.max_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-        threads_per_worker=args.threads_per_worker,
+        threads_per_worker=args.threads_per_worker, native_kernels=not args.no_native_kernels,
     )
     if config.parallel:  # a split the model cannot take is refused here, before anything starts
         try:

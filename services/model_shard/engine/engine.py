@@ -36,6 +36,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     threads_per_worker: int = 1  # torch threads of each parallel worker process
+    native_kernels: bool = True  # native paged decode attention where it builds (model/native.py)
 
     @property
     def parallel(self) -> bool:
@@ -111,7 +112,8 @@ class LLMEngine:
                 return RayExecutor(model_dir, config, num_blocks)
 
             return cls(LlamaConfig.from_dir(model_dir), config, model_id, executor_factory=workers)
-        return cls(load_model(model_dir, DTYPES[config.dtype], config.quantization), config, model_id)
+        model = load_model(model_dir, DTYPES[config.dtype], config.quantization, native_kernels=config.native_kernels)
+        return cls(model, config, model_id)
 
     def worker_pids(self) -> list[int]:
         pids = getattr(self.executor, "worker_pids", None)

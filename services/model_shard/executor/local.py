@@ -111,11 +111,8 @@ class LocalExecutor:
                 prefills.append(PrefillSpan(start, len(input_ids), self._slots(seq.block_ids, ctx), mask))
         meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=prefills)
         if decode_rows:
-            width = -(-max(n for _, n, _ in decode_rows) // self.block_size)
-            tables = torch.tensor([b[:width] + [0] * (width - len(b[:width])) for _, _, b in decode_rows])
-            lengths = torch.tensor([n for _, n, _ in decode_rows])
-            mask = torch.arange(width * self.block_size).unsqueeze(0) < lengths.unsqueeze(1)
-            meta.decode = DecodeBatch(torch.tensor([i for i, _, _ in decode_rows]), tables, mask)
+            index, lengths, tables = zip(*decode_rows)
+            meta.decode = DecodeBatch.build(list(index), list(tables), list(lengths), self.block_size)
         return torch.tensor(input_ids), torch.cat(positions), meta, torch.tensor(sample_index)
 
     def forget(self, finished_request_ids: list[str]) -> None:

@@ -64,8 +64,9 @@ class ModelWorker:
     """One rank: a partition of the model and of the KV cache. Made a Ray actor by RayExecutor."""
 
     def __init__(self, model_dir: str, dtype: str, quantization: str | None, rank: int, tensor_parallel: int,
-                 pipeline_parallel: int, threads: int):
+                 pipeline_parallel: int, threads: int, native_kernels: bool = True):
         self.model_dir, self.dtype, self.quantization = model_dir, dtype, quantization
+        self.native_kernels = native_kernels
         self.rank, self.tp, self.pp = rank, tensor_parallel, pipeline_parallel
         self.tp_rank, self.stage = rank % tensor_parallel, rank // tensor_parallel
         if threads:
@@ -104,7 +105,7 @@ class ModelWorker:
         cfg = LlamaConfig.from_dir(self.model_dir)
         first, last = stage_layers(cfg.num_layers, self.pp, self.stage)
         model = load_model(self.model_dir, DTYPES[self.dtype], self.quantization,
-                           Partition(self.tp_rank, self.tp, first, last))
+                           Partition(self.tp_rank, self.tp, first, last), self.native_kernels)
         if self.tp > 1:
             group = self.tp_group
 
@@ -221,7 +222,8 @@ class RayExecutor:
         self.workers = [
             actor.options(num_cpus=1, num_gpus=1 if use_gpu else 0, runtime_env={"env_vars": env},
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank))
-            .remote(str(model_dir), config.dtype, config.quantization, rank, self.tp, self.pp, config.threads_per_worker)
+            .remote(str(model_dir), config.dtype, config.quantization, rank, self.tp, self.pp, config.threads_per_worker,
+                    config.native_kernels)
             for rank in range(world)
         ]
         self._output_rank = world - self.tp  # the last stage's tensor rank 0 samples

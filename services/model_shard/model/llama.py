@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.model_shard.model import native
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -116,7 +118,20 @@ class DecodeBatch:
 
     token_index: torch.Tensor  # [B] positions of their tokens in the flat batch
     block_tables: torch.Tensor  # [B, N] blocks holding each context, padded with block 0
-    mask: torch.Tensor  # [B, N * block_size] True where the key is real context
+    context_lens: torch.Tensor  # [B] keys each sequence attends to (its new token's included)
+    block_size: int
+    bias: torch.Tensor  # float32 [B, N * block_size]: 0 where the key is real context, -inf past it
+
+    @classmethod
+    def build(cls, token_index: list[int], block_tables: list[list[int]], lengths: list[int],
+              block_size: int) -> "DecodeBatch":
+        """block_tables: each sequence's blocks, at least enough for its context length."""
+        width = -(-max(lengths) // block_size)
+        tables = torch.tensor([b[:width] + [0] * (width - len(b[:width])) for b in block_tables])
+        context_lens = torch.tensor(lengths)
+        keys = torch.arange(width * block_size).unsqueeze(0)
+        bias = torch.zeros(keys.shape[1]).masked_fill(keys >= context_lens.unsqueeze(1), float("-inf"))
+        return cls(torch.tensor(token_index), tables, context_lens, block_size, bias)
 
 
 @dataclass
@@ -143,40 +158,40 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference, then cast back.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in float32 like the reference, cast back, then scale (bit-equal to HF's order).
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary positions, non-interleaved halves (HF layout)."""
+    """Rotary positions, non-interleaved halves (HF layout). Looked up once per forward pass; each
+    layer rotates its queries and keys together."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        half = head_dim // 2
+        sin = emb.sin()
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # rotate_half(x) * sin == roll(x, half) * sin with its first half negated: one op fewer.
+        self.register_buffer("signed_sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of each token's position, [T, 1, D] float32."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
     @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        qf, kf = q.float(), k.float()
-        q = (qf * cos + self._rotate_half(qf) * sin).to(q.dtype)
-        k = (kf * cos + self._rotate_half(kf) * sin).to(k.dtype)
-        return q, k
+    def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, heads, D] rotated in float32 and cast back."""
+        cos, signed_sin = cos_sin
+        xf = x.float()
+        return (xf * cos + xf.roll(x.shape[-1] // 2, -1) * signed_sin).to(x.dtype)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query token per sequence. q [B, H, D]; k, v [KVH, B, L, D]; mask [B, L] (True = real
-    context). Returns [B, H, D].
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence. q [B, H, D]; k, v [KVH, B, L, D]; bias [B, L] float32 (0 for real
+    context, -inf past it). Returns [B, H, D].
 
     Two batched matmuls with the query heads grouped under their KV head. CPU SDPA's flash kernel
     spends milliseconds per call on this shape (one query row, a mask); this is ~20x faster.
@@ -184,15 +199,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     B, H, D = q.shape
     kvh = k.shape[0]
     qg = q.view(B, kvh, H // kvh, D).transpose(0, 1)  # [KVH, B, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (D**-0.5)  # [KVH, B, G, L]
-    scores = scores.masked_fill(~mask.view(1, B, 1, -1), float("-inf"))
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float()  # [KVH, B, G, L]
+    scores = torch.add(bias.view(1, B, 1, -1), scores, alpha=D**-0.5)  # scale and mask in one op
     probs = scores.softmax(dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)  # [KVH, B, G, D]
     return out.transpose(0, 1).reshape(B, H, D)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding, tp_size: int = 1):
+    def __init__(self, cfg: LlamaConfig, tp_size: int = 1):
         super().__init__()
         self.num_heads = cfg.num_heads // tp_size
         self.num_kv_heads = cfg.num_kv_heads // tp_size
@@ -202,29 +217,31 @@ class Attention(nn.Module):
         # q, k and v fused into one matmul; the loader concatenates the checkpoint's three weights.
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.rope = rope
         self.reduce = None  # tensor parallel: sums the ranks' partial outputs (row-parallel o_proj)
+        self.native_decode = False  # decode attention by the native paged kernel (see native.py)
 
-    def forward(self, x, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+    def forward(self, x, cos_sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        """cos_sin: RotaryEmbedding.lookup of the tokens' positions."""
+        T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        qk = RotaryEmbedding.rotate(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, D), cos_sin)
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, KVH, D)
 
         k_cache, v_cache = kv_cache  # [KVH, S, D]
         k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
-        out = torch.empty_like(q)  # [T, H, D]
         if meta.decode is not None:
             d = meta.decode
-            B, N = d.block_tables.shape
-            blocks = (self.num_kv_heads, -1, d.mask.shape[1] // N, self.head_dim)  # [KVH, blocks, bs, D]
-            kd = k_cache.view(blocks)[:, d.block_tables].view(self.num_kv_heads, B, -1, self.head_dim)
-            vd = v_cache.view(blocks)[:, d.block_tables].view(self.num_kv_heads, B, -1, self.head_dim)
-            out.index_copy_(0, d.token_index, decode_attention(q.index_select(0, d.token_index), kd, vd, d.mask))
+            q_decode = q if not meta.prefills else q.index_select(0, d.token_index)
+            attn = self._decode(q_decode, k_cache, v_cache, d)
+            if not meta.prefills:  # a decode-only step: its tokens are the decode rows, in order
+                return self._project(attn.view(T, self.q_size))
+            out = torch.empty_like(q)  # [T, H, D]
+            out.index_copy_(0, d.token_index, attn)
+        else:
+            out = torch.empty_like(q)
         for span in meta.prefills:
             qp = q[span.start : span.end].transpose(0, 1)  # [H, L, D]
             if span.kv_slots is None:
@@ -236,7 +253,22 @@ class Attention(nn.Module):
                 vp = v_cache[:, span.kv_slots]
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, enable_gqa=True)
             out[span.start : span.end] = op.transpose(0, 1)
-        out = self.o_proj(out.view(T, self.q_size))
+        return self._project(out.view(T, self.q_size))
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
+        """Attention of each decode row's query [B, H, D] over its sequence's cached context."""
+        if self.native_decode:
+            return native.paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.block_size,
+                                                 self.head_dim**-0.5)
+        # Stock torch: copy each sequence's blocks out into a padded [KVH, B, L, D], then matmuls.
+        B, KVH, D = q.shape[0], self.num_kv_heads, self.head_dim
+        flat_blocks = d.block_tables.view(-1)
+        kd = k_cache.view(KVH, -1, d.block_size, D).index_select(1, flat_blocks).view(KVH, B, -1, D)
+        vd = v_cache.view(KVH, -1, d.block_size, D).index_select(1, flat_blocks).view(KVH, B, -1, D)
+        return decode_attention(q, kd, vd, d.bias)
+
+    def _project(self, attn: torch.Tensor) -> torch.Tensor:
+        out = self.o_proj(attn)
         return out if self.reduce is None else self.reduce(out)
 
 
@@ -255,15 +287,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rope: RotaryEmbedding, tp_size: int = 1):
+    def __init__(self, cfg: LlamaConfig, tp_size: int = 1):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope, tp_size)
+        self.self_attn = Attention(cfg, tp_size)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp_size)
 
-    def forward(self, x, positions, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+    def forward(self, x, cos_sin, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -276,11 +308,11 @@ class LlamaForServing(nn.Module):
         self.cfg = cfg
         self.partition = partition
         first, last = partition.is_first_stage(), partition.is_last_stage(cfg)
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
         # A tied LM head reads the embedding table, so the last stage keeps it too.
         needs_embedding = first or (last and cfg.tie_word_embeddings)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if needs_embedding else None
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, partition.tp_size) for _ in partition.layer_ids(cfg))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, partition.tp_size) for _ in partition.layer_ids(cfg))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
         self.lm_head = None if cfg.tie_word_embeddings or not last else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_int8: nn.Module | None = None
@@ -294,6 +326,13 @@ class LlamaForServing(nn.Module):
         """KV heads this partition holds per layer."""
         return self.cfg.num_kv_heads // self.partition.tp_size
 
+    def use_native_kernels(self, enabled: bool = True) -> bool:
+        """Run decode attention on the native paged kernel where it can be built; returns whether it is on."""
+        on = enabled and native.available()
+        for layer in self.layers:
+            layer.self_attn.native_decode = on
+        return on
+
     def set_tensor_parallel_reduce(self, reduce) -> None:
         """reduce(tensor) -> the sum over the tensor-parallel group (an all-reduce)."""
         for layer in self.layers:
@@ -305,8 +344,9 @@ class LlamaForServing(nn.Module):
         """input_ids, positions: [T]; returns the final hidden states [T, hidden]. A later pipeline
         stage passes the previous stage's output as `hidden` instead of embedding input_ids."""
         x = self.embed_tokens(input_ids) if hidden is None else hidden
+        cos_sin = self.rope.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
+            x = layer(x, cos_sin, kv_cache, meta)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -362,9 +402,10 @@ class LlamaForServing(nn.Module):
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None,
-               partition: Partition = Partition()) -> LlamaForServing:
+               partition: Partition = Partition(), native_kernels: bool = True) -> LlamaForServing:
     """Build the serving model (or one worker's partition of it) from a folder with config.json and
-    *.safetensors. quantization: None, "int8" or "int4" (weight-only, see quant.py)."""
+    *.safetensors. quantization: None, "int8" or "int4" (weight-only, see quant.py). native_kernels:
+    use the native paged decode attention where it can be built (see native.py)."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
@@ -375,9 +416,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
         model = LlamaForServing(cfg, partition)
     model = model.to_empty(device="cpu")
     # Buffers built on meta are empty: rebuild the RoPE tables for real.
-    rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-    for layer in model.layers:
-        layer.self_attn.rope = rope
+    model.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(str(path)))
@@ -385,13 +424,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
     model.load_weights(tensors)
     model = model.to(dtype).eval()
-    rope.cos, rope.sin = rope.cos.float(), rope.sin.float()  # positions stay exact in any dtype
+    model.rope.float()  # positions stay exact in any dtype
     if quantization in ("int8", "int4"):
         from services.model_shard.model.quant import quantize
 
         quantize(model, quantization)
     elif quantization is not None:
         raise ValueError(f"unknown quantization {quantization!r}; expected int8 or int4")
+    model.use_native_kernels(native_kernels)
     return model
 
 

@@ -1,0 +1,73 @@
+"""Native CPU kernels (csrc/), compiled on first use with the machine's C++ compiler through
+torch's extension builder, and cached (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
+
+`make install` builds them once (seconds), so a shard only loads them. An image without a compiler
+loads the library its build left in TORCH_EXTENSIONS_DIR (see the Dockerfile). Where they can be
+neither built nor found, or are switched off (LLMMESH_NATIVE_KERNELS=0), the model runs the same
+computation on stock torch ops, more slowly.
+
+The code is built for this machine's CPU (`-march=native`); LLMMESH_NATIVE_MARCH names another
+target (e.g. x86-64-v3) for a build that runs elsewhere.
+
+    python -m services.model_shard.model.native   # build now, and say whether it worked
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("csrc") / "paged_attention.cpp"]
+_available: bool | None = None
+
+
+def available(verbose: bool = False) -> bool:
+    """Whether the kernels are loaded (building them on the first call of a process if needed)."""
+    global _available
+    if _available is None:
+        if os.environ.get("LLMMESH_NATIVE_KERNELS", "1") == "0":
+            _available = False
+        else:
+            _available = _build(verbose)
+    return _available
+
+
+NAME = "llmmesh_kernels"
+
+
+def _build(verbose: bool) -> bool:
+    from torch.utils import cpp_extension
+
+    march = os.environ.get("LLMMESH_NATIVE_MARCH", "native")
+    try:
+        # The builder keys its cache on the sources and flags: an edited kernel is rebuilt.
+        cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], is_python_module=False,
+                           extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           verbose=verbose)
+        return True
+    except Exception as exc:  # no compiler, no ninja, a build error
+        built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
+        if built.is_file():  # built ahead of time, e.g. in an image that carries no compiler
+            torch.ops.load_library(str(built))
+            return True
+        log.warning("native kernels unavailable, decode attention runs on stock torch ops: %s", exc)
+        return False
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """q [B, H, D]; k_cache, v_cache [KVH, slots, D]; block_tables int64 [B, N]; context_lens int64 [B].
+    Returns [B, H, D]: each query attends to its sequence's first context_lens keys."""
+    return torch.ops.llmmesh.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    ok = available(verbose="-v" in sys.argv)
+    print("native kernels:", "built and loaded" if ok else "unavailable (stock torch ops will be used)")
