@@ -40,7 +40,7 @@ def test_paged_greedy_decode_matches_transformers_generate(tiny_model_dir, nativ
     with decode attention on the native paged kernel and on stock torch ops."""
     ref = hf_reference(tiny_model_dir)
     model = load_model(tiny_model_dir, native_kernels=native_kernels)
-    assert model.layers[0].self_attn.native_decode is native_kernels
+    assert model.layers[0].self_attn.native is native_kernels
     engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
     prompts = [[5, 17, 99, 3, 42, 8, 8, 1, 200, 31], [7, 7, 7], [250, 1, 2, 3, 4, 5, 6, 7, 9]]
     got = engine.generate(prompts, SamplingParams(max_tokens=12))

@@ -1,4 +1,5 @@
-"""The native paged decode-attention kernel against the same attention on stock torch ops."""
+"""The native kernels (paged decode attention, add + RMSNorm, RoPE + KV cache write) against the
+same computation on stock torch ops."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.request import SamplingParams
 from services.model_shard.model import native
-from services.model_shard.model.llama import DecodeBatch, decode_attention
+from services.model_shard.model.llama import DecodeBatch, RMSNorm, RotaryEmbedding, decode_attention
 
 
 def test_native_kernels_build_here():
@@ -73,7 +74,55 @@ def test_native_and_torch_attention_give_the_same_greedy_tokens(real_model_dir):
     outputs = []
     for native_kernels in (True, False):
         engine = LLMEngine.from_dir(real_model_dir, EngineConfig(kv_cache_bytes=64 << 20, native_kernels=native_kernels))
-        assert engine.model.layers[0].self_attn.native_decode is native_kernels
+        assert engine.model.layers[0].self_attn.native is native_kernels
         outputs.append(engine.generate(prompts, SamplingParams(max_tokens=24)))
     assert outputs[0] == outputs[1]
     assert all(len(tokens) > 0 for tokens in outputs[0])
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_matches_torch_norm(dtype, with_residual):
+    gen = torch.Generator().manual_seed(7)
+    norm = RMSNorm(576, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=gen) + 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(37, 576, generator=gen) * 3).to(dtype)
+    residual = torch.randn(37, 576, generator=gen).to(dtype) if with_residual else None
+
+    expected_out, expected_sum = norm(x, residual)  # stock torch ops
+    got_out, got_sum = native.add_rms_norm(x, residual, norm.weight, norm.eps)
+    assert torch.equal(got_sum, expected_sum)
+    # torch sums the squares in float32 (its order depends on the shape); the kernel in double.
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got_out, expected_out, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, slots_total = 9, 3, 64, 128
+    rope = RotaryEmbedding(dim, 512, 10000.0)
+    positions = torch.tensor([0, 1, 2, 77, 300, 5])
+    slots = torch.tensor([10, 11, 12, 90, 3, 127])
+    qkv = torch.randn(len(positions), (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    cos_sin = rope.lookup(positions)
+
+    k_cache = torch.zeros(kv_heads, slots_total, dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    q, k = native.rope_and_cache(qkv, *cos_sin, slots, k_cache, v_cache, heads)
+
+    T = len(positions)
+    qk = RotaryEmbedding.rotate(qkv[:, : (heads + kv_heads) * dim].view(T, heads + kv_heads, dim), cos_sin)
+    v = qkv[:, (heads + kv_heads) * dim :].view(T, kv_heads, dim)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # the compiler may fuse the multiply-adds
+    torch.testing.assert_close(q, qk[:, :heads], atol=tol, rtol=tol)
+    torch.testing.assert_close(k, qk[:, heads:], atol=tol, rtol=tol)
+    torch.testing.assert_close(k_cache[:, slots].transpose(0, 1), k, atol=0, rtol=0)
+    assert torch.equal(v_cache[:, slots].transpose(0, 1), v)
+    untouched = torch.ones(slots_total, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache[:, untouched].any() and not v_cache[:, untouched].any()

@@ -152,14 +152,22 @@ class AttentionMetadata:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm with the residual add before it fused in: forward(x, residual) returns
+    (norm(x + residual), x + residual), the second being the residual stream that goes on."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native = False  # one native kernel instead of a dozen torch ops (see native.py)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference, cast back, then scale (bit-equal to HF's order).
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.native:
+            return native.add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        # Normalise in float32 like the reference, cast back, then scale (HF's order of roundings).
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype), x
 
 
 class RotaryEmbedding(nn.Module):
@@ -178,13 +186,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("signed_sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin of each token's position, [T, 1, D] float32."""
-        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+        """cos and signed sin of each token's position, [T, D] float32."""
+        return self.cos[positions], self.signed_sin[positions]
 
     @staticmethod
     def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, heads, D] rotated in float32 and cast back."""
-        cos, signed_sin = cos_sin
+        cos, signed_sin = cos_sin[0].unsqueeze(1), cos_sin[1].unsqueeze(1)
         xf = x.float()
         return (xf * cos + xf.roll(x.shape[-1] // 2, -1) * signed_sin).to(x.dtype)
 
@@ -218,19 +226,21 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.reduce = None  # tensor parallel: sums the ranks' partial outputs (row-parallel o_proj)
-        self.native_decode = False  # decode attention by the native paged kernel (see native.py)
+        self.native = False  # RoPE, cache writes and decode attention by native kernels (native.py)
 
     def forward(self, x, cos_sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         """cos_sin: RotaryEmbedding.lookup of the tokens' positions."""
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        qk = RotaryEmbedding.rotate(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, D), cos_sin)
-        q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, self.q_size + self.kv_size :].view(T, KVH, D)
-
         k_cache, v_cache = kv_cache  # [KVH, S, D]
-        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        if self.native:
+            q, k = native.rope_and_cache(qkv, *cos_sin, meta.slot_mapping, k_cache, v_cache, H)
+        else:
+            qk = RotaryEmbedding.rotate(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, D), cos_sin)
+            q, k = qk[:, :H], qk[:, H:]
+            k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+            v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
         if meta.decode is not None:
             d = meta.decode
@@ -257,7 +267,7 @@ class Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
         """Attention of each decode row's query [B, H, D] over its sequence's cached context."""
-        if self.native_decode:
+        if self.native:
             return native.paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.block_size,
                                                  self.head_dim**-0.5)
         # Stock torch: copy each sequence's blocks out into a padded [KVH, B, L, D], then matmuls.
@@ -294,9 +304,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp_size)
 
-    def forward(self, x, cos_sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos_sin, kv_cache, meta):
+        """x: the previous layer's output; residual: the stream it adds to (None at a stage's first
+        layer, whose x is the stream). Returns this layer's output and the stream, still unadded."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos_sin, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForServing(nn.Module):
@@ -327,10 +340,14 @@ class LlamaForServing(nn.Module):
         return self.cfg.num_kv_heads // self.partition.tp_size
 
     def use_native_kernels(self, enabled: bool = True) -> bool:
-        """Run decode attention on the native paged kernel where it can be built; returns whether it is on."""
+        """Run decode attention and the norms on native kernels where they can be built; returns
+        whether they are on."""
         on = enabled and native.available()
-        for layer in self.layers:
-            layer.self_attn.native_decode = on
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.native = on
+            elif isinstance(module, RMSNorm):
+                module.native = on
         return on
 
     def set_tensor_parallel_reduce(self, reduce) -> None:
@@ -345,13 +362,14 @@ class LlamaForServing(nn.Module):
         stage passes the previous stage's output as `hidden` instead of embedding input_ids."""
         x = self.embed_tokens(input_ids) if hidden is None else hidden
         cos_sin = self.rope.lookup(positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return x
+            x, residual = layer(x, residual, cos_sin, kv_cache, meta)
+        return x if residual is None else x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] (only the rows that sample); returns float32 logits [N, vocab]."""
-        hidden = self.norm(hidden)
+        hidden, _ = self.norm(hidden)
         if self.lm_head_int8 is not None:  # set by quant.quantize_int8
             return self.lm_head_int8(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

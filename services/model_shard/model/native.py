@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / "paged_attention.cpp"]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
 _available: bool | None = None
 
 
@@ -65,6 +65,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q [B, H, D]; k_cache, v_cache [KVH, slots, D]; block_tables int64 [B, N]; context_lens int64 [B].
     Returns [B, H, D]: each query attends to its sequence's first context_lens keys."""
     return torch.ops.llmmesh.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual) for x [rows, hidden]; residual may be None."""
+    return torch.ops.llmmesh.add_rms_norm(x, residual, weight, eps)
+
+
+def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the queries and keys of qkv [T, (H + 2 KVH) * D] (cos/signed_sin [T, D], see
+    RotaryEmbedding), write keys and values into the caches at slots [T]; returns (q [T, H, D], k [T, KVH, D])."""
+    return torch.ops.llmmesh.rope_and_cache(qkv, cos, signed_sin, slots, k_cache, v_cache, heads)
 
 
 if __name__ == "__main__":
