@@ -37,13 +37,14 @@ def torch_reference(q, k_cache, v_cache, batch: DecodeBatch) -> torch.Tensor:
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
-def test_paged_decode_attention_matches_reference(dtype, tol, heads, kv_heads, dim):
+@pytest.mark.parametrize("lengths", [[1, 16, 17, 100, 5, 64], [333]], ids=["batch", "one-stream"])
+def test_paged_decode_attention_matches_reference(dtype, tol, heads, kv_heads, dim, lengths):
+    """Lengths of one token, of whole blocks and of partial ones, blocks scattered over the cache;
+    and one sequence alone (its query heads are then split over the threads)."""
     gen = torch.Generator().manual_seed(heads * dim)
     block_size, num_blocks = 16, 64
     k_cache = torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen).to(dtype)
     v_cache = torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen).to(dtype)
-    # Lengths of one token, of whole blocks and of partial ones; blocks scattered over the cache.
-    lengths = [1, 16, 17, 100, 5, 64]
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables, used = [], 0
     for n in lengths:

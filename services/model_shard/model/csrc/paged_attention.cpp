@@ -65,18 +65,21 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
                    float scale) {
   const int64_t D = kD ? kD : head_dim;
   const int64_t G = H / KVH;
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), row(D), scores, inv_sum(G);
+  // With fewer (sequence, KV head) pairs than twice the threads (one stream), each query head is
+  // its own work item so that every thread has work; its rows then come from cache.
+  const int64_t parts = B * KVH < 2 * at::get_num_threads() ? G : 1, Gi = G / parts;
+  at::parallel_for(0, B * KVH * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(Gi * D), acc(Gi * D), row(D), scores, inv_sum(Gi);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / KVH, h = item % KVH, L = lens[b];
+      const int64_t b = item / (KVH * parts), h = item / parts % KVH, g0 = item % parts * Gi, L = lens[b];
       const T* kh = k_cache + h * S * D;
       const T* vh = v_cache + h * S * D;
       const int64_t* table = tables + b * N;
-      for (int64_t g = 0; g < G; ++g) {
-        const T* qr = q + (b * H + h * G + g) * D;
+      for (int64_t g = 0; g < Gi; ++g) {
+        const T* qr = q + (b * H + h * G + g0 + g) * D;
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qr[d]) * scale;
       }
-      scores.resize(G * L);
+      scores.resize(Gi * L);
       float* sc = scores.data();
       float* rw = row.data();
       const float* qp = qf.data();
@@ -84,10 +87,10 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
         const int64_t n = std::min(bs, L - t0), slot = table[t0 / bs] * bs;
         for (int64_t i = 0; i < n; ++i) {
           load_row(kh + (slot + i) * D, rw, D);
-          for (int64_t g = 0; g < G; ++g) sc[g * L + t0 + i] = dot(qp + g * D, rw, D);
+          for (int64_t g = 0; g < Gi; ++g) sc[g * L + t0 + i] = dot(qp + g * D, rw, D);
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < Gi; ++g) {
         float* s = sc + g * L;
         float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
@@ -101,12 +104,12 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
         inv_sum[g] = 1.f / sum;
       }
       float* ac = acc.data();
-      std::fill(ac, ac + G * D, 0.f);
+      std::fill(ac, ac + Gi * D, 0.f);
       for (int64_t t0 = 0; t0 < L; t0 += bs) {
         const int64_t n = std::min(bs, L - t0), slot = table[t0 / bs] * bs;
         for (int64_t i = 0; i < n; ++i) {
           load_row(vh + (slot + i) * D, rw, D);
-          for (int64_t g = 0; g < G; ++g) {
+          for (int64_t g = 0; g < Gi; ++g) {
             const float p = sc[g * L + t0 + i];
             float* a = ac + g * D;
 #pragma omp simd
@@ -114,8 +117,8 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
           }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        T* o = out + (b * H + h * G + g) * D;
+      for (int64_t g = 0; g < Gi; ++g) {
+        T* o = out + (b * H + h * G + g0 + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(ac[g * D + d] * inv_sum[g]);
       }
     }
