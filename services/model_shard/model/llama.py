@@ -11,6 +11,7 @@ through each sequence's block table (a block is a contiguous run of slots).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -120,7 +121,12 @@ class DecodeBatch:
     block_tables: torch.Tensor  # [B, N] blocks holding each context, padded with block 0
     context_lens: torch.Tensor  # [B] keys each sequence attends to (its new token's included)
     block_size: int
-    bias: torch.Tensor  # float32 [B, N * block_size]: 0 where the key is real context, -inf past it
+
+    @functools.cached_property
+    def bias(self) -> torch.Tensor:
+        """float32 [B, N * block_size]: 0 where the key is real context, -inf past it (the torch path's mask)."""
+        keys = torch.arange(self.block_tables.shape[1] * self.block_size).unsqueeze(0)
+        return torch.zeros(keys.shape[1]).masked_fill(keys >= self.context_lens.unsqueeze(1), float("-inf"))
 
     @classmethod
     def build(cls, token_index: list[int], block_tables: list[list[int]], lengths: list[int],
@@ -128,10 +134,7 @@ class DecodeBatch:
         """block_tables: each sequence's blocks, at least enough for its context length."""
         width = -(-max(lengths) // block_size)
         tables = torch.tensor([b[:width] + [0] * (width - len(b[:width])) for b in block_tables])
-        context_lens = torch.tensor(lengths)
-        keys = torch.arange(width * block_size).unsqueeze(0)
-        bias = torch.zeros(keys.shape[1]).masked_fill(keys >= context_lens.unsqueeze(1), float("-inf"))
-        return cls(torch.tensor(token_index), tables, context_lens, block_size, bias)
+        return cls(torch.tensor(token_index), tables, torch.tensor(lengths), block_size)
 
 
 @dataclass
@@ -344,9 +347,7 @@ class LlamaForServing(nn.Module):
         whether they are on."""
         on = enabled and native.available()
         for module in self.modules():
-            if isinstance(module, Attention):
-                module.native = on
-            elif isinstance(module, RMSNorm):
+            if isinstance(module, (Attention, RMSNorm)):
                 module.native = on
         return on
 
