@@ -36,7 +36,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     threads_per_worker: int = 1  # torch threads of each parallel worker process
-    native_kernels: bool = True  # native paged decode attention where it builds (model/native.py)
+    native_kernels: bool = True  # native attention, norm and RoPE kernels where they build (model/native.py)
 
     @property
     def parallel(self) -> bool:

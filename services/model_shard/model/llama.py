@@ -245,16 +245,12 @@ class Attention(nn.Module):
             k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
             v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
+        if meta.decode is not None and not meta.prefills:  # decode only: its tokens are the decode rows, in order
+            return self._project(self._decode(q, k_cache, v_cache, meta.decode).view(T, self.q_size))
+        out = torch.empty_like(q)  # [T, H, D]
         if meta.decode is not None:
             d = meta.decode
-            q_decode = q if not meta.prefills else q.index_select(0, d.token_index)
-            attn = self._decode(q_decode, k_cache, v_cache, d)
-            if not meta.prefills:  # a decode-only step: its tokens are the decode rows, in order
-                return self._project(attn.view(T, self.q_size))
-            out = torch.empty_like(q)  # [T, H, D]
-            out.index_copy_(0, d.token_index, attn)
-        else:
-            out = torch.empty_like(q)
+            out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), k_cache, v_cache, d))
         for span in meta.prefills:
             qp = q[span.start : span.end].transpose(0, 1)  # [H, L, D]
             if span.kv_slots is None:
@@ -343,8 +339,8 @@ class LlamaForServing(nn.Module):
         return self.cfg.num_kv_heads // self.partition.tp_size
 
     def use_native_kernels(self, enabled: bool = True) -> bool:
-        """Run decode attention and the norms on native kernels where they can be built; returns
-        whether they are on."""
+        """Run decode attention, the norms and RoPE with the cache writes on native kernels where they
+        can be built; returns whether they are on."""
         on = enabled and native.available()
         for module in self.modules():
             if isinstance(module, (Attention, RMSNorm)):
@@ -424,7 +420,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
                partition: Partition = Partition(), native_kernels: bool = True) -> LlamaForServing:
     """Build the serving model (or one worker's partition of it) from a folder with config.json and
     *.safetensors. quantization: None, "int8" or "int4" (weight-only, see quant.py). native_kernels:
-    use the native paged decode attention where it can be built (see native.py)."""
+    use the native kernels where they can be built (see native.py)."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
@@ -443,7 +439,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
     model.load_weights(tensors)
     model = model.to(dtype).eval()
-    model.rope.float()  # positions stay exact in any dtype
+    # Back to float32 for the rotation; the tables were rounded through the model dtype once, as
+    # HF's bf16 cos/sin are.
+    model.rope.float()
     if quantization in ("int8", "int4"):
         from services.model_shard.model.quant import quantize
 
