@@ -41,8 +41,21 @@ def torch_reference(q, k_cache, v_cache, batch: DecodeBatch) -> torch.Tensor:
 def test_paged_decode_attention_matches_reference(dtype, tol, heads, kv_heads, dim, lengths):
     """Lengths of one token, of whole blocks and of partial ones, blocks scattered over the cache;
     and one sequence alone (its query heads are then split over the threads)."""
-    gen = torch.Generator().manual_seed(heads * dim)
-    block_size, num_blocks = 16, 64
+    check_paged_decode_attention(dtype, tol, heads, kv_heads, dim, lengths, block_size=16)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("block_size", [8, 32, 48])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (10, 2)], ids=["3-per-kv-head", "5-per-kv-head"])
+def test_paged_decode_attention_other_block_sizes(block_size, heads, kv_heads):
+    """Blocks shorter than the kernel's 16-key tiles, and longer ones that end mid-tile; a query-head
+    group size with no vector instance (5) takes the portable loop."""
+    check_paged_decode_attention(torch.bfloat16, 2e-2, heads, kv_heads, 64, [1, 7, 40, 100, 57, 16], block_size)
+
+
+def check_paged_decode_attention(dtype, tol, heads, kv_heads, dim, lengths, block_size):
+    gen = torch.Generator().manual_seed(heads * dim + block_size)
+    num_blocks = 64 * 16 // block_size
     k_cache = torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen).to(dtype)
     v_cache = torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen).to(dtype)
     order = torch.randperm(num_blocks, generator=gen).tolist()

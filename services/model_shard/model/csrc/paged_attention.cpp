@@ -15,7 +15,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -57,6 +62,13 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Query heads per work item. With fewer (sequence, KV head) pairs than twice the threads (one
+// stream), each query head is its own work item so that every thread has work; its rows then come
+// from cache.
+inline int64_t work_item_heads(int64_t B, int64_t G, int64_t KVH) {
+  return B * KVH < 2 * at::get_num_threads() ? 1 : G;
+}
+
 // D: the head dim, a compile-time constant for the common sizes so the row loops unroll into
 // whole vector registers; 0: any size, read at run time.
 template <typename T, int64_t kD>
@@ -64,10 +76,7 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
                    T* out, int64_t B, int64_t H, int64_t KVH, int64_t head_dim, int64_t S, int64_t N, int64_t bs,
                    float scale) {
   const int64_t D = kD ? kD : head_dim;
-  const int64_t G = H / KVH;
-  // With fewer (sequence, KV head) pairs than twice the threads (one stream), each query head is
-  // its own work item so that every thread has work; its rows then come from cache.
-  const int64_t parts = B * KVH < 2 * at::get_num_threads() ? G : 1, Gi = G / parts;
+  const int64_t G = H / KVH, Gi = work_item_heads(B, G, KVH), parts = G / Gi;
   at::parallel_for(0, B * KVH * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(Gi * D), acc(Gi * D), row(D), scores, inv_sum(Gi);
     for (int64_t item = begin; item < end; ++item) {
@@ -125,6 +134,170 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
   });
 }
 
+#if defined(__AVX512F__)
+// The AVX-512 path. The scalar loops above end every key's dot product in a horizontal sum and
+// keep the output accumulators in memory; here 16 keys' dot products are reduced together by one
+// transpose-add tree, and each query head's output row stays in registers (kG is a compile-time
+// head count so the arrays below unroll into registers).
+
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Lane i of the result is the sum of v[i]'s 16 lanes.
+inline __m512 transpose_sum16(const __m512* v) {
+  __m512 s[8], t[4], u[2];
+  for (int j = 0; j < 8; ++j)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    s[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j) {  // per 128-bit lane: rows 4j..4j+3, each summed over its lane
+    const __m512d a = _mm512_castps_pd(s[2 * j]), b = _mm512_castps_pd(s[2 * j + 1]);
+    t[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int j = 0; j < 2; ++j)  // fold the four 128-bit lanes pairwise
+    u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// q·k for one query head over D dims, as 16 partial sums. bfloat16 with AVX512-BF16 multiplies
+// the raw pairs (exact products, float32 sums); otherwise both sides are widened to float32.
+template <typename T, int64_t kD>
+struct QueryRow {
+  __m512 q[kD / 16];
+  void load(const T* src) {
+    for (int64_t c = 0; c < kD / 16; ++c) q[c] = load16(src + 16 * c);
+  }
+  __m512 dot(const T* k) const {
+    __m512 acc = _mm512_mul_ps(q[0], load16(k));
+    for (int64_t c = 1; c < kD / 16; ++c) acc = _mm512_fmadd_ps(q[c], load16(k + 16 * c), acc);
+    return acc;
+  }
+};
+
+#if defined(__AVX512BF16__)
+template <int64_t kD>
+struct QueryRow<c10::BFloat16, kD> {
+  __m512bh q[kD / 32];
+  void load(const c10::BFloat16* src) {
+    for (int64_t c = 0; c < kD / 32; ++c) q[c] = (__m512bh)_mm512_loadu_si512(src + 32 * c);
+  }
+  __m512 dot(const c10::BFloat16* k) const {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < kD / 32; ++c) acc = _mm512_dpbf16_ps(acc, q[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+    return acc;
+  }
+};
+#endif
+
+template <typename T, int64_t kD, int64_t kG>
+void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens,
+                          T* out, int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t N, int64_t bs, float scale) {
+  constexpr int64_t C = kD / 16;
+  const int64_t G = H / KVH, parts = G / kG;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  at::parallel_for(0, B * KVH * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (KVH * parts), h = item / parts % KVH, g0 = item % parts * kG, L = lens[b];
+      const T* kh = k_cache + h * S * kD;
+      const T* vh = v_cache + h * S * kD;
+      const int64_t* table = tables + b * N;
+      const T* qb = q + (b * H + h * G + g0) * kD;
+      scores.resize(kG * L);
+      float* sc = scores.data();
+      for (int64_t t0 = 0; t0 < L; t0 += bs) {  // one block: its rows are contiguous
+        const int64_t n = std::min(bs, L - t0);
+        const T* rows = kh + table[t0 / bs] * bs * kD;
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+          const int64_t m = std::min<int64_t>(16, n - i0);
+          for (int64_t g = 0; g < kG; ++g) {
+            QueryRow<T, kD> qr;
+            qr.load(qb + g * kD);
+            __m512 dots[16];
+            for (int64_t i = 0; i < 16; ++i) dots[i] = i < m ? qr.dot(rows + (i0 + i) * kD) : _mm512_setzero_ps();
+            _mm512_mask_storeu_ps(sc + g * L + t0 + i0, static_cast<__mmask16>((1u << m) - 1),
+                                  _mm512_mul_ps(transpose_sum16(dots), vscale));
+          }
+        }
+      }
+      float inv_sum[kG];
+      for (int64_t g = 0; g < kG; ++g) {
+        float* s = sc + g * L;
+        float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+        for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < L; ++t) {
+          s[t] = exp_nonpositive(s[t] - mx);
+          sum += s[t];
+        }
+        inv_sum[g] = 1.f / sum;
+      }
+      __m512 acc[kG][C];
+      for (int64_t g = 0; g < kG; ++g)
+        for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+      for (int64_t t0 = 0; t0 < L; t0 += bs) {
+        const int64_t n = std::min(bs, L - t0);
+        const T* rows = vh + table[t0 / bs] * bs * kD;
+        for (int64_t i = 0; i < n; ++i) {
+          __m512 v[C];
+          for (int64_t c = 0; c < C; ++c) v[c] = load16(rows + i * kD + 16 * c);
+          for (int64_t g = 0; g < kG; ++g) {
+            const __m512 p = _mm512_set1_ps(sc[g * L + t0 + i]);
+            for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < kG; ++g) {
+        alignas(64) float row[kD];
+        for (int64_t c = 0; c < C; ++c) _mm512_store_ps(row + 16 * c, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv_sum[g])));
+        T* o = out + (b * H + h * G + g0 + g) * kD;
+        for (int64_t d = 0; d < kD; ++d) o[d] = static_cast<T>(row[d]);
+      }
+    }
+  });
+}
+
+// Runs the vector kernel when D and the query heads per work item have an instance; false otherwise.
+template <typename T>
+bool run_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens, T* out,
+                int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t N, int64_t bs, float scale) {
+  bool ran = false;
+  if constexpr (!std::is_same_v<T, double>) {
+    const int64_t Gi = work_item_heads(B, H / KVH, KVH);
+    auto with_d = [&](auto d) {
+      auto with_g = [&](auto g) {
+        if (Gi == decltype(g)::value) {
+          decode_kernel_avx512<T, decltype(d)::value, decltype(g)::value>(q, k_cache, v_cache, tables, lens, out, B,
+                                                                           H, KVH, S, N, bs, scale);
+          ran = true;
+        }
+      };
+      with_g(std::integral_constant<int64_t, 1>{});
+      with_g(std::integral_constant<int64_t, 2>{});
+      with_g(std::integral_constant<int64_t, 3>{});
+      with_g(std::integral_constant<int64_t, 4>{});
+      with_g(std::integral_constant<int64_t, 8>{});
+    };
+    if (D == 64) with_d(std::integral_constant<int64_t, 64>{});
+    if (D == 128) with_d(std::integral_constant<int64_t, 128>{});
+  }
+  return ran;
+}
+#endif
+
 // q [B, H, D]; k_cache, v_cache [KVH, S, D] with slot = block * block_size + offset;
 // block_tables int64 [B, N]; context_lens int64 [B] (each >= 1). Returns [B, H, D] in q's dtype.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -149,6 +322,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
              tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, S,
              tables.size(1), block_size, static_cast<float>(scale));
     };
+#if defined(__AVX512F__)
+    if (run_avx512(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                   tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, S,
+                   tables.size(1), block_size, static_cast<float>(scale)))
+      return;
+#endif
     if (D == 64) run(decode_kernel<scalar_t, 64>);
     else if (D == 128) run(decode_kernel<scalar_t, 128>);
     else run(decode_kernel<scalar_t, 0>);
