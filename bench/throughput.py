@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--shard-threads", type=int, help="torch threads in the shard (default: all cores)")
     parser.add_argument("--max-batched-tokens", type=int, default=256, help="the shard's token budget per step")
+    parser.add_argument("--prefill-beside-decodes", type=int,
+                        help="the shard's cap on prompt tokens in a step that carries decodes")
     parser.add_argument("--no-kv-sharing", action="store_true",
                         help="shards do not upload/fetch KV prefix blocks through the cache service")
     parser.add_argument("--no-native-kernels", action="store_true",
@@ -190,6 +192,8 @@ def main() -> None:
                   "--max-batched-tokens", str(args.max_batched_tokens),
                   *(["--quantization", args.quantization] if args.quantization else []),
                   *(["--threads", str(args.shard_threads)] if args.shard_threads else []),
+                  *(["--prefill-tokens-beside-decodes", str(args.prefill_beside_decodes)]
+                    if args.prefill_beside_decodes else []),
                   *(["--cache", ""] if args.no_kv_sharing else []),
                   *(["--no-native-kernels"] if args.no_native_kernels else [])]
     plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0], gateway_metrics_port=0,
@@ -214,7 +218,8 @@ def main() -> None:
         rows.append(llama or {"name": "llama-cpp-python (not installed)"})
 
     label = args.dtype + (f" + {args.quantization}" if args.quantization else "") + \
-        f", {args.max_batched_tokens} tokens per step" + (", stock torch ops" if args.no_native_kernels else "")
+        f", {args.max_batched_tokens} tokens per step" + \
+        (f" ({args.prefill_beside_decodes} prompt tokens beside decodes)" if args.prefill_beside_decodes else "") + (", stock torch ops" if args.no_native_kernels else "")
     print(f"\nSmolLM2-135M-Instruct {label}, max {args.max_tokens} new tokens, greedy, {args.rounds} requests per "
           f"client; baselines: {args.baseline_n} requests arriving together\n")
     print(f"{'':30} {'reqs':>5} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")

@@ -83,6 +83,26 @@ def test_chunked_prefill_shares_the_step_budget_with_decodes():
     ]
 
 
+def test_prompt_chunks_beside_decodes_are_capped_and_a_lone_prompt_is_not():
+    sched = _sched(32, max_batched_tokens=8, prefill_tokens_beside_decodes=2, enable_prefix_caching=False)
+    sched.add(_seq("first", 11, max_tokens=3))
+    sched.add(_seq("second", 9))
+    steps = []
+    while sched.has_work and len(steps) < 12:
+        out = sched.schedule()
+        steps.append([(s.seq.request_id, s.num_new_tokens) for s in out.scheduled])
+        sched.update_from_output(out, _ran([7 if s.sample else None for s in out.scheduled]))
+    assert steps == [
+        [("first", 8)],  # nothing decodes yet: the whole budget goes to prompts
+        [("first", 3), ("second", 5)],
+        [("first", 1), ("second", 2)],  # "first" decodes: the other prompt gets 2 tokens a step
+        [("first", 1), ("second", 2)],  # "first" has its 3 tokens; "second" its first
+        [("second", 1)],
+        [("second", 1)],
+        [("second", 1)],
+    ]
+
+
 def test_prefix_blocks_are_shared_and_outlive_their_sequence():
     sched = _sched(8)
     shared = list(range(1, 13))  # three full blocks

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
     parser.add_argument("--max-batched-tokens", type=int, default=512,
                         help="tokens per engine step; longer prompts are prefilled in chunks")
+    parser.add_argument("--prefill-tokens-beside-decodes", type=int, default=None,
+                        help="prompt tokens a step may carry while streams are decoding (default: what "
+                             "--max-batched-tokens leaves); smaller keeps inter-token latency, costs TTFT")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     parser.add_argument("--cache", default=env_default("LLMMESH_CACHE_ADDR", ""),
                         help="cache service replicas (HOST:PORT, comma-separated) that share KV prefix blocks "
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_mb << 20, max_model_len=args.max_model_len, max_running=args.max_running,
         max_waiting=args.max_waiting, max_batched_tokens=args.max_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching,
+        prefill_tokens_beside_decodes=args.prefill_tokens_beside_decodes, enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         threads_per_worker=args.threads_per_worker, native_kernels=not args.no_native_kernels,
     )

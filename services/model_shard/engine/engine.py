@@ -32,6 +32,7 @@ class EngineConfig:
     max_running: int = 64
     max_waiting: int = 256
     max_batched_tokens: int = 512
+    prefill_tokens_beside_decodes: int | None = None  # see SchedulerConfig
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -81,6 +82,7 @@ class LLMEngine:
                 max_running=config.max_running,
                 max_waiting=config.max_waiting,
                 max_batched_tokens=config.max_batched_tokens,
+                prefill_tokens_beside_decodes=config.prefill_tokens_beside_decodes,
                 enable_prefix_caching=config.enable_prefix_caching,
             ),
             self.pool,

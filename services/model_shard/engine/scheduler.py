@@ -31,6 +31,11 @@ class SchedulerConfig:
     max_running: int = 64
     max_waiting: int = 256
     max_batched_tokens: int = 512  # per step; longer prompts are prefilled in chunks of what is left
+    # Prompt tokens a step may carry beside running decodes (None: what max_batched_tokens leaves).
+    # Each such step delays every stream's next token by the chunk's cost; on a compute-bound
+    # device a small chunk keeps inter-token latency near a decode step's, at the cost of TTFT.
+    # Steps without decodes (an idle shard, a burst of arrivals) still prefill max_batched_tokens.
+    prefill_tokens_beside_decodes: int | None = None
     enable_prefix_caching: bool = True
 
 
@@ -65,6 +70,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool):
         if config.max_batched_tokens < 1:
             raise ValueError("max_batched_tokens must be at least 1")
+        if config.prefill_tokens_beside_decodes is not None and config.prefill_tokens_beside_decodes < 1:
+            raise ValueError("prefill_tokens_beside_decodes must be at least 1")
         self.config = config
         self.pool = pool
         self.waiting: deque[Sequence] = deque()
@@ -135,12 +142,21 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_batched_tokens
+        # Decodes first (a stable sort keeps admission order within each kind): a prompt still being
+        # chunked never takes the budget a stream's next token needs.
+        self.running.sort(key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        decoding = sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
+        cap = self.config.prefill_tokens_beside_decodes
+        prompt_budget = cap if cap is not None and decoding else budget  # prompt tokens, of `budget`
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(remaining, budget) if remaining == 1 else min(remaining, budget, prompt_budget)
+            if num_new == 0:
+                break
             while not self._grow(seq, seq.num_computed_tokens + num_new):
-                victim = self.running.pop()  # the most recently admitted goes first
+                victim = self.running.pop()  # a prompt still in chunks, else the latest admitted
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is seq:
@@ -148,7 +164,10 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
                 budget -= num_new
+                if remaining > 1:
+                    prompt_budget -= num_new
                 i += 1
+        budget = min(budget, prompt_budget)
         # No admissions in a step that had to preempt: memory is short.
         while not out.num_preempted and self.waiting and len(self.running) < self.config.max_running and budget > 0:
             seq = self.waiting[0]
