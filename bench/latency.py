@@ -4,10 +4,12 @@ Rows (same prompt, greedy, same token budget, run one after another in one proce
   mesh (gRPC)          : client -> gateway -> tokenizer/cache/shard, streamed
   engine (in-process)  : our LLMEngine stepped directly, no gRPC: the model's own speed
   transformers generate: LlamaForCausalLM.generate, what the model costs without us
+  llama-cpp-python     : llama.cpp on the GGUF the model ships as (Q4_1), when installed
 
-TTFT is the time to the first text; tokens/s counts completion tokens over the whole request.
+TTFT is the time to the first token; tokens/s counts completion tokens over the whole request;
+decode tok/s those after the first, over the time after it.
 
-    .venv/bin/python bench/latency.py [--model DIR] [--runs 5] [--max-tokens 64] [--json out.json]
+    .venv/bin/python bench/latency.py [--dtype bfloat16] [--quantization int8] [--runs 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,18 +41,19 @@ def mesh_runs(stub, runs: int, max_tokens: int) -> list[tuple[float, int, float]
         start = time.perf_counter()
         ttft, tokens = None, 0
         for chunk in stub.GenerateStream(request, timeout=300):
-            if ttft is None and chunk.text:
+            if ttft is None and chunk.token_ids:
                 ttft = time.perf_counter() - start
             tokens += len(chunk.token_ids)
         out.append((ttft, tokens, time.perf_counter() - start))
     return out[1:]
 
 
-def engine_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int):
+def engine_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int, dtype: str,
+                quantization: str | None):
     from services.model_shard.engine.engine import EngineConfig, LLMEngine
     from services.model_shard.engine.request import SamplingParams
 
-    engine = LLMEngine.from_dir(model_dir, EngineConfig(kv_cache_bytes=256 << 20))
+    engine = LLMEngine.from_dir(model_dir, EngineConfig(dtype=dtype, quantization=quantization, kv_cache_bytes=256 << 20))
     out = []
     for i in range(runs + 1):
         start = time.perf_counter()
@@ -64,10 +67,11 @@ def engine_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: i
     return out[1:]
 
 
-def transformers_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int, eos: list[int]):
+def transformers_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int, eos: list[int],
+                      dtype: torch.dtype):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     ids = torch.tensor([prompt_ids])
     out = []
     with torch.inference_mode():
@@ -81,12 +85,36 @@ def transformers_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tok
     return out[1:]
 
 
+def llama_cpp_runs(model_dir: Path, runs: int, max_tokens: int):
+    """None when llama-cpp-python or a .gguf is missing (an optional bench extra)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    if not ggufs:
+        return None
+    llm = Llama(model_path=str(ggufs[0]), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False)
+    out = []
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        ttft, tokens = None, 0
+        for chunk in llm.create_chat_completion([{"role": "user", "content": QUESTION}], max_tokens=max_tokens,
+                                                temperature=0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):  # the role and the finish come as chunks of their own
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                tokens += 1
+        out.append((ttft, tokens, time.perf_counter() - start))
+    return out[1:]
+
+
 def summarize(name: str, rows) -> dict:
     return {
         "name": name,
         "ttft_ms_p50": 1000 * statistics.median(r[0] for r in rows),
         "tokens": statistics.median(r[1] for r in rows),
         "tokens_per_s": statistics.median(r[1] / r[2] for r in rows),
+        "decode_tokens_per_s": statistics.median((r[1] - 1) / (r[2] - r[0]) for r in rows),
         "e2e_ms_p50": 1000 * statistics.median(r[2] for r in rows),
     }
 
@@ -96,8 +124,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", choices=["int8", "int4"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    shard_args = ["--dtype", args.dtype, *(["--quantization", args.quantization] if args.quantization else [])]
 
     from services.tokenizer.text import Message, TextTokenizer
 
@@ -106,21 +137,28 @@ def main() -> None:
 
     ports = [free_port() for _ in range(7)]
     plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0], gateway_metrics_port=0,
-                     gateway_args=["--no-response-cache"])
+                     shard_args=shard_args, gateway_args=["--no-response-cache"])
     with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
         mesh.start()
         with grpc.insecure_channel(mesh.gateway_address) as channel:
             mesh_rows = mesh_runs(gateway_pb2_grpc.GatewayStub(channel), args.runs, args.max_tokens)
     results = [summarize("mesh (gRPC, 4 services)", mesh_rows)]
-    results.append(summarize("engine (in-process)", engine_runs(args.model, prompt_ids, args.runs, args.max_tokens)))
-    results.append(summarize("transformers generate", transformers_runs(args.model, prompt_ids, args.runs,
-                                                                        args.max_tokens, tok.eos_token_ids)))
+    results.append(summarize("engine (in-process)", engine_runs(args.model, prompt_ids, args.runs, args.max_tokens,
+                                                                args.dtype, args.quantization)))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    results.append(summarize(f"transformers generate ({args.dtype})", transformers_runs(
+        args.model, prompt_ids, args.runs, args.max_tokens, tok.eos_token_ids, dtype)))
+    llama = llama_cpp_runs(args.model, args.runs, args.max_tokens)
+    if llama is not None:
+        results.append(summarize("llama-cpp-python (Q4_1 GGUF)", llama))
 
-    print(f"\nSmolLM2-135M-Instruct float32, prompt {len(prompt_ids)} tokens, greedy, max {args.max_tokens} new "
+    label = args.dtype + (f" + {args.quantization}" if args.quantization else "")
+    print(f"\nSmolLM2-135M-Instruct {label}, prompt {len(prompt_ids)} tokens, greedy, max {args.max_tokens} new "
           f"tokens, median of {args.runs} runs, {torch.get_num_threads()} torch threads\n")
-    print(f"{'':26} {'TTFT ms':>9} {'tokens':>7} {'tok/s':>8} {'e2e ms':>9}")
+    print(f"{'':34} {'TTFT ms':>9} {'tokens':>7} {'tok/s':>8} {'decode tok/s':>13} {'e2e ms':>9}")
     for r in results:
-        print(f"{r['name']:26} {r['ttft_ms_p50']:9.1f} {r['tokens']:7.0f} {r['tokens_per_s']:8.1f} {r['e2e_ms_p50']:9.1f}")
+        print(f"{r['name']:34} {r['ttft_ms_p50']:9.1f} {r['tokens']:7.0f} {r['tokens_per_s']:8.1f} "
+              f"{r['decode_tokens_per_s']:13.1f} {r['e2e_ms_p50']:9.1f}")
     mesh, engine = results[0], results[1]
     overhead = mesh["ttft_ms_p50"] - engine["ttft_ms_p50"]
     print(f"\nmesh overhead on TTFT vs the in-process engine: {overhead:+.1f} ms; "
