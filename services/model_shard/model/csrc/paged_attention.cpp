@@ -55,6 +55,20 @@ inline float exp_nonpositive(float x) {
   return y * std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
 }
 
+// Scores in place to exp(score - max); returns 1 / their sum, the normalisation left to apply.
+inline float softmax_unnormalized(float* s, int64_t L) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < L; ++t) m = std::max(m, s[t]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < L; ++t) {
+    s[t] = exp_nonpositive(s[t] - m);
+    sum += s[t];
+  }
+  return 1.f / sum;
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -99,19 +113,7 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
           for (int64_t g = 0; g < Gi; ++g) sc[g * L + t0 + i] = dot(qp + g * D, rw, D);
         }
       }
-      for (int64_t g = 0; g < Gi; ++g) {
-        float* s = sc + g * L;
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t t = 0; t < L; ++t) m = std::max(m, s[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < L; ++t) {
-          s[t] = exp_nonpositive(s[t] - m);
-          sum += s[t];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
+      for (int64_t g = 0; g < Gi; ++g) inv_sum[g] = softmax_unnormalized(sc + g * L, L);
       float* ac = acc.data();
       std::fill(ac, ac + Gi * D, 0.f);
       for (int64_t t0 = 0; t0 < L; t0 += bs) {
@@ -232,19 +234,7 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
         }
       }
       float inv_sum[kG];
-      for (int64_t g = 0; g < kG; ++g) {
-        float* s = sc + g * L;
-        float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-        for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < L; ++t) {
-          s[t] = exp_nonpositive(s[t] - mx);
-          sum += s[t];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
+      for (int64_t g = 0; g < kG; ++g) inv_sum[g] = softmax_unnormalized(sc + g * L, L);
       __m512 acc[kG][C];
       for (int64_t g = 0; g < kG; ++g)
         for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
