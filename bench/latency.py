@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
+from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
 QUESTION = "Write a short story about a robot who learns to paint."
 
@@ -145,9 +146,8 @@ def main() -> None:
     results = [summarize("mesh (gRPC, 4 services)", mesh_rows)]
     results.append(summarize("engine (in-process)", engine_runs(args.model, prompt_ids, args.runs, args.max_tokens,
                                                                 args.dtype, args.quantization)))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     results.append(summarize(f"transformers generate ({args.dtype})", transformers_runs(
-        args.model, prompt_ids, args.runs, args.max_tokens, tok.eos_token_ids, dtype)))
+        args.model, prompt_ids, args.runs, args.max_tokens, tok.eos_token_ids, DTYPES[args.dtype])))
     llama = llama_cpp_runs(args.model, args.runs, args.max_tokens)
     if llama is not None:
         results.append(summarize("llama-cpp-python (Q4_1 GGUF)", llama))

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
+from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
 TOPICS = ["the ocean", "volcanoes", "the history of bread", "how bees make honey", "the moon landing",
           "why the sky is blue", "electric cars", "the game of chess", "rainforests", "the printing press",
@@ -212,14 +213,15 @@ def main() -> None:
         tok = TextTokenizer(args.model)
         texts = make_prompts(args.baseline_n)
         prompts = [tok.encode_chat([Message("user", t)]) for t in texts]
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-        rows.extend(transformers_baselines(args.model, dtype, prompts, args.max_tokens, tok.eos_token_ids))
+        rows.extend(transformers_baselines(args.model, DTYPES[args.dtype], prompts, args.max_tokens,
+                                           tok.eos_token_ids))
         llama = llama_cpp_baseline(args.model, texts, args.max_tokens)
         rows.append(llama or {"name": "llama-cpp-python (not installed)"})
 
     label = args.dtype + (f" + {args.quantization}" if args.quantization else "") + \
         f", {args.max_batched_tokens} tokens per step" + \
-        (f" ({args.prefill_beside_decodes} prompt tokens beside decodes)" if args.prefill_beside_decodes else "") + (", stock torch ops" if args.no_native_kernels else "")
+        (f" ({args.prefill_beside_decodes} prompt tokens beside decodes)" if args.prefill_beside_decodes else "") + \
+        (", stock torch ops" if args.no_native_kernels else "")
     print(f"\nSmolLM2-135M-Instruct {label}, max {args.max_tokens} new tokens, greedy, {args.rounds} requests per "
           f"client; baselines: {args.baseline_n} requests arriving together\n")
     print(f"{'':30} {'reqs':>5} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")

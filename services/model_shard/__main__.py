@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_mb << 20, max_model_len=args.max_model_len, max_running=args.max_running,
         max_waiting=args.max_waiting, max_batched_tokens=args.max_batched_tokens,
-        prefill_tokens_beside_decodes=args.prefill_tokens_beside_decodes, enable_prefix_caching=not args.no_prefix_caching,
+        prefill_tokens_beside_decodes=args.prefill_tokens_beside_decodes,
+        enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         threads_per_worker=args.threads_per_worker, native_kernels=not args.no_native_kernels,
     )

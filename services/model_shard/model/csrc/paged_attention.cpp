@@ -216,6 +216,8 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
       const T* vh = v_cache + h * S * kD;
       const int64_t* table = tables + b * N;
       const T* qb = q + (b * H + h * G + g0) * kD;
+      QueryRow<T, kD> qr[kG];
+      for (int64_t g = 0; g < kG; ++g) qr[g].load(qb + g * kD);
       scores.resize(kG * L);
       float* sc = scores.data();
       for (int64_t t0 = 0; t0 < L; t0 += bs) {  // one block: its rows are contiguous
@@ -224,10 +226,8 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
         for (int64_t i0 = 0; i0 < n; i0 += 16) {
           const int64_t m = std::min<int64_t>(16, n - i0);
           for (int64_t g = 0; g < kG; ++g) {
-            QueryRow<T, kD> qr;
-            qr.load(qb + g * kD);
             __m512 dots[16];
-            for (int64_t i = 0; i < 16; ++i) dots[i] = i < m ? qr.dot(rows + (i0 + i) * kD) : _mm512_setzero_ps();
+            for (int64_t i = 0; i < 16; ++i) dots[i] = i < m ? qr[g].dot(rows + (i0 + i) * kD) : _mm512_setzero_ps();
             _mm512_mask_storeu_ps(sc + g * L + t0 + i0, static_cast<__mmask16>((1u << m) - 1),
                                   _mm512_mul_ps(transpose_sum16(dots), vscale));
           }
@@ -308,15 +308,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   auto out = at::empty_like(qc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto kernel) {
-      kernel(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+      return kernel(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
              tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, S,
              tables.size(1), block_size, static_cast<float>(scale));
     };
 #if defined(__AVX512F__)
-    if (run_avx512(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                   tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, S,
-                   tables.size(1), block_size, static_cast<float>(scale)))
-      return;
+    if (run(run_avx512<scalar_t>)) return;
 #endif
     if (D == 64) run(decode_kernel<scalar_t, 64>);
     else if (D == 128) run(decode_kernel<scalar_t, 128>);
