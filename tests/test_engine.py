@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from services.model_shard.engine.async_engine import AsyncEngine
 from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import FinishReason, SamplingParams, Sequence
 from services.model_shard.engine.scheduler import ModelRunnerOutput, QueueFullError, Scheduler, SchedulerConfig
+from services.model_shard.model import native
 from services.model_shard.model.llama import load_model
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 8, 1, 200, 31], [7, 7, 7], [250, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17],
@@ -149,6 +151,15 @@ def test_batched_greedy_equals_single_runs(tiny_engine):
     singles = [tiny_engine.generate([p], params)[0] for p in PROMPTS]
     assert tiny_engine.generate(PROMPTS, params) == singles
     assert tiny_engine.pool.num_used == 0
+
+
+def test_int4_batched_greedy_equals_single_runs(tiny_model_dir):
+    """The int4 linears (the native W4A8 kernel where it builds) keep each row independent of the batch."""
+    engine = LLMEngine(load_model(tiny_model_dir, torch.bfloat16, "int4"), EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+    assert engine.model.layers[0].mlp.down_proj.native is native.available()
+    params = SamplingParams(max_tokens=16)
+    singles = [engine.generate([p], params)[0] for p in PROMPTS]
+    assert engine.generate(PROMPTS, params) == singles
 
 
 def test_seeded_sampling_is_independent_of_the_batch(tiny_engine):

@@ -340,7 +340,8 @@ class LlamaForServing(nn.Module):
 
     def use_native_kernels(self, enabled: bool = True) -> bool:
         """Run decode attention, the norms and RoPE with the cache writes on native kernels where they
-        can be built; returns whether they are on."""
+        can be built; returns whether they are on. (int4 linears pick their kernel when quantized,
+        see load_model.)"""
         on = enabled and native.available()
         for module in self.modules():
             if isinstance(module, (Attention, RMSNorm)):
@@ -445,7 +446,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
     if quantization in ("int8", "int4"):
         from services.model_shard.model.quant import quantize
 
-        quantize(model, quantization)
+        quantize(model, quantization, native_kernel=native_kernels and native.available())
     elif quantization is not None:
         raise ValueError(f"unknown quantization {quantization!r}; expected int8 or int4")
     model.use_native_kernels(native_kernels)

@@ -23,7 +23,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp",
+                                                                    "int4_linear.cpp")]
 _available: bool | None = None
 
 
@@ -78,6 +79,16 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tenso
     """Rotate the queries and keys of qkv [T, (H + 2 KVH) * D] (cos/signed_sin [T, D], see
     RotaryEmbedding), write keys and values into the caches at slots [T]; returns (q [T, H, D], k [T, KVH, D])."""
     return torch.ops.llmmesh.rope_and_cache(qkv, cos, signed_sin, slots, k_cache, v_cache, heads)
+
+
+def int4_pack_weight(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in [0, 15], d and m [N, K / 32] (w = d * q + m): the bytes int4_linear reads."""
+    return torch.ops.llmmesh.int4_pack_weight(q, d, m)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] @ the packed 4-bit weights' transpose, activations quantized to int8 per group of 32."""
+    return torch.ops.llmmesh.int4_linear(x, packed, out_features)
 
 
 if __name__ == "__main__":
