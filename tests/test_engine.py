@@ -156,7 +156,7 @@ def test_batched_greedy_equals_single_runs(tiny_engine):
 def test_int4_batched_greedy_equals_single_runs(tiny_model_dir):
     """The int4 linears (the native W4A8 kernel where it builds) keep each row independent of the batch."""
     engine = LLMEngine(load_model(tiny_model_dir, torch.bfloat16, "int4"), EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
-    assert engine.model.layers[0].mlp.down_proj.native is native.available()
+    assert engine.model.layers[0].mlp.down_proj.native is native.int4_supported()
     params = SamplingParams(max_tokens=16)
     singles = [engine.generate([p], params)[0] for p in PROMPTS]
     assert engine.generate(PROMPTS, params) == singles

@@ -165,7 +165,7 @@ def w4a8_reference(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.T
     return (dots * d.half().double() * xd.double().unsqueeze(1) + m.half().double() * xg.double().sum(-1).unsqueeze(1)).sum(-1)
 
 
-@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.skipif(not native.int4_supported(), reason="the int4 kernel needs AVX-512 VNNI")
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("out_features, in_features", [(960, 576), (576, 1536), (16, 32)])
 def test_int4_linear_matches_reference(dtype, tol, out_features, in_features):
@@ -182,7 +182,7 @@ def test_int4_linear_matches_reference(dtype, tol, out_features, in_features):
         torch.testing.assert_close(got.double(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
 
 
-@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.skipif(not native.int4_supported(), reason="the int4 kernel needs AVX-512 VNNI")
 def test_int4_linear_rows_do_not_depend_on_the_batch():
     """A row's output is bit for bit the same alone or among any number of other rows, so that
     batched and single generation give the same tokens."""
@@ -196,7 +196,7 @@ def test_int4_linear_rows_do_not_depend_on_the_batch():
     assert torch.equal(native.int4_linear(x[5:14], packed, 576), batched[5:14])
 
 
-@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.skipif(not native.int4_supported(), reason="the int4 kernel needs AVX-512 VNNI")
 def test_int4_pack_weight_refuses_bad_input():
     q, d, m = quantize_int4_groups(torch.randn(16, 64))
     with pytest.raises(RuntimeError, match="out_features of 16"):

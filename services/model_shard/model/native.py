@@ -14,6 +14,7 @@ target (e.g. x86-64-v3) for a build that runs elsewhere.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -23,72 +24,76 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp",
-                                                                    "int4_linear.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name
+           for name in ("bindings.cpp", "paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp", "int4_linear.cpp")]
+NAME = "llmmesh_kernels"
+_kernels = None  # the compiled module (csrc/bindings.cpp)
 _available: bool | None = None
 
 
 def available(verbose: bool = False) -> bool:
     """Whether the kernels are loaded (building them on the first call of a process if needed)."""
-    global _available
+    global _available, _kernels
     if _available is None:
-        if os.environ.get("LLMMESH_NATIVE_KERNELS", "1") == "0":
-            _available = False
-        else:
-            _available = _build(verbose)
+        if os.environ.get("LLMMESH_NATIVE_KERNELS", "1") != "0":
+            _kernels = _build(verbose)
+        _available = _kernels is not None
     return _available
 
 
-NAME = "llmmesh_kernels"
-
-
-def _build(verbose: bool) -> bool:
+def _build(verbose: bool):
     from torch.utils import cpp_extension
 
     march = os.environ.get("LLMMESH_NATIVE_MARCH", "native")
     try:
         # The builder keys its cache on the sources and flags: an edited kernel is rebuilt.
-        cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], is_python_module=False,
-                           extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           verbose=verbose)
-        return True
+        return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], is_python_module=True,
+                                  extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                  verbose=verbose)
     except Exception as exc:  # no compiler, no ninja, a build error
         built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
         if built.is_file():  # built ahead of time, e.g. in an image that carries no compiler
-            torch.ops.load_library(str(built))
-            return True
-        log.warning("native kernels unavailable, decode attention runs on stock torch ops: %s", exc)
-        return False
+            spec = importlib.util.spec_from_file_location(NAME, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        log.warning("native kernels unavailable, the model runs on stock torch ops: %s", exc)
+        return None
+
+
+def int4_supported() -> bool:
+    """Whether the W4A8 int4 kernel was built: it needs AVX-512 with VNNI."""
+    return available() and _kernels.int4_supported()
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """q [B, H, D]; k_cache, v_cache [KVH, slots, D]; block_tables int64 [B, N]; context_lens int64 [B].
     Returns [B, H, D]: each query attends to its sequence's first context_lens keys."""
-    return torch.ops.llmmesh.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+    return _kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual) * weight, x + residual) for x [rows, hidden]; residual may be None."""
-    return torch.ops.llmmesh.add_rms_norm(x, residual, weight, eps)
+    return _kernels.add_rms_norm(x, residual, weight, eps)
 
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate the queries and keys of qkv [T, (H + 2 KVH) * D] (cos/signed_sin [T, D], see
     RotaryEmbedding), write keys and values into the caches at slots [T]; returns (q [T, H, D], k [T, KVH, D])."""
-    return torch.ops.llmmesh.rope_and_cache(qkv, cos, signed_sin, slots, k_cache, v_cache, heads)
+    return _kernels.rope_and_cache(qkv, cos, signed_sin, slots, k_cache, v_cache, heads)
 
 
 def int4_pack_weight(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """q [N, K] in [0, 15], d and m [N, K / 32] (w = d * q + m): the bytes int4_linear reads."""
-    return torch.ops.llmmesh.int4_pack_weight(q, d, m)
+    return _kernels.int4_pack_weight(q, d, m)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x [M, K] @ the packed 4-bit weights' transpose, activations quantized to int8 per group of 32."""
-    return torch.ops.llmmesh.int4_linear(x, packed, out_features)
+    return _kernels.int4_linear(x, packed, out_features)
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ class Int4Linear(nn.Module):
     [0, 15]: the layout of the Q4_1 GGUF the model ships as).
 
     native_kernel: the native W4A8 kernel, which also quantizes the activations to int8 per group of
-    32 (as llama.cpp does); it needs 16 | out_features and groups of 32. Otherwise torch's fused
-    int4 weight-packed matmul, with activations as they are."""
+    32 (as llama.cpp does); it needs AVX-512 VNNI, 16 | out_features and groups of 32. Otherwise
+    torch's fused int4 weight-packed matmul, with activations as they are."""
 
     def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype, group_size: int = 32, native_kernel: bool = False):
         super().__init__()
@@ -79,7 +79,7 @@ class Int4Linear(nn.Module):
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-8)
         q = torch.clamp(torch.round((groups - low.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 15).to(torch.int32).view(n, k)
-        self.native = native_kernel and group_size == 32 and n % 16 == 0
+        self.native = native_kernel and group_size == 32 and n % 16 == 0 and native.int4_supported()
         if self.native:
             self.register_buffer("weight", native.int4_pack_weight(q, scale, low))
         else:

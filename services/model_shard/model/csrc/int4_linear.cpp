@@ -18,10 +18,13 @@
 // In the j-th 64 bytes, the 4 bytes of output lane l hold inputs 8j..8j+3 in their low nibbles and
 // 8j+4..8j+7 in their high nibbles: masking gives inputs 8j..8j+3 of all 16 outputs in one
 // register, shifting the next 4.
+//
+// The kernel needs AVX-512 with VNNI (int4_supported()); elsewhere Int4Linear runs torch's kernel.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,10 +32,12 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LLMMESH_INT4_VNNI 1
 #include <immintrin.h>
 #endif
 
+namespace llmmesh {
 namespace {
 
 constexpr int64_t kGroup = 32;     // inputs per scale
@@ -45,7 +50,7 @@ struct QuantizedRows {
   at::Tensor q, scale, sum;  // [M, K] int8, [M, G] float, [M, G] float
 };
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(LLMMESH_INT4_VNNI)
 template <typename T>
 inline __m512 load16(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
@@ -72,24 +77,6 @@ inline void quantize_group(const T* x, int8_t* q, float* scale, float* sum, int6
   scale[i] = d;
   sum[i] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
 }
-#else
-template <typename T>
-inline void quantize_group(const T* x, int8_t* q, float* scale, float* sum, int64_t i) {
-  float v[kGroup];
-  for (int64_t k = 0; k < kGroup; ++k) v[k] = static_cast<float>(x[i * kGroup + k]);
-  float amax = 0.f, s = 0.f;
-  for (int64_t k = 0; k < kGroup; ++k) {
-    amax = std::max(amax, std::fabs(v[k]));
-    s += v[k];
-  }
-  const float d = amax / 127.f;
-  const float inv = d > 0.f ? 1.f / d : 0.f;
-  for (int64_t k = 0; k < kGroup; ++k)
-    q[i * kGroup + k] = static_cast<int8_t>(std::clamp(std::nearbyint(v[k] * inv), -127.f, 127.f));
-  scale[i] = d;
-  sum[i] = s;
-}
-#endif
 
 template <typename T>
 QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
@@ -109,44 +96,10 @@ inline void store_lanes(const float* acc, T* out) {
   for (int64_t l = 0; l < kLanes; ++l) out[l] = static_cast<T>(acc[l]);
 }
 
-// Output block `nb` (16 outputs) for rows [r0, r0 + R) on plain C++.
-template <typename T>
-void block_portable(const uint8_t* w, const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t R, int64_t K,
-                    int64_t N) {
-  const int64_t G = K / kGroup;
-  const int8_t* xq = x.q.data_ptr<int8_t>();
-  const float* xd = x.scale.data_ptr<float>();
-  const float* xs = x.sum.data_ptr<float>();
-  for (int64_t r = r0; r < r0 + R; ++r) {
-    float acc[kLanes] = {};
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* blk = w + (nb * G + g) * kGroupBytes;
-      const int8_t* xr = xq + r * K + g * kGroup;
-      const at::Half* d = reinterpret_cast<const at::Half*>(blk + kQuantBytes);
-      const at::Half* m = d + kLanes;
-      for (int64_t l = 0; l < kLanes; ++l) {
-        int32_t dot = 0;
-        for (int64_t j = 0; j < 4; ++j)
-          for (int64_t b = 0; b < 4; ++b) {
-            const uint8_t byte = blk[64 * j + 4 * l + b];
-            dot += static_cast<int32_t>(byte & 0x0F) * xr[8 * j + b];
-            dot += static_cast<int32_t>(byte >> 4) * xr[8 * j + 4 + b];
-          }
-        acc[l] = std::fma(static_cast<float>(dot), static_cast<float>(d[l]) * xd[r * G + g], acc[l]);
-        acc[l] = std::fma(static_cast<float>(m[l]), xs[r * G + g], acc[l]);
-      }
-    }
-    store_lanes(acc, out + r * N + nb * kLanes);
-  }
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define LLMMESH_INT4_VNNI 1
-
 // Output block `nb` for R rows from r0: the block's weights are unpacked once per group and
 // multiplied with each row's activations, 4 inputs x 16 outputs per instruction.
 template <int R, typename T>
-void block_vnni(const uint8_t* w, const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t K, int64_t N) {
+void block(const uint8_t* w, const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t K, int64_t N) {
   const int64_t G = K / kGroup;
   const int8_t* xq = x.q.data_ptr<int8_t>() + r0 * K;
   const float* xd = x.scale.data_ptr<float>() + r0 * G;
@@ -183,10 +136,21 @@ void block_vnni(const uint8_t* w, const QuantizedRows& x, T* out, int64_t nb, in
     store_lanes(lanes, out + (r0 + r) * N + nb * kLanes);
   }
 }
+#endif  // LLMMESH_INT4_VNNI
+
+}  // namespace
+
+bool int4_supported() {
+#if defined(LLMMESH_INT4_VNNI)
+  return true;
+#else
+  return false;
 #endif
+}
 
 // x [M, K] (float32, bfloat16 or float16); packed from int4_pack_weight; returns [M, N] in x's dtype.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  TORCH_CHECK(int4_supported(), "the int4 kernel needs AVX-512 with VNNI, which this build lacks");
   TORCH_CHECK(x.dim() == 2, "x must be [rows, in_features]");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kGroup == 0 && N % kLanes == 0, "in_features must be a multiple of 32, out_features of 16");
@@ -195,33 +159,31 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N)
               "packed weights do not match [", N, ", ", K, "]");
   auto xc = x.contiguous();
   auto out = at::empty({M, N}, x.options());
+#if defined(LLMMESH_INT4_VNNI)
   if (M == 0) return out;
   const uint8_t* w = packed.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int4_linear", [&] {
     const QuantizedRows rows = quantize_rows(xc.data_ptr<scalar_t>(), M, K);
     scalar_t* o = out.data_ptr<scalar_t>();
-    // Threads split the output blocks; each runs all rows through its blocks, four at a time, so
+    // Threads split the output blocks; each runs all rows through its blocks, eight at a time, so
     // a block's weights are read from memory once and stay in L1 for the rows after the first.
     at::parallel_for(0, N / kLanes, 1, [&](int64_t begin, int64_t end) {
       for (int64_t nb = begin; nb < end; ++nb) {
         int64_t r = 0;
-#if defined(LLMMESH_INT4_VNNI)
-        for (; r + 8 <= M; r += 8) block_vnni<8>(w, rows, o, nb, r, K, N);
+        for (; r + 8 <= M; r += 8) block<8>(w, rows, o, nb, r, K, N);
         if (r + 4 <= M) {
-          block_vnni<4>(w, rows, o, nb, r, K, N);
+          block<4>(w, rows, o, nb, r, K, N);
           r += 4;
         }
         switch (M - r) {
-          case 3: block_vnni<3>(w, rows, o, nb, r, K, N); break;
-          case 2: block_vnni<2>(w, rows, o, nb, r, K, N); break;
-          case 1: block_vnni<1>(w, rows, o, nb, r, K, N); break;
+          case 3: block<3>(w, rows, o, nb, r, K, N); break;
+          case 2: block<2>(w, rows, o, nb, r, K, N); break;
+          case 1: block<1>(w, rows, o, nb, r, K, N); break;
         }
-        r = M;
-#endif
-        if (r < M) block_portable(w, rows, o, nb, r, M - r, K, N);
       }
     });
   });
+#endif
   return out;
 }
 
@@ -257,14 +219,4 @@ at::Tensor int4_pack_weight(const at::Tensor& q, const at::Tensor& d, const at::
   return packed;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(llmmesh, m) {
-  m.def("int4_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
-  m.def("int4_pack_weight(Tensor q, Tensor d, Tensor m) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llmmesh, CPU, m) {
-  m.impl("int4_linear", &int4_linear);
-  m.impl("int4_pack_weight", &int4_pack_weight);
-}
+}  // namespace llmmesh

@@ -8,7 +8,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+
+#include "kernels.h"
 
 #include <algorithm>
 #include <bit>
@@ -22,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+namespace llmmesh {
 namespace {
 
 template <typename T>
@@ -288,6 +290,8 @@ bool run_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
 }
 #endif
 
+}  // namespace
+
 // q [B, H, D]; k_cache, v_cache [KVH, S, D] with slot = block * block_size + offset;
 // block_tables int64 [B, N]; context_lens int64 [B] (each >= 1). Returns [B, H, D] in q's dtype.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -322,11 +326,4 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY(llmmesh, m) {
-  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, int block_size, float scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llmmesh, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+}  // namespace llmmesh

@@ -7,11 +7,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+
+#include "kernels.h"
 
 #include <cmath>
 #include <tuple>
 
+namespace llmmesh {
 namespace {
 
 template <typename T>
@@ -46,6 +48,8 @@ void add_rms_norm_kernel(const T* x, const T* residual, const T* weight, T* out,
   });
 }
 
+}  // namespace
+
 // x [rows, hidden]; residual: the same shape, or None; weight [hidden].
 // Returns (rms_norm(x + residual) * weight, x + residual).
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
@@ -70,10 +74,4 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::
   return {out, sum};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(llmmesh, m) {
-  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(llmmesh, CPU, m) { m.impl("add_rms_norm", &add_rms_norm); }
+}  // namespace llmmesh

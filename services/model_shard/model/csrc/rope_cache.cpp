@@ -6,10 +6,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+
+#include "kernels.h"
 
 #include <tuple>
 
+namespace llmmesh {
 namespace {
 
 template <typename T>
@@ -42,6 +44,8 @@ void rope_cache_kernel(const T* qkv, const float* cos, const float* signed_sin, 
   });
 }
 
+}  // namespace
+
 // qkv [T, (H + 2 * KVH) * D]; cos, signed_sin float32 [T, D]; slots int64 [T];
 // k_cache, v_cache [KVH, S, D], written at the tokens' slots. Returns the rotated (q [T, H, D], k [T, KVH, D]).
 std::tuple<at::Tensor, at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos,
@@ -69,11 +73,4 @@ std::tuple<at::Tensor, at::Tensor> rope_and_cache(const at::Tensor& qkv, const a
   return {q_out, k_out};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(llmmesh, m) {
-  m.def("rope_and_cache(Tensor qkv, Tensor cos, Tensor signed_sin, Tensor slots, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, int heads) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(llmmesh, CPU, m) { m.impl("rope_and_cache", &rope_and_cache); }
+}  // namespace llmmesh

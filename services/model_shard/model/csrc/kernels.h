@@ -1,0 +1,30 @@
+// The native kernels' entry points (one source file each), exposed to Python by bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace llmmesh {
+
+// Decode attention over a paged KV cache (paged_attention.cpp).
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                  int64_t block_size, double scale);
+
+// Residual add and RMSNorm (rms_norm.cpp).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                const at::Tensor& weight, double eps);
+
+// RoPE of queries and keys, and the KV cache write (rope_cache.cpp).
+std::tuple<at::Tensor, at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos,
+                                                  const at::Tensor& signed_sin, const at::Tensor& slots,
+                                                  at::Tensor k_cache, at::Tensor v_cache, int64_t heads);
+
+// 4-bit weights x 8-bit activations (int4_linear.cpp); int4_supported: whether this build has them.
+bool int4_supported();
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N);
+at::Tensor int4_pack_weight(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m);
+
+}  // namespace llmmesh
