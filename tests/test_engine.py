@@ -153,10 +153,12 @@ def test_batched_greedy_equals_single_runs(tiny_engine):
     assert tiny_engine.pool.num_used == 0
 
 
-def test_int4_batched_greedy_equals_single_runs(tiny_model_dir):
-    """The int4 linears (the native W4A8 kernel where it builds) keep each row independent of the batch."""
-    engine = LLMEngine(load_model(tiny_model_dir, torch.bfloat16, "int4"), EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
-    assert engine.model.layers[0].mlp.down_proj.native is native.int4_supported()
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_quantized_batched_greedy_equals_single_runs(tiny_model_dir, quantization):
+    """The quantized linears (native W4A8 / W8A8 kernels where they build) keep each row independent of the batch."""
+    model = load_model(tiny_model_dir, torch.bfloat16, quantization)
+    engine = LLMEngine(model, EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+    assert engine.model.layers[0].mlp.down_proj.native is native.vnni_supported()
     params = SamplingParams(max_tokens=16)
     singles = [engine.generate([p], params)[0] for p in PROMPTS]
     assert engine.generate(PROMPTS, params) == singles

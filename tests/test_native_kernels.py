@@ -152,56 +152,81 @@ def quantize_int4_groups(w: torch.Tensor):
     return q, d, low
 
 
-def w4a8_reference(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The kernel's arithmetic in float64: activations to int8 per group of 32 (scale max|x| / 127,
-    rounded to nearest even), integer dot products, d and m rounded to float16 as stored."""
-    rows, k = x.shape
-    xg = x.float().view(rows, k // 32, 32)
-    xd = xg.abs().amax(-1) / 127
-    inv = torch.where(xd > 0, 1 / xd, torch.zeros_like(xd))
-    xq = torch.round(xg * inv.unsqueeze(-1)).clamp(-127, 127).double()
-    qg = q.double().view(q.shape[0], k // 32, 32)
-    dots = torch.einsum("rgk,ngk->rng", xq, qg)
-    return (dots * d.half().double() * xd.double().unsqueeze(1) + m.half().double() * xg.double().sum(-1).unsqueeze(1)).sum(-1)
+def quantized_linear(kind: str, w: torch.Tensor):
+    """The native kernel for w quantized as `kind`, and its arithmetic in float64: activations to
+    int8 per group of 32 (scale max|x| / 127, rounded to nearest even), integer dot products, then
+    the weights' scales (int4's d and m rounded to float16 as stored)."""
+    n, k = w.shape
+
+    def activations(x):
+        xg = x.float().view(len(x), k // 32, 32)
+        xd = xg.abs().amax(-1) / 127
+        inv = torch.where(xd > 0, 1 / xd, torch.zeros_like(xd))
+        return xg.double(), xd.double(), torch.round(xg * inv.unsqueeze(-1)).clamp(-127, 127).double()
+
+    if kind == "int4":
+        q, d, m = quantize_int4_groups(w)
+        packed = native.int4_pack_weight(q, d, m)
+
+        def reference(x):
+            xg, xd, xq = activations(x)
+            dots = torch.einsum("rgk,ngk->rng", xq, q.double().view(n, k // 32, 32))
+            return (dots * d.half().double() * xd.unsqueeze(1) + m.half().double() * xg.sum(-1).unsqueeze(1)).sum(-1)
+
+        return (lambda x: native.int4_linear(x, packed, n)), reference
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    packed = native.int8_pack_weight(q)
+
+    def reference(x):
+        _, xd, xq = activations(x)
+        dots = torch.einsum("rgk,ngk->rng", xq, q.double().view(n, k // 32, 32))
+        return (dots * xd.unsqueeze(1)).sum(-1) * scale.double()
+
+    return (lambda x: native.int8_linear(x, packed, scale, n)), reference
 
 
-@pytest.mark.skipif(not native.int4_supported(), reason="the int4 kernel needs AVX-512 VNNI")
+@pytest.mark.skipif(not native.vnni_supported(), reason="the quantized kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("out_features, in_features", [(960, 576), (576, 1536), (16, 32)])
-def test_int4_linear_matches_reference(dtype, tol, out_features, in_features):
+def test_quantized_linear_matches_reference(kind, dtype, tol, out_features, in_features):
     """Row counts that take the 8-, 4- and 1-to-3-row tiles, and their sums (13 = 8 + 4 + 1)."""
     gen = torch.Generator().manual_seed(out_features + in_features)
-    q, d, m = quantize_int4_groups(torch.randn(out_features, in_features, generator=gen) * 0.05)
-    packed = native.int4_pack_weight(q, d, m)
+    linear, reference = quantized_linear(kind, torch.randn(out_features, in_features, generator=gen) * 0.05)
     for rows in (1, 3, 4, 8, 13):
         x = torch.randn(rows, in_features, generator=gen).to(dtype)
         x[0, :32] = 0  # an all-zero group (scale 0)
-        got = native.int4_linear(x, packed, out_features)
+        got = linear(x)
         assert got.dtype == dtype and got.shape == (rows, out_features)
-        expected = w4a8_reference(x, q, d, m)
+        expected = reference(x)
         torch.testing.assert_close(got.double(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
 
 
-@pytest.mark.skipif(not native.int4_supported(), reason="the int4 kernel needs AVX-512 VNNI")
-def test_int4_linear_rows_do_not_depend_on_the_batch():
+@pytest.mark.skipif(not native.vnni_supported(), reason="the quantized kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantized_linear_rows_do_not_depend_on_the_batch(kind):
     """A row's output is bit for bit the same alone or among any number of other rows, so that
     batched and single generation give the same tokens."""
     gen = torch.Generator().manual_seed(11)
-    q, d, m = quantize_int4_groups(torch.randn(576, 1536, generator=gen) * 0.05)
-    packed = native.int4_pack_weight(q, d, m)
+    linear, _ = quantized_linear(kind, torch.randn(576, 1536, generator=gen) * 0.05)
     x = torch.randn(21, 1536, generator=gen).to(torch.bfloat16)
-    batched = native.int4_linear(x, packed, 576)
-    singles = torch.cat([native.int4_linear(x[i : i + 1], packed, 576) for i in range(len(x))])
+    batched = linear(x)
+    singles = torch.cat([linear(x[i : i + 1]) for i in range(len(x))])
     assert torch.equal(batched, singles)
-    assert torch.equal(native.int4_linear(x[5:14], packed, 576), batched[5:14])
+    assert torch.equal(linear(x[5:14]), batched[5:14])
 
 
-@pytest.mark.skipif(not native.int4_supported(), reason="the int4 kernel needs AVX-512 VNNI")
-def test_int4_pack_weight_refuses_bad_input():
+@pytest.mark.skipif(not native.vnni_supported(), reason="the quantized kernels need AVX-512 VNNI")
+def test_quantized_weight_packing_refuses_bad_input():
     q, d, m = quantize_int4_groups(torch.randn(16, 64))
     with pytest.raises(RuntimeError, match="out_features of 16"):
         native.int4_pack_weight(q[:15], d[:15], m[:15])
     with pytest.raises(RuntimeError, match=r"\[0, 15\]"):
         native.int4_pack_weight(q + 1, d, m)
+    with pytest.raises(RuntimeError, match=r"\[-127, 127\]"):
+        native.int8_pack_weight(torch.full((16, 64), -128, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="do not match"):
         native.int4_linear(torch.randn(2, 64), native.int4_pack_weight(q, d, m), 32)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        native.int8_linear(torch.randn(2, 64), native.int8_pack_weight(q), torch.ones(8), 16)

@@ -25,7 +25,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("bindings.cpp", "paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp", "int4_linear.cpp")]
+           for name in ("bindings.cpp", "paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp",
+                         "quantized_linear.cpp")]
 NAME = "llmmesh_kernels"
 _kernels = None  # the compiled module (csrc/bindings.cpp)
 _available: bool | None = None
@@ -61,9 +62,9 @@ def _build(verbose: bool):
         return None
 
 
-def int4_supported() -> bool:
-    """Whether the W4A8 int4 kernel was built: it needs AVX-512 with VNNI."""
-    return available() and _kernels.int4_supported()
+def vnni_supported() -> bool:
+    """Whether the int4 and int8 kernels were built: they need AVX-512 with VNNI."""
+    return available() and _kernels.vnni_supported()
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -94,6 +95,17 @@ def int4_pack_weight(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x [M, K] @ the packed 4-bit weights' transpose, activations quantized to int8 per group of 32."""
     return _kernels.int4_linear(x, packed, out_features)
+
+
+def int8_pack_weight(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in [-127, 127] (w = scale * q per output): the bytes int8_linear reads."""
+    return _kernels.int8_pack_weight(q)
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] @ the packed 8-bit weights' transpose times scale [N] (float32), activations
+    quantized to int8 per group of 32."""
+    return _kernels.int8_linear(x, packed, scale, out_features)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """Quantization of the linear layers: int8 (per-output-channel symmetric scales) or int4
 (asymmetric, groups of 32: the layout of the Q4_1 GGUF the model ships as).
 
-One stream is memory-bound: each token reads every weight once. torch's fused CPU kernels for
-int8 and int4 weight-packed matmuls read a quarter and an eighth of float32's bytes; pair them
-with bfloat16 activations (the kernels are slow with float32 input). With the native kernels
-(native.py), int4 runs on llama.cpp's scheme instead: activations quantized to int8 per group of
-32 and integer dot products (csrc/int4_linear.cpp), ~2.5x torch's int4 kernel for one row and
-~2.7x for 256.
+One stream is memory-bound: each token reads every weight once, and int8 and int4 read a quarter
+and an eighth of float32's bytes. On a CPU with AVX-512 VNNI the native kernels
+(csrc/quantized_linear.cpp) run them on llama.cpp's scheme: activations quantized to int8 per
+group of 32 and integer dot products, 2-2.8x torch's int8/int4 weight-packed matmuls at one row
+and at 256. Elsewhere those torch kernels run, with bfloat16 activations (they are slow with float32).
 """
 
 from __future__ import annotations
@@ -19,32 +18,47 @@ from services.model_shard.model.llama import LlamaForServing
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype):
+    """8-bit weights, symmetric per output channel (w = scale * q, q in [-127, 127]).
+
+    native_kernel: the native W8A8 kernel, which also quantizes the activations to int8 per group
+    of 32 (as llama.cpp does); it needs AVX-512 VNNI, 16 | out_features and 32 | in_features.
+    Otherwise torch's int8 weight-packed matmul, with activations as they are."""
+
+    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype, native_kernel: bool = False):
         super().__init__()
         w = weight.detach().float()
+        n, k = w.shape
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(act_dtype))
-        self.out_features, self.in_features = w.shape
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        self.native = native_kernel and n % 16 == 0 and k % 32 == 0 and native.vnni_supported()
+        if self.native:
+            self.register_buffer("weight", native.int8_pack_weight(q))
+            self.register_buffer("scales", scales)  # float32: the kernel scales its float32 sums
+        else:
+            self.register_buffer("weight", q)
+            self.register_buffer("scales", scales.to(act_dtype))
+        self.out_features, self.in_features = n, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.is_cpu:
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self.native:
+            y = native.int8_linear(flat, self.weight, self.scales, self.out_features)
+        elif flat.is_cpu:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         else:  # no fused kernel assumed elsewhere: dequantise on the fly
             y = torch.nn.functional.linear(flat, self.weight.to(flat.dtype)) * self.scales
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 def quantize(model: LlamaForServing, method: str, native_kernel: bool = False) -> LlamaForServing:
     """Replace every projection and the LM head with quantized linears, in place.
     method: "int8" (per output channel) or "int4" (groups of 32). native_kernel: run int4 on the
     native W4A8 kernel (the weights are packed for one kernel or the other, once)."""
-    if method == "int4":
-        def make(weight, act_dtype):
-            return Int4Linear(weight, act_dtype, native_kernel=native_kernel)
-    else:
-        make = Int8Linear
+    linear = {"int8": Int8Linear, "int4": Int4Linear}[method]
+
+    def make(weight: torch.Tensor, act_dtype: torch.dtype) -> nn.Module:
+        return linear(weight, act_dtype, native_kernel=native_kernel)
+
     act_dtype = model.dtype
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -56,7 +70,7 @@ def quantize(model: LlamaForServing, method: str, native_kernel: bool = False) -
     # there flips greedy answers). The embedding lookup keeps its float table.
     if model.norm is not None:  # the last pipeline stage holds the head
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        model.lm_head_int8 = Int8Linear(head, act_dtype)
+        model.lm_head_int8 = Int8Linear(head, act_dtype, native_kernel=native_kernel)
         model.lm_head = None
     return model
 
@@ -79,7 +93,7 @@ class Int4Linear(nn.Module):
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-8)
         q = torch.clamp(torch.round((groups - low.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 15).to(torch.int32).view(n, k)
-        self.native = native_kernel and group_size == 32 and n % 16 == 0 and native.int4_supported()
+        self.native = native_kernel and group_size == 32 and n % 16 == 0 and native.vnni_supported()
         if self.native:
             self.register_buffer("weight", native.int4_pack_weight(q, scale, low))
         else:
@@ -92,9 +106,9 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = n, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.native:
             y = native.int4_linear(flat, self.weight, self.out_features)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_zeros)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)

@@ -22,9 +22,12 @@ std::tuple<at::Tensor, at::Tensor> rope_and_cache(const at::Tensor& qkv, const a
                                                   const at::Tensor& signed_sin, const at::Tensor& slots,
                                                   at::Tensor k_cache, at::Tensor v_cache, int64_t heads);
 
-// 4-bit weights x 8-bit activations (int4_linear.cpp); int4_supported: whether this build has them.
-bool int4_supported();
+// 4- and 8-bit weights x 8-bit activations (quantized_linear.cpp); vnni_supported: whether this
+// build has them.
+bool vnni_supported();
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N);
 at::Tensor int4_pack_weight(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N);
+at::Tensor int8_pack_weight(const at::Tensor& q);
 
 }  // namespace llmmesh
