@@ -154,7 +154,15 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
-class RMSNorm(nn.Module):
+class DirectModule(nn.Module):
+    """A module whose call goes straight to forward, past torch's hook dispatch: a decode step makes
+    ~300 module calls, ~1 us each through nn.Module.__call__. The serving model registers no hooks."""
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+class RMSNorm(DirectModule):
     """RMSNorm with the residual add before it fused in: forward(x, residual) returns
     (norm(x + residual), x + residual), the second being the residual stream that goes on."""
 
@@ -217,7 +225,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return out.transpose(0, 1).reshape(B, H, D)
 
 
-class Attention(nn.Module):
+class Attention(DirectModule):
     def __init__(self, cfg: LlamaConfig, tp_size: int = 1):
         super().__init__()
         self.num_heads = cfg.num_heads // tp_size
@@ -235,7 +243,6 @@ class Attention(nn.Module):
         """cos_sin: RotaryEmbedding.lookup of the tokens' positions."""
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        v = qkv[:, self.q_size + self.kv_size :].view(T, KVH, D)
         k_cache, v_cache = kv_cache  # [KVH, S, D]
         if self.native:
             q, k = native.rope_and_cache(qkv, *cos_sin, meta.slot_mapping, k_cache, v_cache, H)
@@ -243,10 +250,11 @@ class Attention(nn.Module):
             qk = RotaryEmbedding.rotate(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, D), cos_sin)
             q, k = qk[:, :H], qk[:, H:]
             k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-            v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+            v_cache.index_copy_(1, meta.slot_mapping, qkv[:, self.q_size + self.kv_size :].view(T, KVH, D).transpose(0, 1))
 
         if meta.decode is not None and not meta.prefills:  # decode only: its tokens are the decode rows, in order
             return self._project(self._decode(q, k_cache, v_cache, meta.decode).view(T, self.q_size))
+        v = qkv[:, self.q_size + self.kv_size :].view(T, KVH, D)
         out = torch.empty_like(q)  # [T, H, D]
         if meta.decode is not None:
             d = meta.decode
@@ -281,21 +289,27 @@ class Attention(nn.Module):
         return out if self.reduce is None else self.reduce(out)
 
 
-class MLP(nn.Module):
+class MLP(DirectModule):
     def __init__(self, cfg: LlamaConfig, tp_size: int = 1):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size // tp_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=False)
         self.reduce = None  # tensor parallel: sums the ranks' partial outputs (row-parallel down_proj)
+        self.native = False  # SiLU(gate) * up by a native kernel (native.py)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        out = self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.native:
+            hidden = native.silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            hidden = F.silu(gate) * up
+        out = self.down_proj(hidden)
         return out if self.reduce is None else self.reduce(out)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(DirectModule):
     def __init__(self, cfg: LlamaConfig, tp_size: int = 1):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -339,12 +353,12 @@ class LlamaForServing(nn.Module):
         return self.cfg.num_kv_heads // self.partition.tp_size
 
     def use_native_kernels(self, enabled: bool = True) -> bool:
-        """Run decode attention, the norms and RoPE with the cache writes on native kernels where they
-        can be built; returns whether they are on. (int4 linears pick their kernel when quantized,
+        """Run decode attention, the norms, RoPE with the cache writes and the MLP's activation on native
+        kernels where they can be built; returns whether they are on. (int4 linears pick their kernel when quantized,
         see load_model.)"""
         on = enabled and native.available()
         for module in self.modules():
-            if isinstance(module, (Attention, RMSNorm)):
+            if isinstance(module, (Attention, RMSNorm, MLP)):
                 module.native = on
         return on
 

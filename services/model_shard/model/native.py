@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("bindings.cpp", "paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp",
-                         "quantized_linear.cpp")]
+                         "silu_and_mul.cpp", "quantized_linear.cpp")]
 NAME = "llmmesh_kernels"
 _kernels = None  # the compiled module (csrc/bindings.cpp)
 _available: bool | None = None
@@ -85,6 +85,11 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tenso
     """Rotate the queries and keys of qkv [T, (H + 2 KVH) * D] (cos/signed_sin [T, D], see
     RotaryEmbedding), write keys and values into the caches at slots [T]; returns (q [T, H, D], k [T, KVH, D])."""
     return _kernels.rope_and_cache(qkv, cos, signed_sin, slots, k_cache, v_cache, heads)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of x [T, 2 * I] = [gate | up]; returns [T, I]."""
+    return _kernels.silu_and_mul(x)
 
 
 def int4_pack_weight(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

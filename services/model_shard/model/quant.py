@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from services.model_shard.model import native
-from services.model_shard.model.llama import LlamaForServing
+from services.model_shard.model.llama import DirectModule, LlamaForServing
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(DirectModule):
     """8-bit weights, symmetric per output channel (w = scale * q, q in [-127, 127]).
 
     native_kernel: the native W8A8 kernel, which also quantizes the activations to int8 per group
@@ -75,7 +75,7 @@ def quantize(model: LlamaForServing, method: str, native_kernel: bool = False) -
     return model
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(DirectModule):
     """4-bit weights, asymmetric per group of `group_size` input channels (w = scale * q + min, q in
     [0, 15]: the layout of the Q4_1 GGUF the model ships as).
 

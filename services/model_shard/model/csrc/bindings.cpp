@@ -13,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &llmmesh::paged_decode_attention, release());
   m.def("add_rms_norm", &llmmesh::add_rms_norm, release());
   m.def("rope_and_cache", &llmmesh::rope_and_cache, release());
+  m.def("silu_and_mul", &llmmesh::silu_and_mul, release());
   m.def("vnni_supported", &llmmesh::vnni_supported);
   m.def("int4_linear", &llmmesh::int4_linear, release());
   m.def("int4_pack_weight", &llmmesh::int4_pack_weight, release());

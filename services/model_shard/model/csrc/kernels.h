@@ -22,6 +22,9 @@ std::tuple<at::Tensor, at::Tensor> rope_and_cache(const at::Tensor& qkv, const a
                                                   const at::Tensor& signed_sin, const at::Tensor& slots,
                                                   at::Tensor k_cache, at::Tensor v_cache, int64_t heads);
 
+// SiLU(gate) * up of the MLP (silu_and_mul.cpp).
+at::Tensor silu_and_mul(const at::Tensor& x);
+
 // 4- and 8-bit weights x 8-bit activations (quantized_linear.cpp); vnni_supported: whether this
 // build has them.
 bool vnni_supported();
