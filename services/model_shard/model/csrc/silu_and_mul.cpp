@@ -21,7 +21,8 @@ void silu_and_mul_kernel(const T* x, T* out, int64_t rows, int64_t inter) {
 #pragma omp simd
       for (int64_t i = 0; i < inter; ++i) {
         const float g = static_cast<float>(gate[i]);
-        const float e = exp_nonpositive(-std::fabs(g));  // sigmoid without overflow on either side
+        // exp(-|g|): a sigmoid without overflow on either side (0 where exp_nonpositive stops).
+        const float e = g < -87.f ? 0.f : exp_nonpositive(-std::fabs(g));
         const T silu = static_cast<T>(g * ((g >= 0.f ? 1.f : e) / (1.f + e)));
         o[i] = static_cast<T>(static_cast<float>(silu) * static_cast<float>(up[i]));
       }
