@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-dir", type=Path,
                         help="certificates from `make certs`: TLS to the gateway, mutual TLS between services")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quantization", choices=["int8", "int4"], help="weight-only int8 (pair with --dtype bfloat16)")
+    parser.add_argument("--quantization", choices=["int8", "int4"], help="int8 (per channel) or int4 (groups of 32) linear weights")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard (per worker when parallel)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="Ray workers per layer in each shard")
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages in each shard")

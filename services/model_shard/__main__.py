@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=env_default("LLMMESH_MODEL", "models/SmolLM2-135M-Instruct"))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=env_default("LLMMESH_DTYPE", "float32"))
     parser.add_argument("--quantization", choices=["int8", "int4"], default=env_default("LLMMESH_QUANTIZATION", "") or None,
-                        help="weight-only int8 (per channel) or int4 (groups of 32) linear layers; pair with --dtype bfloat16")
+                        help="int8 (per channel) or int4 (groups of 32) linear weights; with the native kernels the "
+                             "activations go to int8 per group of 32 too (llama.cpp's scheme)")
     parser.add_argument("--kv-cache-mb", type=int, default=int(env_default("LLMMESH_KV_CACHE_MB", "1024")),
                         help="memory for the paged KV cache")
     parser.add_argument("--block-size", type=int, default=16)
