@@ -81,13 +81,16 @@ def check_paged_decode_attention(dtype, tol, heads, kv_heads, dim, lengths, bloc
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
-def test_native_and_torch_attention_give_the_same_greedy_tokens(real_model_dir):
-    """The real model, float32, a batch of prompts of different lengths: same tokens either way."""
+@pytest.mark.parametrize("max_batched_tokens", [2048, 24], ids=["whole-prompts", "chunked"])
+def test_native_and_torch_attention_give_the_same_greedy_tokens(real_model_dir, max_batched_tokens):
+    """The real model, float32, a batch of prompts of different lengths: same tokens either way.
+    Chunked, the later chunks attend over the cache (the native path reads it in place)."""
     prompts = [[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198],
                list(range(300, 340)), [1, 9690, 198, 504, 2]]
     outputs = []
     for native_kernels in (True, False):
-        engine = LLMEngine.from_dir(real_model_dir, EngineConfig(kv_cache_bytes=64 << 20, native_kernels=native_kernels))
+        config = EngineConfig(kv_cache_bytes=64 << 20, native_kernels=native_kernels, max_batched_tokens=max_batched_tokens)
+        engine = LLMEngine.from_dir(real_model_dir, config)
         assert engine.model.layers[0].self_attn.native is native_kernels
         outputs.append(engine.generate(prompts, SamplingParams(max_tokens=24)))
     assert outputs[0] == outputs[1]

@@ -8,7 +8,7 @@ from services.model_shard.engine.request import SamplingParams
 from services.model_shard.engine.sampler import sample
 from services.model_shard.engine.scheduler import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from services.model_shard.model.llama import (AttentionMetadata, DecodeBatch, LlamaConfig, LlamaForServing, PrefillSpan,
-                                              stage_layers)
+                                              slots_of, stage_layers)
 
 
 def kv_cache_bytes_per_block(cfg: LlamaConfig, block_size: int, dtype: torch.dtype, tensor_parallel: int = 1,
@@ -80,8 +80,7 @@ class LocalExecutor:
             v.index_copy_(1, slots, layer[1].reshape(kvh, n * self.block_size, d))
 
     def _slots(self, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(block_ids, dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        return slots_of(torch.tensor(block_ids, dtype=torch.long), positions, self.block_size)
 
     def prepare(self, scheduled: list[ScheduledSeq]):
         """Flat input ids, positions and attention metadata for one step (or a micro-batch of one)."""
@@ -103,12 +102,9 @@ class LocalExecutor:
                 sample_index.append(len(input_ids) - 1)
             if item.num_new_tokens == 1:
                 decode_rows.append((start, end_pos, seq.block_ids))
-            elif first == 0:
-                prefills.append(PrefillSpan(start, len(input_ids), None, None))
-            else:  # a continuation over cached context
-                ctx = torch.arange(end_pos)
-                mask = (ctx.unsqueeze(0) <= pos.unsqueeze(1)).unsqueeze(0)  # [1, q, C]
-                prefills.append(PrefillSpan(start, len(input_ids), self._slots(seq.block_ids, ctx), mask))
+            else:  # a whole prompt, or a continuation over cached context
+                prefills.append(PrefillSpan(start, len(input_ids), first, seq.block_ids if first else None,
+                                            self.block_size))
         meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=prefills)
         if decode_rows:
             index, lengths, tables = zip(*decode_rows)

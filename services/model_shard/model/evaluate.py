@@ -16,7 +16,7 @@ def prompt_logits(model: LlamaForServing, ids: list[int]) -> torch.Tensor:
     dtype = model.dtype
     caches = [(torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype),
                torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype)) for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n, None, None)])
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n)])
     hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
     return model.compute_logits(hidden)
 

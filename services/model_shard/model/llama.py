@@ -137,14 +137,43 @@ class DecodeBatch:
         return cls(torch.tensor(token_index), tables, torch.tensor(lengths), block_size)
 
 
+def slots_of(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The cache slots of a sequence's positions, given its blocks."""
+    return block_table[positions // block_size] * block_size + positions % block_size
+
+
 @dataclass
 class PrefillSpan:
-    """A sequence that adds several tokens (a prompt, or a chunk of one)."""
+    """A sequence that adds several tokens: a whole prompt, or a chunk that continues a context whose
+    earlier keys are in the cache (a later chunk, or a prompt after reused prefix blocks)."""
 
     start: int  # its tokens are flat[start:end]
     end: int
-    kv_slots: torch.Tensor | None  # [C] all context slots; None when the span is the whole context
-    mask: torch.Tensor | None  # [1, end-start, C] causal mask over the context; None with kv_slots None
+    context_start: int = 0  # the position of its first token; 0: the span is the whole context
+    block_table: list[int] | None = None  # with context_start > 0: the sequence's blocks
+    block_size: int = 0
+
+    @functools.cached_property
+    def kv_slots(self) -> torch.Tensor:
+        """[C] the slots of the whole context, cached keys and the span's own (torch path)."""
+        positions = torch.arange(self.context_start + self.end - self.start)
+        return slots_of(torch.tensor(self.block_table), positions, self.block_size)
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[1, end - start, C]: each token sees the context up to itself (torch path)."""
+        positions = torch.arange(self.context_start, self.context_start + self.end - self.start)
+        return (torch.arange(len(self.kv_slots)).unsqueeze(0) <= positions.unsqueeze(1)).unsqueeze(0)
+
+    @functools.cached_property
+    def paged(self) -> DecodeBatch:
+        """The span's tokens as rows of paged decode attention, each over the context up to itself:
+        the native kernel reads the cached keys where they lie instead of a gathered copy."""
+        n = self.end - self.start
+        lengths = torch.arange(self.context_start + 1, self.context_start + n + 1)
+        width = -(-(self.context_start + n) // self.block_size)
+        table = torch.tensor(self.block_table[:width]).expand(n, width)
+        return DecodeBatch(torch.arange(self.start, self.end), table, lengths, self.block_size)
 
 
 @dataclass
@@ -260,8 +289,11 @@ class Attention(DirectModule):
             d = meta.decode
             out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), k_cache, v_cache, d))
         for span in meta.prefills:
+            if span.context_start and self.native:
+                out[span.start : span.end] = self._decode(q[span.start : span.end], k_cache, v_cache, span.paged)
+                continue
             qp = q[span.start : span.end].transpose(0, 1)  # [H, L, D]
-            if span.kv_slots is None:
+            if not span.context_start:
                 kp = k[span.start : span.end].transpose(0, 1)  # [KVH, L, D]
                 vp = v[span.start : span.end].transpose(0, 1)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
