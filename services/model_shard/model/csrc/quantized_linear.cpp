@@ -121,6 +121,23 @@ inline void store_lanes(__m512 acc, T* out) {
   for (int64_t l = 0; l < kLanes; ++l) out[l] = static_cast<T>(lanes[l]);
 }
 
+// The quantized activations of the rows from r0, group by group.
+struct RowTile {
+  const int8_t* q;
+  const float *scale, *sum;
+  const int32_t* qsum;
+  int64_t K, G;
+
+  RowTile(const QuantizedRows& x, int64_t r0, int64_t K)
+      : q(x.q.data_ptr<int8_t>() + r0 * K), scale(x.scale.data_ptr<float>() + r0 * (K / kGroup)),
+        sum(x.sum.data_ptr<float>() + r0 * (K / kGroup)), qsum(x.qsum.data_ptr<int32_t>() + r0 * (K / kGroup)),
+        K(K), G(K / kGroup) {}
+  const int8_t* quants(int r, int64_t g) const { return q + r * K + g * kGroup; }
+  float group_scale(int r, int64_t g) const { return scale[r * G + g]; }
+  float group_sum(int r, int64_t g) const { return sum[r * G + g]; }
+  int32_t group_qsum(int r, int64_t g) const { return qsum[r * G + g]; }
+};
+
 // Output block `nb` for R rows from r0: each group's weights are loaded (and unpacked) once and
 // multiplied with every row's activations.
 struct Int4Weights {
@@ -128,10 +145,8 @@ struct Int4Weights {
 
   template <int R, typename T>
   void block(const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t K, int64_t N) const {
-    const int64_t G = K / kGroup;
-    const int8_t* xq = x.q.data_ptr<int8_t>() + r0 * K;
-    const float* xd = x.scale.data_ptr<float>() + r0 * G;
-    const float* xs = x.sum.data_ptr<float>() + r0 * G;
+    const RowTile rows(x, r0, K);
+    const int64_t G = rows.G;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -147,9 +162,10 @@ struct Int4Weights {
       const __m512 m =
           _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kInt4QuantBytes + 32)));
       for (int r = 0; r < R; ++r) {
-        const __m512i dot = group_dot(wq, xq + r * K + g * kGroup);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xd[r * G + g])), acc[r]);
-        acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * G + g]), acc[r]);
+        const __m512i dot = group_dot(wq, rows.quants(r, g));
+        const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(rows.group_scale(r, g)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+        acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(rows.group_sum(r, g)), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) store_lanes(acc[r], out + (r0 + r) * N + nb * kLanes);
@@ -162,10 +178,8 @@ struct Int8Weights {
 
   template <int R, typename T>
   void block(const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t K, int64_t N) const {
-    const int64_t G = K / kGroup;
-    const int8_t* xq = x.q.data_ptr<int8_t>() + r0 * K;
-    const float* xd = x.scale.data_ptr<float>() + r0 * G;
-    const int32_t* xqs = x.qsum.data_ptr<int32_t>() + r0 * G;
+    const RowTile rows(x, r0, K);
+    const int64_t G = rows.G;
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     const uint8_t* blk = packed + nb * G * kInt8GroupBytes;
@@ -174,9 +188,9 @@ struct Int8Weights {
       for (int c = 0; c < 8; ++c) wq[c] = _mm512_loadu_si512(blk + 64 * c);
       for (int r = 0; r < R; ++r) {
         // The weights were stored as q + 128: take back 128 * sum(xq).
-        const __m512i dot = _mm512_sub_epi32(group_dot(wq, xq + r * K + g * kGroup),
-                                             _mm512_set1_epi32(128 * xqs[r * G + g]));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xd[r * G + g]), acc[r]);
+        const __m512i dot = _mm512_sub_epi32(group_dot(wq, rows.quants(r, g)),
+                                             _mm512_set1_epi32(128 * rows.group_qsum(r, g)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(rows.group_scale(r, g)), acc[r]);
       }
     }
     const __m512 s = _mm512_loadu_ps(scale + nb * kLanes);
