@@ -279,11 +279,11 @@ class Attention(DirectModule):
             qk = RotaryEmbedding.rotate(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, D), cos_sin)
             q, k = qk[:, :H], qk[:, H:]
             k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-            v_cache.index_copy_(1, meta.slot_mapping, qkv[:, self.q_size + self.kv_size :].view(T, KVH, D).transpose(0, 1))
+            v_cache.index_copy_(1, meta.slot_mapping, self._values(qkv).transpose(0, 1))
 
         if meta.decode is not None and not meta.prefills:  # decode only: its tokens are the decode rows, in order
             return self._project(self._decode(q, k_cache, v_cache, meta.decode).view(T, self.q_size))
-        v = qkv[:, self.q_size + self.kv_size :].view(T, KVH, D)
+        v = self._values(qkv)
         out = torch.empty_like(q)  # [T, H, D]
         if meta.decode is not None:
             d = meta.decode
@@ -303,6 +303,10 @@ class Attention(DirectModule):
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, enable_gqa=True)
             out[span.start : span.end] = op.transpose(0, 1)
         return self._project(out.view(T, self.q_size))
+
+    def _values(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The value heads of the fused projection, [T, KVH, D] (a view)."""
+        return qkv[:, self.q_size + self.kv_size :].view(qkv.shape[0], self.num_kv_heads, self.head_dim)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
         """Attention of each decode row's query [B, H, D] over its sequence's cached context."""
