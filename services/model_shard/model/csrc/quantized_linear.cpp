@@ -22,7 +22,7 @@
 //   int4: 4 x 64 bytes, byte pairs nibble-packed (register 2j in the low nibbles of the j-th 64
 //         bytes, 2j+1 in the high ones), then d[16] and m[16] as float16: 320 bytes.
 //
-// The kernels need AVX-512 with VNNI (vnni_supported()); elsewhere the model keeps torch's kernels.
+// The kernels need a CPU with AVX-512 VNNI (vnni_supported()); elsewhere the model keeps torch's kernels.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,9 +34,12 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__x86_64__)
 #define LLMMESH_VNNI 1
 #include <immintrin.h>
+// The kernels are compiled for AVX-512 VNNI whatever the build's -march (an image built for
+// x86-64-v3 still has them) and run only where the CPU has it (vnni_supported).
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 #endif
 
 namespace llmmesh {
@@ -60,7 +63,7 @@ struct QuantizedRows {
 };
 
 template <typename T>
-inline __m512 load16(const T* p) {
+VNNI_TARGET inline __m512 load16(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_loadu_ps(p);
   } else if constexpr (std::is_same_v<T, at::BFloat16>) {  // float32's upper half
@@ -71,40 +74,44 @@ inline __m512 load16(const T* p) {
   }
 }
 
+// Round to nearest even (the default rounding mode), within [-127, 127].
+VNNI_TARGET inline __m512i to_int8_range(__m512 v, __m512 inv) {
+  const __m512i lim = _mm512_set1_epi32(127);
+  return _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lim),
+                          _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+}
+
+template <typename T>
+VNNI_TARGET void quantize_groups(const T* x, const QuantizedRows& out, int64_t begin, int64_t end) {
+  int8_t* q = out.q.data_ptr<int8_t>();
+  float* scale = out.scale.data_ptr<float>();
+  float* sum = out.sum.data_ptr<float>();
+  int32_t* qsum = out.qsum.data_ptr<int32_t>();
+  for (int64_t i = begin; i < end; ++i) {
+    const __m512 lo = load16(x + i * kGroup), hi = load16(x + i * kGroup + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float d = amax / 127.f;
+    const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    const __m512i qlo = to_int8_range(lo, inv), qhi = to_int8_range(hi, inv);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * kGroup), _mm512_cvtepi32_epi8(qlo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * kGroup + 16), _mm512_cvtepi32_epi8(qhi));
+    scale[i] = d;
+    sum[i] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    qsum[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  }
+}
+
 template <typename T>
 QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   const int64_t G = K / kGroup;
   QuantizedRows out{at::empty({M, K}, at::kChar), at::empty({M, G}, at::kFloat), at::empty({M, G}, at::kFloat),
                     at::empty({M, G}, at::kInt)};
-  int8_t* q = out.q.data_ptr<int8_t>();
-  float* scale = out.scale.data_ptr<float>();
-  float* sum = out.sum.data_ptr<float>();
-  int32_t* qsum = out.qsum.data_ptr<int32_t>();
-  at::parallel_for(0, M * G, 256, [&](int64_t begin, int64_t end) {
-    const __m512i lim = _mm512_set1_epi32(127);
-    for (int64_t i = begin; i < end; ++i) {
-      const __m512 lo = load16(x + i * kGroup), hi = load16(x + i * kGroup + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const float d = amax / 127.f;
-      const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
-      // Round to nearest even (the default rounding mode), within [-127, 127].
-      auto to_int = [&](__m512 v) {
-        return _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lim),
-                                _mm512_sub_epi32(_mm512_setzero_si512(), lim));
-      };
-      const __m512i qlo = to_int(lo), qhi = to_int(hi);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * kGroup), _mm512_cvtepi32_epi8(qlo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * kGroup + 16), _mm512_cvtepi32_epi8(qhi));
-      scale[i] = d;
-      sum[i] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-      qsum[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-    }
-  });
+  at::parallel_for(0, M * G, 256, [&](int64_t begin, int64_t end) { quantize_groups(x, out, begin, end); });
   return out;
 }
 
 // The integer dot products of one row's group with the 8 weight registers of a block's group.
-inline __m512i group_dot(const __m512i* wq, const int8_t* xr) {
+VNNI_TARGET inline __m512i group_dot(const __m512i* wq, const int8_t* xr) {
   __m512i dot = _mm512_setzero_si512();
   for (int c = 0; c < 8; ++c) {
     int32_t four;
@@ -115,7 +122,7 @@ inline __m512i group_dot(const __m512i* wq, const int8_t* xr) {
 }
 
 template <typename T>
-inline void store_lanes(__m512 acc, T* out) {
+VNNI_TARGET inline void store_lanes(__m512 acc, T* out) {
   alignas(64) float lanes[kLanes];
   _mm512_store_ps(lanes, acc);
   for (int64_t l = 0; l < kLanes; ++l) out[l] = static_cast<T>(lanes[l]);
@@ -144,7 +151,7 @@ struct Int4Weights {
   const uint8_t* packed;
 
   template <int R, typename T>
-  void block(const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t K, int64_t N) const {
+  VNNI_TARGET void block(const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t K, int64_t N) const {
     const RowTile rows(x, r0, K);
     const int64_t G = rows.G;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -177,7 +184,7 @@ struct Int8Weights {
   const float* scale;  // [N]
 
   template <int R, typename T>
-  void block(const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t K, int64_t N) const {
+  VNNI_TARGET void block(const QuantizedRows& x, T* out, int64_t nb, int64_t r0, int64_t K, int64_t N) const {
     const RowTile rows(x, r0, K);
     const int64_t G = rows.G;
     __m512 acc[R];
@@ -231,7 +238,7 @@ at::Tensor run(const at::Tensor& x, const Weights& weights, int64_t N) {
 #endif  // LLMMESH_VNNI
 
 void check_input(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t group_bytes) {
-  TORCH_CHECK(vnni_supported(), "the quantized kernels need AVX-512 with VNNI, which this build lacks");
+  TORCH_CHECK(vnni_supported(), "the quantized kernels need a CPU with AVX-512 VNNI");
   TORCH_CHECK(x.dim() == 2, "x must be [rows, in_features]");
   const int64_t K = x.size(1);
   check_shape(N, K);
@@ -256,7 +263,9 @@ at::Tensor registers(const at::Tensor& q, int64_t lo, int64_t hi, int64_t bias) 
 
 bool vnni_supported() {
 #if defined(LLMMESH_VNNI)
-  return true;
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return supported;
 #else
   return false;
 #endif
