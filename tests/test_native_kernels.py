@@ -146,13 +146,15 @@ def test_rope_and_cache_matches_torch(dtype):
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 0)])
-def test_silu_and_mul_matches_torch(dtype, tol):
-    """Large gates of either sign (the sigmoid must not overflow) and torch's rounding in bfloat16."""
+@pytest.mark.parametrize("dtype, tol, inter", [(torch.float32, 1e-6, 1536), (torch.bfloat16, 0, 1536),
+                                               (torch.bfloat16, 0, 24), (torch.float16, 0, 1536)])
+def test_silu_and_mul_matches_torch(dtype, tol, inter):
+    """Large gates of either sign (the sigmoid must not overflow) and torch's rounding in bfloat16;
+    widths and dtypes without a vector pass take torch's own ops."""
     gen = torch.Generator().manual_seed(5)
-    x = (torch.randn(7, 2 * 1536, generator=gen) * 4).to(dtype)
+    x = (torch.randn(7, 2 * inter, generator=gen) * 4).to(dtype)
     x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
-    gate, up = x.split(1536, dim=-1)
+    gate, up = x.split(inter, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     got = native.silu_and_mul(x)
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)  # bfloat16: the same roundings, exactly

@@ -1,54 +1,50 @@
 // SiLU(gate) * up over the MLP's fused gate/up projection, in one pass: three torch ops (a split,
 // silu, a multiply) and an intermediate tensor fewer per layer. Rounding follows torch's path in
 // the activation dtype: the SiLU is rounded to it, then the product.
+//
+// The pass is AVX-512 (float32 and bfloat16), compiled for it whatever the build's -march and run
+// where the CPU has it; elsewhere, and for other dtypes, the same three ATen ops run from here.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
-#include "vec_math.h"
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__)
 #include <immintrin.h>
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 #endif
 
 namespace llmmesh {
 namespace {
 
-// SiLU(g) as float, exp(-|g|) keeping the sigmoid clear of overflow on either side (0 where
-// exp_nonpositive stops).
-inline float silu(float g) {
-  float e = exp_nonpositive(-std::fabs(g));  // computed on every lane, then selected: no branch
-  e = g < -87.f ? 0.f : e;
-  return g * ((g >= 0.f ? 1.f : e) / (1.f + e));
+#if defined(__x86_64__)
+bool avx512_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl");
+  return supported;
 }
 
-template <typename T>
-void silu_and_mul_row(const T* gate, const T* up, T* out, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T s = static_cast<T>(silu(static_cast<float>(gate[i])));
-    out[i] = static_cast<T>(static_cast<float>(s) * static_cast<float>(up[i]));
-  }
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-// The same arithmetic, 16 lanes at a time (the compiler does not vectorize the loop above).
-inline __m512 exp_nonpositive16(__m512 x) {
+// exp(x) for x <= 0, Cephes' expf polynomial (as vec_math.h's exp_nonpositive), 16 lanes.
+AVX512_TARGET inline __m512 exp_nonpositive16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
   const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
 }
 
-inline __m512 silu16(__m512 g) {
+// SiLU(g) = g * sigmoid(g), from e = exp(-|g|) so that neither side overflows (0 below exp's range).
+AVX512_TARGET inline __m512 silu16(__m512 g) {
   __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
   e = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_set1_ps(-87.f), _CMP_LT_OQ), e, _mm512_setzero_ps());
   const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), e, _mm512_set1_ps(1.f));
@@ -56,10 +52,7 @@ inline __m512 silu16(__m512 g) {
 }
 
 // Round to bfloat16, nearest even (NaN stays NaN), as c10::BFloat16 rounds; 16 lanes of bits.
-inline __m256i bf16_round16(__m512 f) {
-#if defined(__AVX512BF16__)
-  return (__m256i)_mm512_cvtneps_pbh(f);
-#endif
+AVX512_TARGET inline __m256i bf16_round16(__m512 f) {
   const __m512i u = _mm512_castps_si512(f);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
@@ -67,52 +60,54 @@ inline __m256i bf16_round16(__m512 f) {
   return _mm512_cvtepi32_epi16(bits);
 }
 
-inline __m512 bf16_widen16(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
+AVX512_TARGET inline __m512 bf16_widen16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
 
-template <>
-void silu_and_mul_row<c10::BFloat16>(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out,
-                                     int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+// One row: n outputs from n gates and n ups (n a multiple of 16).
+AVX512_TARGET void silu_and_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out,
+                                    int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
     const __m512 g = bf16_widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gate + i)));
     const __m512 u = bf16_widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(up + i)));
     const __m512 s = bf16_widen16(bf16_round16(silu16(g)));  // torch rounds the SiLU to bfloat16 first
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), bf16_round16(_mm512_mul_ps(s, u)));
   }
-  for (; i < n; ++i) {
-    const c10::BFloat16 s = static_cast<c10::BFloat16>(silu(static_cast<float>(gate[i])));
-    out[i] = static_cast<c10::BFloat16>(static_cast<float>(s) * static_cast<float>(up[i]));
-  }
 }
 
-template <>
-void silu_and_mul_row<float>(const float* gate, const float* up, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
+AVX512_TARGET void silu_and_mul_row(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16)
     _mm512_storeu_ps(out + i, _mm512_mul_ps(silu16(_mm512_loadu_ps(gate + i)), _mm512_loadu_ps(up + i)));
-  for (; i < n; ++i) out[i] = silu(gate[i]) * up[i];
 }
-#endif
 
 template <typename T>
-void silu_and_mul_kernel(const T* x, T* out, int64_t rows, int64_t inter) {
+void silu_and_mul_avx512(const T* x, T* out, int64_t rows, int64_t inter) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / inter), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) silu_and_mul_row(x + r * 2 * inter, x + r * 2 * inter + inter, out + r * inter, inter);
+    for (int64_t r = begin; r < end; ++r)
+      silu_and_mul_row(x + r * 2 * inter, x + r * 2 * inter + inter, out + r * inter, inter);
   });
 }
+#endif
 
 }  // namespace
 
 // x [T, 2 * I] (gate then up); returns [T, I].
 at::Tensor silu_and_mul(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "x must be [rows, 2 * intermediate]");
-  auto xc = x.contiguous();
   const int64_t inter = x.size(1) / 2;
-  auto out = at::empty({x.size(0), inter}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
-    silu_and_mul_kernel<scalar_t>(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), inter);
-  });
-  return out;
+#if defined(__x86_64__)
+  const bool vector_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (vector_dtype && inter % 16 == 0 && avx512_supported()) {
+    auto xc = x.contiguous();
+    auto out = at::empty({x.size(0), inter}, x.options());
+    if (x.scalar_type() == at::kFloat)
+      silu_and_mul_avx512(xc.data_ptr<float>(), out.data_ptr<float>(), x.size(0), inter);
+    else
+      silu_and_mul_avx512(xc.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), x.size(0), inter);
+    return out;
+  }
+#endif
+  return at::silu(x.narrow(1, 0, inter)) * x.narrow(1, inter, inter);
 }
 
 }  // namespace llmmesh
