@@ -20,7 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
@@ -122,11 +122,27 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
   });
 }
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__)
 // The AVX-512 path. The scalar loops above end every key's dot product in a horizontal sum and
 // keep the output accumulators in memory; here 16 keys' dot products are reduced together by one
 // transpose-add tree, and each query head's output row stays in registers (kG is a compile-time
 // head count so the arrays below unroll into registers).
+//
+// It is compiled for AVX-512 whatever the build's -march (the container image targets x86-64-v3)
+// and runs where the CPU has it; the bfloat16 dot product instruction only where the CPU has that too.
+bool avx512_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl");
+  return supported;
+}
+
+bool avx512_bf16_supported() {
+  static const bool supported = avx512_supported() && __builtin_cpu_supports("avx512bf16");
+  return supported;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")
 
 template <typename T>
 inline __m512 load16(const T* p);
@@ -160,7 +176,7 @@ inline __m512 transpose_sum16(const __m512* v) {
 
 // q·k for one query head over D dims, as 16 partial sums. bfloat16 with AVX512-BF16 multiplies
 // the raw pairs (exact products, float32 sums); otherwise both sides are widened to float32.
-template <typename T, int64_t kD>
+template <typename T, int64_t kD, bool kDpbf16>
 struct QueryRow {
   __m512 q[kD / 16];
   void load(const T* src) {
@@ -173,9 +189,8 @@ struct QueryRow {
   }
 };
 
-#if defined(__AVX512BF16__)
 template <int64_t kD>
-struct QueryRow<c10::BFloat16, kD> {
+struct QueryRow<c10::BFloat16, kD, true> {
   __m512bh q[kD / 32];
   void load(const c10::BFloat16* src) {
     for (int64_t c = 0; c < kD / 32; ++c) q[c] = (__m512bh)_mm512_loadu_si512(src + 32 * c);
@@ -186,7 +201,6 @@ struct QueryRow<c10::BFloat16, kD> {
     return acc;
   }
 };
-#endif
 
 // Asks for the rows of the next block while this one is scored: blocks lie anywhere in the cache,
 // so the hardware prefetcher does not run ahead across them (32 streams, caches cold: 410 -> ~320 us
@@ -199,7 +213,7 @@ inline void prefetch_rows(const T* rows, int64_t n) {
   for (int64_t off = 0; off < n * kD * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
-template <typename T, int64_t kD, int64_t kG>
+template <typename T, int64_t kD, int64_t kG, bool kDpbf16>
 void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens,
                           T* out, int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t N, int64_t bs, float scale) {
   constexpr int64_t C = kD / 16;
@@ -213,7 +227,7 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
       const T* vh = v_cache + h * S * kD;
       const int64_t* table = tables + b * N;
       const T* qb = q + (b * H + h * G + g0) * kD;
-      QueryRow<T, kD> qr[kG];
+      QueryRow<T, kD, kDpbf16> qr[kG];
       for (int64_t g = 0; g < kG; ++g) qr[g].load(qb + g * kD);
       scores.resize(kG * L);
       float* sc = scores.data();
@@ -263,17 +277,20 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
 }
 
 // Runs the vector kernel when D and the query heads per work item have an instance; false otherwise.
+// Call it only where avx512_supported(): the whole function is compiled for AVX-512.
 template <typename T>
 bool run_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens, T* out,
                 int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t S, int64_t N, int64_t bs, float scale) {
   bool ran = false;
   if constexpr (!std::is_same_v<T, double>) {
+    const bool dpbf16 = std::is_same_v<T, c10::BFloat16> && avx512_bf16_supported();
     const int64_t Gi = work_item_heads(B, H / KVH, KVH);
     auto with_d = [&](auto d) {
       auto with_g = [&](auto g) {
         if (Gi == decltype(g)::value) {
-          decode_kernel_avx512<T, decltype(d)::value, decltype(g)::value>(q, k_cache, v_cache, tables, lens, out, B,
-                                                                           H, KVH, S, N, bs, scale);
+          constexpr int64_t kD = decltype(d)::value, kG = decltype(g)::value;
+          auto kernel = dpbf16 ? decode_kernel_avx512<T, kD, kG, true> : decode_kernel_avx512<T, kD, kG, false>;
+          kernel(q, k_cache, v_cache, tables, lens, out, B, H, KVH, S, N, bs, scale);
           ran = true;
         }
       };
@@ -288,6 +305,7 @@ bool run_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* t
   }
   return ran;
 }
+#pragma GCC pop_options
 #endif
 
 }  // namespace
@@ -316,8 +334,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
              tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, S,
              tables.size(1), block_size, static_cast<float>(scale));
     };
-#if defined(__AVX512F__)
-    if (run(run_avx512<scalar_t>)) return;
+#if defined(__x86_64__)
+    if (avx512_supported() && run(run_avx512<scalar_t>)) return;
 #endif
     if (D == 64) run(decode_kernel<scalar_t, 64>);
     else if (D == 128) run(decode_kernel<scalar_t, 128>);

@@ -285,7 +285,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N)
 at::Tensor int4_pack_weight(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m) {
   auto regs = registers(q, 0, 15, 0);  // [nb, G, 8, 16, 4]
   const int64_t blocks = regs.size(0), G = regs.size(1);
-  TORCH_CHECK(d.sizes() == m.sizes() && d.size(0) == q.size(0) && d.size(1) == G, "d and m must be [out_features, in / 32]");
+  TORCH_CHECK(d.sizes() == m.sizes() && d.size(0) == q.size(0) && d.size(1) == G,
+              "d and m must be [out_features, in / 32]");
   auto pairs = regs.view({blocks, G, 4, 2, kLanes * 4});
   auto nibbles = pairs.select(3, 0).bitwise_or(pairs.select(3, 1).bitwise_left_shift(4));  // [nb, G, 4, 64]
   auto scales = [&](const at::Tensor& s) {  // [N, G] -> [nb, G, 16] float16, as bytes

@@ -47,7 +47,8 @@ AVX512_TARGET inline __m512 exp_nonpositive16(__m512 x) {
 AVX512_TARGET inline __m512 silu16(__m512 g) {
   __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
   e = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_set1_ps(-87.f), _CMP_LT_OQ), e, _mm512_setzero_ps());
-  const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ), e, _mm512_set1_ps(1.f));
+  const __mmask16 nonnegative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 num = _mm512_mask_blend_ps(nonnegative, e, _mm512_set1_ps(1.f));
   return _mm512_mul_ps(g, _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
 }
 
