@@ -23,9 +23,9 @@ COPY services ./services
 RUN pip install --no-cache-dir ".[kubernetes,parallel,convert]"
 RUN python -m services.model_shard.model.fetch --out models/SmolLM2-135M-Instruct \
     && pip uninstall -y transformers gguf accelerate && rm -rf /root/.cache
-# The native kernels, built for any x86-64 with AVX2 (the image runs on other machines; attention's, SiLU's
-# and the AVX-512 paths are built too, and chosen at run time where the CPU has them);
-# the compiler leaves the image again, shards load the library from TORCH_EXTENSIONS_DIR.
+# The native kernels, built for any x86-64 with AVX2 (the image runs on other machines); their AVX-512 paths,
+# the int8/int4 kernels among them, are compiled in too and chosen at run time where the CPU has AVX-512.
+# The compiler leaves the image again, shards load the library from TORCH_EXTENSIONS_DIR.
 ENV TORCH_EXTENSIONS_DIR=/opt/llmmesh-kernels
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && LLMMESH_NATIVE_MARCH=x86-64-v3 python -m services.model_shard.model.native \
