@@ -248,3 +248,5 @@ def test_quantized_weight_packing_refuses_bad_input():
         native.int4_linear(torch.randn(2, 64), native.int4_pack_weight(q, d, m), 32)
     with pytest.raises(RuntimeError, match="scale must be"):
         native.int8_linear(torch.randn(2, 64), native.int8_pack_weight(q), torch.ones(8), 16)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        native.int4_linear(torch.randn(2, 64, dtype=torch.float64), native.int4_pack_weight(q, d, m), 16)

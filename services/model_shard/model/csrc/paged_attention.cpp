@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "avx512.h"
 #include "kernels.h"
 #include "vec_math.h"
 
@@ -19,10 +20,6 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace llmmesh {
 namespace {
@@ -128,35 +125,10 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
 // transpose-add tree, and each query head's output row stays in registers (kG is a compile-time
 // head count so the arrays below unroll into registers).
 //
-// It is compiled for AVX-512 whatever the build's -march (the container image targets x86-64-v3)
-// and runs where the CPU has it; the bfloat16 dot product instruction only where the CPU has that too.
-bool avx512_supported() {
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl");
-  return supported;
-}
-
-bool avx512_bf16_supported() {
-  static const bool supported = avx512_supported() && __builtin_cpu_supports("avx512bf16");
-  return supported;
-}
-
+// Compiled for AVX-512 whatever the build's -march (avx512.h) and entered where the CPU has it;
+// the bfloat16 dot product instruction only where the CPU has that too.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")
-
-template <typename T>
-inline __m512 load16(const T* p);
-template <>
-inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <>
-inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-template <>
-inline __m512 load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // Lane i of the result is the sum of v[i]'s 16 lanes.
 inline __m512 transpose_sum16(const __m512* v) {

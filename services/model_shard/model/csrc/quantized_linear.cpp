@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "avx512.h"
 #include "kernels.h"
 
 #include <algorithm>
@@ -36,9 +37,8 @@
 
 #if defined(__x86_64__)
 #define LLMMESH_VNNI 1
-#include <immintrin.h>
-// The kernels are compiled for AVX-512 VNNI whatever the build's -march (an image built for
-// x86-64-v3 still has them) and run only where the CPU has it (vnni_supported).
+// The kernels are compiled for AVX-512 VNNI whatever the build's -march (avx512.h) and run only
+// where the CPU has it (vnni_supported).
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 #endif
 
@@ -61,18 +61,6 @@ void check_shape(int64_t N, int64_t K) {
 struct QuantizedRows {
   at::Tensor q, scale, sum, qsum;  // [M, K] int8; [M, G] float, float, int32
 };
-
-template <typename T>
-VNNI_TARGET inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_loadu_ps(p);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {  // float32's upper half
-    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-}
 
 // Round to nearest even (the default rounding mode), within [-127, 127].
 VNNI_TARGET inline __m512i to_int8_range(__m512 v, __m512 inv) {
@@ -214,9 +202,8 @@ at::Tensor run(const at::Tensor& x, const Weights& weights, int64_t N) {
   auto xc = x.contiguous();
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantized_linear", [&] {
-    const QuantizedRows rows = quantize_rows(xc.data_ptr<scalar_t>(), M, K);
-    scalar_t* o = out.data_ptr<scalar_t>();
+  auto typed = [&](const auto* xp, auto* o) {
+    const QuantizedRows rows = quantize_rows(xp, M, K);
     at::parallel_for(0, N / kLanes, 1, [&](int64_t begin, int64_t end) {
       for (int64_t nb = begin; nb < end; ++nb) {
         int64_t r = 0;
@@ -232,7 +219,12 @@ at::Tensor run(const at::Tensor& x, const Weights& weights, int64_t N) {
         }
       }
     });
-  });
+  };
+  switch (x.scalar_type()) {  // check_input admits these three
+    case at::kFloat: typed(xc.data_ptr<float>(), out.data_ptr<float>()); break;
+    case at::kBFloat16: typed(xc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>()); break;
+    default: typed(xc.data_ptr<at::Half>(), out.data_ptr<at::Half>()); break;
+  }
   return out;
 }
 #endif  // LLMMESH_VNNI
@@ -240,6 +232,8 @@ at::Tensor run(const at::Tensor& x, const Weights& weights, int64_t N) {
 void check_input(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t group_bytes) {
   TORCH_CHECK(vnni_supported(), "the quantized kernels need a CPU with AVX-512 VNNI");
   TORCH_CHECK(x.dim() == 2, "x must be [rows, in_features]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32, bfloat16 or float16");
   const int64_t K = x.size(1);
   check_shape(N, K);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
@@ -263,15 +257,13 @@ at::Tensor registers(const at::Tensor& q, int64_t lo, int64_t hi, int64_t bias) 
 
 bool vnni_supported() {
 #if defined(LLMMESH_VNNI)
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  return supported;
+  return avx512_vnni_supported();
 #else
   return false;
 #endif
 }
 
-// x [M, K] (float32, bfloat16 or float16); packed from int4_pack_weight; returns [M, N] in x's dtype.
+// x [M, K] float32, bfloat16 or float16; packed from int4_pack_weight; returns [M, N] in x's dtype.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   check_input(x, packed, N, kInt4GroupBytes);
 #if defined(LLMMESH_VNNI)

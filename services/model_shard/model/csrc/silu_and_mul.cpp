@@ -8,25 +8,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "avx512.h"
 #include "kernels.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-#endif
 
 namespace llmmesh {
 namespace {
 
 #if defined(__x86_64__)
-bool avx512_supported() {
-  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl");
-  return supported;
-}
-
 // exp(x) for x <= 0, Cephes' expf polynomial (as vec_math.h's exp_nonpositive), 16 lanes.
-AVX512_TARGET inline __m512 exp_nonpositive16(__m512 x) {
+LLMMESH_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -44,7 +34,7 @@ AVX512_TARGET inline __m512 exp_nonpositive16(__m512 x) {
 }
 
 // SiLU(g) = g * sigmoid(g), from e = exp(-|g|) so that neither side overflows (0 below exp's range).
-AVX512_TARGET inline __m512 silu16(__m512 g) {
+LLMMESH_AVX512 inline __m512 silu16(__m512 g) {
   __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
   e = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_set1_ps(-87.f), _CMP_LT_OQ), e, _mm512_setzero_ps());
   const __mmask16 nonnegative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
@@ -53,7 +43,7 @@ AVX512_TARGET inline __m512 silu16(__m512 g) {
 }
 
 // Round to bfloat16, nearest even (NaN stays NaN), as c10::BFloat16 rounds; 16 lanes of bits.
-AVX512_TARGET inline __m256i bf16_round16(__m512 f) {
+LLMMESH_AVX512 inline __m256i bf16_round16(__m512 f) {
   const __m512i u = _mm512_castps_si512(f);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
@@ -61,24 +51,19 @@ AVX512_TARGET inline __m256i bf16_round16(__m512 f) {
   return _mm512_cvtepi32_epi16(bits);
 }
 
-AVX512_TARGET inline __m512 bf16_widen16(__m256i bits) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
 // One row: n outputs from n gates and n ups (n a multiple of 16).
-AVX512_TARGET void silu_and_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out,
+LLMMESH_AVX512 void silu_and_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out,
                                     int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __m512 g = bf16_widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gate + i)));
-    const __m512 u = bf16_widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(up + i)));
+    const __m512 g = load16(gate + i), u = load16(up + i);
     const __m512 s = bf16_widen16(bf16_round16(silu16(g)));  // torch rounds the SiLU to bfloat16 first
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), bf16_round16(_mm512_mul_ps(s, u)));
   }
 }
 
-AVX512_TARGET void silu_and_mul_row(const float* gate, const float* up, float* out, int64_t n) {
+LLMMESH_AVX512 void silu_and_mul_row(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(silu16(_mm512_loadu_ps(gate + i)), _mm512_loadu_ps(up + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(silu16(load16(gate + i)), load16(up + i)));
 }
 
 template <typename T>

@@ -1,0 +1,54 @@
+// What the kernels' AVX-512 paths share. Those paths are compiled for AVX-512 in any x86-64 build
+// (the container image targets x86-64-v3), through target attributes, and entered only where the
+// CPU reports the instructions.
+#pragma once
+
+#if defined(__x86_64__)
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <type_traits>
+
+// The base the kernels' vector paths are compiled for; a kernel adds what it needs beyond it.
+#define LLMMESH_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+
+namespace llmmesh {
+
+// The CPU's features, read once.
+inline bool avx512_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+                                __builtin_cpu_supports("f16c");
+  return supported;
+}
+
+inline bool avx512_bf16_supported() {
+  static const bool supported = avx512_supported() && __builtin_cpu_supports("avx512bf16");
+  return supported;
+}
+
+inline bool avx512_vnni_supported() {
+  static const bool supported = avx512_supported() && __builtin_cpu_supports("avx512vnni");
+  return supported;
+}
+
+// 16 bfloat16 values (their bits) as float32: bfloat16 is float32's upper half.
+LLMMESH_AVX512 inline __m512 bf16_widen16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// 16 values of T (float32, bfloat16 or float16) from p, as float32.
+template <typename T>
+LLMMESH_AVX512 inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return bf16_widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>, "float32, bfloat16 or float16");
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+}
+
+}  // namespace llmmesh
+#endif
