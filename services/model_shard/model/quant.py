@@ -17,43 +17,58 @@ from services.model_shard.model import native
 from services.model_shard.model.llama import DirectModule, LlamaForServing
 
 
-class Int8Linear(DirectModule):
+class QuantizedLinear(DirectModule):
+    """What Int8Linear and Int4Linear share: the shape, whether the native kernel can take it (16 |
+    out_features, 32 | in_features, a CPU with AVX-512 VNNI), and a forward over 2-D rows
+    (`matmul`), which the model's [tokens, features] inputs already are."""
+
+    def __init__(self, out_features: int, in_features: int, native_kernel: bool):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.native = native_kernel and out_features % 16 == 0 and in_features % 32 == 0 and native.vnni_supported()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self.matmul(x)
+        return self.matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
     """8-bit weights, symmetric per output channel (w = scale * q, q in [-127, 127]).
 
-    native_kernel: the native W8A8 kernel, which also quantizes the activations to int8 per group
-    of 32 (as llama.cpp does); it needs AVX-512 VNNI, 16 | out_features and 32 | in_features.
-    Otherwise torch's int8 weight-packed matmul, with activations as they are."""
+    native_kernel: the native W8A8 kernel where it can take the layer (QuantizedLinear), which also
+    quantizes the activations to int8 per group of 32 (as llama.cpp does). Otherwise torch's int8
+    weight-packed matmul, with activations as they are."""
 
     def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype, native_kernel: bool = False):
-        super().__init__()
+        super().__init__(*weight.shape, native_kernel)
         w = weight.detach().float()
-        n, k = w.shape
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        self.native = native_kernel and n % 16 == 0 and k % 32 == 0 and native.vnni_supported()
         if self.native:
             self.register_buffer("weight", native.int8_pack_weight(q))
             self.register_buffer("scales", scales)  # float32: the kernel scales its float32 sums
         else:
             self.register_buffer("weight", q)
             self.register_buffer("scales", scales.to(act_dtype))
-        self.out_features, self.in_features = n, k
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            y = native.int8_linear(flat, self.weight, self.scales, self.out_features)
-        elif flat.is_cpu:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
-        else:  # no fused kernel assumed elsewhere: dequantise on the fly
-            y = torch.nn.functional.linear(flat, self.weight.to(flat.dtype)) * self.scales
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+            return native.int8_linear(x, self.weight, self.scales, self.out_features)
+        if x.is_cpu:
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        # no fused kernel assumed elsewhere: dequantise on the fly
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype)) * self.scales
 
 
 def quantize(model: LlamaForServing, method: str, native_kernel: bool = False) -> LlamaForServing:
     """Replace every projection and the LM head with quantized linears, in place.
-    method: "int8" (per output channel) or "int4" (groups of 32). native_kernel: run int4 on the
-    native W4A8 kernel (the weights are packed for one kernel or the other, once)."""
+    method: "int8" (per output channel) or "int4" (groups of 32). native_kernel: run them on the
+    native W8A8/W4A8 kernels where the CPU has them (the weights are packed for one kernel or the
+    other, once)."""
     linear = {"int8": Int8Linear, "int4": Int4Linear}[method]
 
     def make(weight: torch.Tensor, act_dtype: torch.dtype) -> nn.Module:
@@ -75,16 +90,16 @@ def quantize(model: LlamaForServing, method: str, native_kernel: bool = False) -
     return model
 
 
-class Int4Linear(DirectModule):
+class Int4Linear(QuantizedLinear):
     """4-bit weights, asymmetric per group of `group_size` input channels (w = scale * q + min, q in
     [0, 15]: the layout of the Q4_1 GGUF the model ships as).
 
-    native_kernel: the native W4A8 kernel, which also quantizes the activations to int8 per group of
-    32 (as llama.cpp does); it needs AVX-512 VNNI, 16 | out_features and groups of 32. Otherwise
-    torch's fused int4 weight-packed matmul, with activations as they are."""
+    native_kernel: the native W4A8 kernel where it can take the layer (QuantizedLinear, and groups
+    of 32), which also quantizes the activations to int8 per group of 32 (as llama.cpp does).
+    Otherwise torch's fused int4 weight-packed matmul, with activations as they are."""
 
     def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype, group_size: int = 32, native_kernel: bool = False):
-        super().__init__()
+        super().__init__(*weight.shape, native_kernel and group_size == 32)
         w = weight.detach().float()
         n, k = w.shape
         if k % group_size:
@@ -93,7 +108,6 @@ class Int4Linear(DirectModule):
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-8)
         q = torch.clamp(torch.round((groups - low.unsqueeze(-1)) / scale.unsqueeze(-1)), 0, 15).to(torch.int32).view(n, k)
-        self.native = native_kernel and group_size == 32 and n % 16 == 0 and native.vnni_supported()
         if self.native:
             self.register_buffer("weight", native.int4_pack_weight(q, scale, low))
         else:
@@ -103,12 +117,8 @@ class Int4Linear(DirectModule):
             scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
             self.register_buffer("scales_zeros", scales_zeros.to(act_dtype))  # [k / group, n, 2]
         self.group_size = group_size
-        self.out_features, self.in_features = n, k
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            y = native.int4_linear(flat, self.weight, self.out_features)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_zeros)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+            return native.int4_linear(x, self.weight, self.out_features)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_zeros)
