@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--no-kv-sharing", action="store_true",
                         help="shards do not upload/fetch KV prefix blocks through the cache service")
     parser.add_argument("--no-native-kernels", action="store_true",
-                        help="the shard runs attention, norms and RoPE on stock torch ops (model/native.py)")
+                        help="the shard runs on stock torch ops instead of the native kernels (model/native.py)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="split the layers into this many stages, one Ray worker group each")
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each parallel worker")
     parser.add_argument("--no-native-kernels", action="store_true",
-                        help="decode attention on stock torch ops instead of the native paged kernel")
+                        help="attention, norms, RoPE, SiLU and the int8/int4 linears on stock torch ops "
+                             "instead of the native kernels (model/native.py)")
     args = parser.parse_args(argv)
     setup_logging("shard", args.log_level, args.log_format)
     setup_tracing("model_shard", instance_id(args.listen))

@@ -37,7 +37,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     threads_per_worker: int = 1  # torch threads of each parallel worker process
-    native_kernels: bool = True  # native attention, norm and RoPE kernels where they build (model/native.py)
+    native_kernels: bool = True  # the native kernels where they build and the CPU has them (model/native.py)
 
     @property
     def parallel(self) -> bool:

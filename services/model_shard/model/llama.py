@@ -389,9 +389,9 @@ class LlamaForServing(nn.Module):
         return self.cfg.num_kv_heads // self.partition.tp_size
 
     def use_native_kernels(self, enabled: bool = True) -> bool:
-        """Run decode attention, the norms, RoPE with the cache writes and the MLP's activation on native
-        kernels where they can be built; returns whether they are on. (int4 linears pick their kernel when quantized,
-        see load_model.)"""
+        """Run paged attention, the norms, RoPE with the cache writes and the MLP's activation on native
+        kernels where they can be built; returns whether they are on. (Quantized linears pick their
+        kernel when quantized, see load_model.)"""
         on = enabled and native.available()
         for module in self.modules():
             if isinstance(module, (Attention, RMSNorm, MLP)):
@@ -418,7 +418,7 @@ class LlamaForServing(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] (only the rows that sample); returns float32 logits [N, vocab]."""
         hidden, _ = self.norm(hidden)
-        if self.lm_head_int8 is not None:  # set by quant.quantize_int8
+        if self.lm_head_int8 is not None:  # set by quant.quantize
             return self.lm_head_int8(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
@@ -470,8 +470,8 @@ class LlamaForServing(nn.Module):
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None,
                partition: Partition = Partition(), native_kernels: bool = True) -> LlamaForServing:
     """Build the serving model (or one worker's partition of it) from a folder with config.json and
-    *.safetensors. quantization: None, "int8" or "int4" (weight-only, see quant.py). native_kernels:
-    use the native kernels where they can be built (see native.py)."""
+    *.safetensors. quantization: None, "int8" or "int4" (see quant.py). native_kernels: use the
+    native kernels where they can be built (see native.py)."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
@@ -496,7 +496,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
     if quantization in ("int8", "int4"):
         from services.model_shard.model.quant import quantize
 
-        quantize(model, quantization, native_kernel=native_kernels and native.available())
+        quantize(model, quantization, native_kernel=native_kernels)
     elif quantization is not None:
         raise ValueError(f"unknown quantization {quantization!r}; expected int8 or int4")
     model.use_native_kernels(native_kernels)

@@ -7,7 +7,8 @@ neither built nor found, or are switched off (LLMMESH_NATIVE_KERNELS=0), the mod
 computation on stock torch ops, more slowly.
 
 The code is built for this machine's CPU (`-march=native`); LLMMESH_NATIVE_MARCH names another
-target (e.g. x86-64-v3) for a build that runs elsewhere.
+target (e.g. x86-64-v3) for a build that runs elsewhere. The AVX-512 paths are compiled in either
+way and chosen at run time (csrc/avx512.h).
 
     python -m services.model_shard.model.native   # build now, and say whether it worked
 """
@@ -63,7 +64,7 @@ def _build(verbose: bool):
 
 
 def vnni_supported() -> bool:
-    """Whether the int4 and int8 kernels were built: they need AVX-512 with VNNI."""
+    """Whether the int4 and int8 kernels can run here: they need a CPU with AVX-512 VNNI."""
     return available() and _kernels.vnni_supported()
 
 
