@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,9 +56,10 @@ def _build(verbose: bool):
     except Exception as exc:  # no compiler, no ninja, a build error
         built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
         if built.is_file():  # built ahead of time, e.g. in an image that carries no compiler
-            # Also reached when a compiler is there but the sources fail to build: say so, since the
-            # library loaded then is an earlier build.
-            log.warning("native kernels did not build (%s); loading the library built before, %s", exc, built)
+            # Also reached when a compiler is there but the sources fail to build: then warn, since the
+            # library loaded is an earlier build.
+            level = logging.WARNING if shutil.which(os.environ.get("CXX", "c++")) else logging.INFO
+            log.log(level, "native kernels did not build (%s); loading the library built before, %s", exc, built)
             spec = importlib.util.spec_from_file_location(NAME, built)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
