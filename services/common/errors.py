@@ -8,6 +8,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Trailing metadata on an INTERNAL status: this one request failed (e.g. its logits were not finite);
+# the service that says so is fine, and retrying the request elsewhere would fail the same way.
+REQUEST_FAILED_KEY = "llmmesh-request-failed"
 
 
 def retry_later(message: str, retry_after_s: float) -> grpc.Status:

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 
 _MALFORMED = object()
+# A health service name that says only "this process runs" (for liveness probes): the others also
+# say whether the service can serve now, which can depend on other services (readiness).
+LIVENESS_SERVICE = "llmmesh.liveness"
 
 
 class RejectMalformedRequests(grpc.aio.ServerInterceptor):
@@ -140,16 +143,35 @@ class ServeOptions:
 
 
 class ServiceRuntime:
-    """What a running service may touch: its health status and its stop event."""
+    """What a running service may touch: its health status and its stop event.
+
+    It serves while it is up (started, not draining) and what it depends on can serve; health
+    (gRPC, and whatever reads `serving`) says so."""
 
     def __init__(self, health: HealthServicer, service_names: list[str]):
         self.health = health
         self.service_names = service_names
         self.stopping = asyncio.Event()
-        self.serving = False
+        self._up = False
+        self._dependencies_ok = True
+
+    @property
+    def serving(self) -> bool:
+        return self._up and self._dependencies_ok and not self.stopping.is_set()
 
     async def set_serving(self, serving: bool) -> None:
-        self.serving = serving
+        self._up = serving
+        await self._publish()
+
+    async def set_dependencies_ok(self, ok: bool) -> None:
+        """Whether the services this one needs can serve (e.g. a gateway's shards)."""
+        self._dependencies_ok = ok
+        await self._publish()
+
+    async def _publish(self) -> None:
+        if self.stopping.is_set():
+            return  # the drain owns the status from here (enter_graceful_shutdown)
+        serving = self.serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
@@ -191,10 +213,11 @@ async def serve(
     if on_start is not None:
         await on_start(runtime)
     await runtime.set_serving(True)
+    await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s serving on %s (metrics port %s)", options.name, options.listen, options.metrics_port or "off")
     await runtime.stopping.wait()
     log.info("%s draining (grace %.0fs)", options.name, options.grace_s)
-    runtime.serving = False
+    runtime._up = False
     await health.enter_graceful_shutdown()
     loop = asyncio.get_running_loop()
     other_front = [loop.create_task(on_drain())] if on_drain else []

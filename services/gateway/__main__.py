@@ -79,6 +79,16 @@ def main(argv: list[str] | None = None) -> None:
 
         async def on_start(runtime):
             nonlocal watcher
+            readiness: set[asyncio.Task] = set()
+
+            def on_availability(available: bool) -> None:  # no shard can serve: neither can the gateway
+                task = asyncio.get_running_loop().create_task(runtime.set_dependencies_ok(available))
+                readiness.add(task)
+                task.add_done_callback(readiness.discard)
+
+            shards.on_availability = on_availability
+            if not shards.available:  # kubernetes discovery starts with none
+                await runtime.set_dependencies_ok(False)
             shards.start()
             if discovered:
                 from services.gateway.discovery import EndpointSliceWatcher, kubernetes_api_client

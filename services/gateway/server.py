@@ -18,7 +18,7 @@ from prometheus_client import Counter, Histogram
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
-from services.common.errors import STATUS_DETAILS_KEY, retry_later
+from services.common.errors import REQUEST_FAILED_KEY, STATUS_DETAILS_KEY, retry_later
 from services.common.hash_ring import HashRing
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
@@ -86,6 +86,11 @@ async def close_stream(call, cancel: bool) -> None:
                 pass
     except (grpc.aio.AioRpcError, asyncio.CancelledError, TimeoutError):
         pass
+
+
+def _request_failed(exc: grpc.aio.AioRpcError) -> bool:
+    """The shard failed this one request (see REQUEST_FAILED_KEY), not itself: no other replica is tried."""
+    return exc.code() == grpc.StatusCode.INTERNAL and any(k == REQUEST_FAILED_KEY for k, _ in exc.trailing_metadata() or ())
 
 
 @contextlib.asynccontextmanager
@@ -431,7 +436,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             msg = await call.read()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _SHARD_LOST_CODES:
+            if exc.code() in _SHARD_LOST_CODES and not _request_failed(exc):
                 raise _ShardLost(f"{exc.code().name}: {exc.details()}") from None
             raise self._downstream_error(exc, "model shard") from None
         if msg is grpc.aio.EOF:
@@ -441,6 +446,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @staticmethod
     def _downstream_error(exc: grpc.aio.AioRpcError, service: str) -> RpcError:
         code = exc.code()
+        if _request_failed(exc):  # the shard is fine; this request cannot be computed
+            return RpcError(grpc.StatusCode.INTERNAL, exc.details() or "the model shard failed this request")
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             details = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k == STATUS_DETAILS_KEY)

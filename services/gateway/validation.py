@@ -52,6 +52,8 @@ def check_sampling(s: common_pb2.SamplingParams, limits: Limits) -> None:
         raise InvalidRequest(f"temperature must be in [0, 100], got {s.temperature}")
     if not 0 <= s.top_p <= 1:
         raise InvalidRequest(f"top_p must be in [0, 1], got {s.top_p}")
+    if not 0 <= s.min_p <= 1:
+        raise InvalidRequest(f"min_p must be in [0, 1], got {s.min_p}")
     if not s.repetition_penalty >= 0 or s.repetition_penalty > 10:
         raise InvalidRequest(f"repetition_penalty must be in (0, 10] (0 = off), got {s.repetition_penalty}")
     if len(s.stop) > limits.max_stop_strings:

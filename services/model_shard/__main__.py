@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import sys
 
 import torch
 from prometheus_client import REGISTRY
@@ -100,6 +102,12 @@ def main(argv: list[str] | None = None) -> None:
         if runtime is not None and not runtime.stopping.is_set():
             asyncio.run_coroutine_threadsafe(runtime.set_serving(serving), loop)
 
+    def on_fatal(exc: BaseException) -> None:  # engine thread: nothing can be served any more
+        runtime, loop = runtime_ref.get("runtime"), runtime_ref.get("loop")
+        runtime_ref["exit_code"] = 1
+        if runtime is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(runtime.stopping.set)  # drain what is left, then exit non-zero
+
     prefix_feed = PrefixIndexFeed()
 
     def on_prefix_change(added, removed) -> None:  # engine thread -> the index streams
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             loop.call_soon_threadsafe(prefix_feed.publish, added, removed)
 
     engine = AsyncEngine(build_engine, on_step=observe_step, recover_from=(WorkerDiedError,), on_health=on_health,
-                         on_prefix_change=on_prefix_change)
+                         on_prefix_change=on_prefix_change, on_fatal=on_fatal)
     REGISTRY.register(EngineCollector(engine))
 
     async def on_start(runtime):
@@ -139,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
 
     asyncio.run(serve(ServeOptions("model_shard", args.listen, args.metrics_port, args.grace, tls_from_args(args), args.tls_client_auth), register,
                       on_start=on_start, on_stop=on_stop))
+    if runtime_ref.get("exit_code"):
+        logging.getLogger(__name__).critical("the engine failed for good; exiting so that the shard is restarted")
+        sys.exit(runtime_ref["exit_code"])
 
 
 if __name__ == "__main__":

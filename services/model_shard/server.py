@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
 from services.common.block_hash import chain_block_hashes, index_key
-from services.common.errors import retry_later
+from services.common.errors import REQUEST_FAILED_KEY, retry_later
 from services.common.telemetry import record_span, tracer
 from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, StepReport
 from services.model_shard.engine.request import FinishReason, SamplingParams
@@ -47,6 +47,7 @@ def sampling_from_proto(p, skip_draws: int = 0) -> SamplingParams:
         temperature=p.temperature,
         top_p=p.top_p if 0 < p.top_p < 1 else 1.0,
         top_k=p.top_k,
+        min_p=p.min_p,
         seed=p.seed if p.HasField("seed") else None,
         repetition_penalty=p.repetition_penalty or 1.0,
         logprobs=p.logprobs,
@@ -90,6 +91,12 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 times = last.times
                 if last.finish_reason is FinishReason.ABORTED:
                     await context.abort(grpc.StatusCode.CANCELLED, f"request {request_id} was aborted")
+                if last.finish_reason is FinishReason.ERROR:
+                    # Tokens made before the failure are lost with the stream: the caller cannot
+                    # resume it (the same request would fail again) and reports the error.
+                    log.error("request %s failed in the engine: %s", request_id, last.error)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"the model shard could not compute this request: "
+                                        f"{last.error}", ((REQUEST_FAILED_KEY, "1"),))
                 tokens = [t for out in batch for t in out.new_token_ids]
                 count += len(tokens)
                 steps += len(batch)  # one output per engine step that sampled for this request

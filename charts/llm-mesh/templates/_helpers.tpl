@@ -107,12 +107,12 @@ readinessProbe:
   grpc: {port: {{ .port }}}
   periodSeconds: 5
   failureThreshold: 2
-livenessProbe:
-  grpc: {port: {{ .port }}}
+livenessProbe:  # the process runs; readiness also needs what it depends on (a gateway: a serving shard)
+  grpc: {port: {{ .port }}, service: llmmesh.liveness}
   periodSeconds: 10
   failureThreshold: 6
 startupProbe:
-  grpc: {port: {{ .port }}}
+  grpc: {port: {{ .port }}, service: llmmesh.liveness}
   periodSeconds: 5
   failureThreshold: {{ .startupFailures | default 24 }}
 {{- end -}}

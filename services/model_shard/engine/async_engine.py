@@ -69,7 +69,8 @@ class AsyncEngine:
                  on_step: Callable[[StepReport], None] | None = None,
                  recover_from: tuple[type[BaseException], ...] = (),
                  on_health: Callable[[bool], None] | None = None,
-                 on_prefix_change: Callable[[list[bytes], list[bytes]], None] | None = None):
+                 on_prefix_change: Callable[[list[bytes], list[bytes]], None] | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None):
         """engine: an LLMEngine, or a factory called on the engine thread (preferred, see above).
         Returns once the engine is built; raises what the factory raised.
 
@@ -77,13 +78,19 @@ class AsyncEngine:
         flight fail with EngineDeadError and the factory builds a fresh engine. on_health(False)
         is called (engine thread) when the engine fails, on_health(True) once a rebuilt one runs.
         on_prefix_change(added, removed) (engine thread) follows the prefix cache's block hashes;
-        prefix_snapshot() gives the whole set, in order with those calls."""
+        prefix_snapshot() gives the whole set, in order with those calls.
+
+        A step that fails ends only its requests (LLMEngine.step). When the engine thread itself
+        cannot go on (an error outside a step, steps failing in a row, a rebuild that failed),
+        on_fatal(exc) is called (engine thread) after every waiter has been told: a serving process
+        should exit then, so that whatever supervises it starts a fresh one."""
         self.engine: LLMEngine | None = engine if isinstance(engine, LLMEngine) else None
         self._factory = None if self.engine is not None else engine
         self._on_step = on_step  # called on the engine thread after each step
         self._recover_from = recover_from if self._factory is not None else ()
         self._on_health = on_health or (lambda serving: None)
         self._on_prefix_change = on_prefix_change
+        self._on_fatal = on_fatal or (lambda exc: None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Add] = {}  # owned by the engine thread
         self._stopped = threading.Event()
@@ -232,6 +239,8 @@ class AsyncEngine:
                 self._fail_waiters(EngineDeadError(f"the engine failed: {exc}"))
                 self._on_health(False)
                 if not isinstance(exc, self._recover_from) or not self._rebuild():
+                    log.critical("the engine cannot continue: %r", exc)
+                    self._on_fatal(exc)
                     return
                 self._on_health(True)
 

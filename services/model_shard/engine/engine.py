@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import RequestOutput, SamplingParams, Sequence
+from services.model_shard.engine.sampler import seed_as_int64
 from services.model_shard.engine.scheduler import Scheduler, SchedulerConfig
 from services.model_shard.executor.local import LocalExecutor, kv_cache_bytes_per_block
 from services.model_shard.model.llama import (LlamaConfig, LlamaForServing, check_parallel, load_model,
@@ -20,6 +22,15 @@ from services.model_shard.model.llama import (LlamaConfig, LlamaForServing, chec
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_FAILED_STEPS = 8  # consecutive failed steps after which the engine counts as broken
+
+
+class ExecutorLost(RuntimeError):
+    """The executor cannot run another step (e.g. a parallel worker died): rebuild the engine."""
+
+
+class EngineBroken(RuntimeError):
+    """Steps keep failing whatever they carry: the engine cannot go on."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,7 @@ class LLMEngine:
             self.executor = LocalExecutor(model, num_blocks, config.block_size)
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self.stats = EngineStats()
+        self.failed_steps = 0  # consecutive
         # Everything that decides a KV block's bytes: blocks are shared only between equal layouts.
         self.kv_layout = (f"{model_id}/{config.dtype}/{config.quantization or 'none'}/b{config.block_size}"
                           f"/l{cfg.num_layers}h{cfg.num_kv_heads}d{cfg.head_dim}/tp{tp}pp{pp}/kv1")
@@ -160,7 +172,9 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
-        seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, trace_carrier=trace_carrier)
+        seed = params.seed if params.seed is not None else random.getrandbits(64)
+        seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, seed_as_int64(seed),
+                       trace_carrier=trace_carrier)
         self.scheduler.add(seq)
         return seq
 
@@ -172,8 +186,22 @@ class LLMEngine:
         return self.scheduler.has_work
 
     def step(self) -> list[RequestOutput]:
+        """One batch through the model. A step that raises ends the requests it carried with
+        FinishReason.ERROR and the engine goes on; ExecutorLost, and MAX_FAILED_STEPS failures in a
+        row, propagate (the engine must be rebuilt, or the process restarted)."""
         out = self.scheduler.schedule()
-        sampled = self.executor.execute(out)
+        try:
+            sampled = self.executor.execute(out)
+        except ExecutorLost:
+            raise
+        except Exception as exc:
+            self.failed_steps += 1
+            if self.failed_steps >= MAX_FAILED_STEPS:
+                raise EngineBroken(f"{self.failed_steps} steps in a row failed; the last: {exc!r}") from exc
+            ids = [item.seq.request_id for item in out.scheduled]
+            log.exception("an engine step failed; ending its %d requests: %s", len(ids), ", ".join(ids))
+            return self.scheduler.fail(out, f"the engine step failed: {type(exc).__name__}: {exc}")
+        self.failed_steps = 0
         self.stats.steps += 1
         self.stats.computed_tokens += out.num_tokens
         self.stats.scheduled_seqs += len(out.scheduled)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -13,32 +14,37 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off; drop tokens below min_p x the most likely token's probability
     seed: int | None = None
     repetition_penalty: float = 1.0
     logprobs: bool = False  # report each sampled token's log-probability under the model
-    skip_draws: int = 0  # a resumed seeded request: draws its generator already made elsewhere
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
+    skip_draws: int = 0  # a resumed request: the draws its random stream already made elsewhere
 
     def validate(self) -> None:
+        """Refuse what the sampler gives no meaning to (NaN fails every comparison below)."""
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 1 << 64:
+            raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
+        if self.skip_draws < 0:
+            raise ValueError(f"skip_draws must be >= 0, got {self.skip_draws}")
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an end-of-sequence token
     LENGTH = "length"  # max_tokens or the context limit
     ABORTED = "aborted"  # cancelled, deadline passed, or aborted by the caller
+    ERROR = "error"  # the engine could not compute it (RequestOutput.error says why)
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_ids: frozenset[int]
+    draw_seed: int = 0  # int64 seed of the request's random stream (see sampler.py)
     output_token_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # prompt + output, grown in place
     block_ids: list[int] = field(default_factory=list)
@@ -66,6 +73,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
+    error: str | None = None  # with FinishReason.ERROR
     times: RequestTimes = field(default_factory=RequestTimes)
     trace_carrier: dict[str, str] | None = None  # W3C trace context of the request (workers' spans join it)
 
@@ -96,6 +104,7 @@ class RequestOutput:
     cached_tokens: int
     times: RequestTimes
     new_logprobs: list[float] | None = None
+    error: str | None = None  # with FinishReason.ERROR: what went wrong
 
     @property
     def finished(self) -> bool:

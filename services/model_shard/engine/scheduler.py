@@ -53,6 +53,7 @@ class ModelRunnerOutput:
 
     tokens: list[int | None]
     logprobs: list[float | None]
+    errors: list[str | None] | None = None  # why a row could not be sampled (None: all were)
 
 
 @dataclass
@@ -215,13 +216,29 @@ class Scheduler:
         blocks, self._new_prompt_blocks = self._new_prompt_blocks, []
         return blocks
 
+    def fail(self, out: SchedulerOutput, error: str) -> list[RequestOutput]:
+        """End every sequence a failed step scheduled (their KV for it is not there) with the error."""
+        return [self._fail(item.seq, error) for item in out.scheduled if not item.seq.finished]
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.error = error
+        self._finish(seq, FinishReason.ERROR)
+        return RequestOutput(seq.request_id, [], FinishReason.ERROR, len(seq.prompt_token_ids), seq.num_cached_tokens,
+                             seq.times, error=error)
+
     def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         """result.tokens[i] is the token made for out.scheduled[i] (None where it did not sample)."""
         results = []
         now = time.time_ns()
-        for item, token, logprob in zip(out.scheduled, result.tokens, result.logprobs, strict=True):
+        errors = result.errors or [None] * len(out.scheduled)
+        for item, token, logprob, error in zip(out.scheduled, result.tokens, result.logprobs, errors, strict=True):
             seq = item.seq
             if seq.finished:  # aborted while the step ran
+                continue
+            if error is not None:
+                results.append(self._fail(seq, error))
                 continue
             seq.num_computed_tokens += item.num_new_tokens
             self._register_computed_blocks(seq)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.model_shard.engine.request import SamplingParams
-from services.model_shard.engine.sampler import sample
+from services.model_shard.engine.sampler import SamplingBatch, sample
 from services.model_shard.engine.scheduler import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from services.model_shard.model.llama import (AttentionMetadata, DecodeBatch, LlamaConfig, LlamaForServing, PrefillSpan,
                                               slots_of, stage_layers)
@@ -36,22 +35,6 @@ class LocalExecutor:
         ]
         k0 = self.kv_caches[0][0]
         self.kv_cache_bytes_per_block = 2 * len(self.kv_caches) * k0[:, :block_size].numel() * k0.element_size()
-        self._generators: dict[str, torch.Generator | None] = {}
-
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator | None:
-        if request_id not in self._generators:
-            gen = None
-            if params.seed is not None and not params.greedy:
-                gen = torch.Generator().manual_seed(params.seed)
-                if params.skip_draws:
-                    # A draw consumes the same generator state whatever the distribution, so
-                    # replaying k uniform draws continues the sequence a stream started elsewhere.
-                    uniform = torch.full((self.model.cfg.vocab_size,), 1.0)
-                    for _ in range(params.skip_draws):
-                        torch.multinomial(uniform, 1, generator=gen)
-            self._generators[request_id] = gen
-        return self._generators[request_id]
-
     def _block_slots(self, block_ids: list[int]) -> torch.Tensor:
         offsets = torch.arange(self.block_size)
         return (torch.tensor(block_ids, dtype=torch.long).unsqueeze(1) * self.block_size + offsets).flatten()
@@ -111,14 +94,9 @@ class LocalExecutor:
             meta.decode = DecodeBatch.build(list(index), list(tables), list(lengths), self.block_size)
         return torch.tensor(input_ids), torch.cat(positions), meta, torch.tensor(sample_index)
 
-    def forget(self, finished_request_ids: list[str]) -> None:
-        for request_id in finished_request_ids:
-            self._generators.pop(request_id, None)
-
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         """One forward pass over every scheduled sequence; a token for each that samples, else None."""
-        self.forget(out.finished_request_ids)
         if not out.scheduled:
             return ModelRunnerOutput([], [])
         input_ids, positions, meta, sample_index = self.prepare(out.scheduled)
@@ -131,10 +109,9 @@ class LocalExecutor:
         if not sampling:
             return ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled))
         logits = self.model.compute_logits(hidden[sample_index])
-        params = [s.params for s in sampling]
-        generators = [self._generator(s.request_id, s.params) for s in sampling]
-        histories = [s.token_ids for s in sampling] if any(p.repetition_penalty != 1.0 for p in params) else None
-        tokens, logprobs = sample(logits, params, generators, histories)
-        it_tokens, it_logprobs = iter(tokens), iter(logprobs)
-        return ModelRunnerOutput([next(it_tokens) if item.sample else None for item in scheduled],
-                                 [next(it_logprobs) if item.sample else None for item in scheduled])
+        result = sample(logits, SamplingBatch.from_sequences(sampling))
+        rows = iter(range(len(sampling)))
+        index = [next(rows) if item.sample else None for item in scheduled]
+        return ModelRunnerOutput([None if i is None else result.tokens[i] for i in index],
+                                 [None if i is None else result.logprobs[i] for i in index],
+                                 [None if i is None else result.failed[i] for i in index])

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from services.model_shard.engine.engine import ExecutorLost
 from services.model_shard.engine.scheduler import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ FORWARDED_ENV = ("LLMMESH_TRACE_DIR", "LLMMESH_LOG_FORMAT", "LLMMESH_LOG_LEVEL",
                  "OTEL_TRACES_SAMPLER_ARG", "OTEL_RESOURCE_ATTRIBUTES", "PYTHONPATH")
 
 
-class WorkerDiedError(RuntimeError):
+class WorkerDiedError(ExecutorLost):
     """A parallel worker process is gone; the step cannot finish."""
 
 
@@ -130,12 +131,12 @@ class ModelWorker:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
         import torch.distributed as dist
 
-        self.runner.forget(out.finished_request_ids)
         returns = self.is_last_stage and self.tp_rank == 0
         if not out.scheduled:
             return ModelRunnerOutput([], []) if returns else None
         tokens: list[int | None] = []
         logprobs: list[float | None] = []
+        errors: list[str | None] = []
         in_flight = []  # (work, tensor): isend buffers must outlive the send
         for batch in micro_batches(out.scheduled, self.pp):
             started = time.time_ns()
@@ -152,10 +153,11 @@ class ModelWorker:
                 result = self.runner.sample(batch, x, sample_index)
                 tokens += result.tokens
                 logprobs += result.logprobs
+                errors += result.errors
             self._trace_prefills(batch, started, time.time_ns())
         for work, _ in in_flight:
             work.wait()
-        return ModelRunnerOutput(tokens, logprobs) if returns else None
+        return ModelRunnerOutput(tokens, logprobs, errors) if returns else None
 
 
     def _trace_prefills(self, batch: list[ScheduledSeq], start_ns: int, end_ns: int) -> None:
