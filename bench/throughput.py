@@ -10,6 +10,7 @@ In the same run, on the workload of --baseline-n requests arriving together:
   (c) llama-cpp-python on the same GGUF, one request at a time like its server (when installed)
 
     .venv/bin/python bench/throughput.py [--dtype bfloat16] [--quantization int8] [--json out.json]
+        [--sampling greedy,t1.0,t0.8-p0.95]   (sampled rows beside greedy, in one run)
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def make_prompts(n: int) -> list[str]:
     return prompts
 
 
+# --sampling modes: what the clients ask for (temperature 1.0 is the OpenAI API's default).
+SAMPLING = {"greedy": {}, "t1.0": {"temperature": 1.0}, "t0.8-p0.95": {"temperature": 0.8, "top_p": 0.95}}
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -54,9 +59,9 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-async def one_stream(stub, prompt: str, max_tokens: int, ttfts: list, itls: list) -> int:
+async def one_stream(stub, prompt: str, max_tokens: int, ttfts: list, itls: list, mode: str = "greedy") -> int:
     request = gateway_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="user", content=prompt)],
-                                          sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
+                                          sampling=common_pb2.SamplingParams(max_tokens=max_tokens, **SAMPLING[mode]))
     start = time.perf_counter()
     last, tokens = None, 0
     async for chunk in stub.GenerateStream(request, timeout=600):
@@ -72,19 +77,21 @@ async def one_stream(stub, prompt: str, max_tokens: int, ttfts: list, itls: list
     return tokens
 
 
-async def drive(address: str, n: int, rounds: int, max_tokens: int) -> dict:
+async def drive(address: str, n: int, rounds: int, max_tokens: int, mode: str = "greedy") -> dict:
     prompts = make_prompts(n * rounds)
     ttfts, itls = [], []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
 
         async def client(i: int) -> int:
-            return sum([await one_stream(stub, prompts[i * rounds + r], max_tokens, ttfts, itls) for r in range(rounds)])
+            return sum([await one_stream(stub, prompts[i * rounds + r], max_tokens, ttfts, itls, mode)
+                        for r in range(rounds)])
 
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(client(i) for i in range(n))))
         elapsed = time.perf_counter() - start
-    return {"name": f"mesh N={n}", "requests": n * rounds, "tokens": tokens, "tok_s": tokens / elapsed,
+    name = f"mesh N={n}" + ("" if mode == "greedy" else f" {mode}")
+    return {"name": name, "requests": n * rounds, "tokens": tokens, "tok_s": tokens / elapsed,
             "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
 
 
@@ -174,6 +181,8 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["int8", "int4"])
     parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client")
+    parser.add_argument("--sampling", default="greedy",
+                        help=f"comma-separated, each measured at every concurrency: {', '.join(SAMPLING)}")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--baseline-n", type=int, default=16)
     parser.add_argument("--no-baselines", action="store_true")
@@ -204,8 +213,9 @@ def main() -> None:
         mesh.start()
         asyncio.run(drive(mesh.gateway_address, 2, 1, 8))  # warm up
         for n in [int(x) for x in args.concurrency.split(",")]:
-            rows.append(asyncio.run(drive(mesh.gateway_address, n, args.rounds, args.max_tokens)))
-            print(f"  measured N={n}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+            for mode in args.sampling.split(","):
+                rows.append(asyncio.run(drive(mesh.gateway_address, n, args.rounds, args.max_tokens, mode)))
+                print(f"  measured {rows[-1]['name']}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
 
     if not args.no_baselines:
         from services.tokenizer.text import Message, TextTokenizer
@@ -222,7 +232,7 @@ def main() -> None:
         f", {args.max_batched_tokens} tokens per step" + \
         (f" ({args.prefill_beside_decodes} prompt tokens beside decodes)" if args.prefill_beside_decodes else "") + \
         (", stock torch ops" if args.no_native_kernels else "")
-    print(f"\nSmolLM2-135M-Instruct {label}, max {args.max_tokens} new tokens, greedy, {args.rounds} requests per "
+    print(f"\nSmolLM2-135M-Instruct {label}, max {args.max_tokens} new tokens, {args.rounds} requests per "
           f"client; baselines: {args.baseline_n} requests arriving together\n")
     print(f"{'':30} {'reqs':>5} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
     for r in rows:

@@ -74,6 +74,7 @@ class _Common(BaseModel):
     user: str | None = None
     # Not in OpenAI's schema; as vLLM accepts them.
     top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
 
 
@@ -118,7 +119,7 @@ def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams
     # OpenAI's default temperature is 1; 0 is greedy.
     s = common_pb2.SamplingParams(max_tokens=max_tokens or 0, stop=stop,
                                   temperature=1.0 if req.temperature is None else req.temperature,
-                                  top_p=req.top_p or 0.0, top_k=req.top_k or 0,
+                                  top_p=req.top_p or 0.0, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
                                   repetition_penalty=req.repetition_penalty or 0.0)
     if req.seed is not None:
         s.seed = req.seed

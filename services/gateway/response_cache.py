@@ -16,12 +16,13 @@ def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams,
         "temperature": round(s.temperature, 6),
         "top_p": round(s.top_p if 0 < s.top_p < 1 else 1.0, 6),
         "top_k": s.top_k,
+        "min_p": round(s.min_p, 6),
         "seed": s.seed if s.HasField("seed") else None,
         "stop": list(s.stop),
         "repetition_penalty": round(s.repetition_penalty or 1.0, 6),
         "logprobs": s.logprobs,
     }
-    h = hashlib.sha256(b"llmmesh-response-v1\0")
+    h = hashlib.sha256(b"llmmesh-response-v2\0")  # v2: seeded draws are counter-based (sampler.py)
     h.update(model.encode() + b"\0")
     h.update(array.array("I", token_ids).tobytes())
     h.update(json.dumps(sampling, sort_keys=True).encode())
