@@ -305,14 +305,40 @@ def main(argv: list[str] | None = None) -> None:
             if args.http_port else "")
     print(USAGE.format(model=Path(args.model).name, gateway=mesh.gateway_address, shards=args.shards,
                        s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port, http=http), flush=True)
-    while not stop.is_set():
-        dead = [n for n, p in mesh.processes.items() if p.poll() is not None]
-        if dead:
-            print(f"[launcher] {', '.join(dead)} exited; stopping the mesh", file=sys.stderr)
-            break
-        stop.wait(1.0)
+    supervise(mesh, stop)
     print("[launcher] stopping (draining in-flight requests)", flush=True)
     mesh.stop()
+
+
+def supervise(mesh: Mesh, stop: threading.Event, max_start_failures: int = 5, first_backoff_s: float = 1.0,
+              max_backoff_s: float = 30.0, poll_s: float = 0.5) -> None:
+    """Until `stop` is set: restart any service that exits, after a backoff that doubles while it keeps
+    failing (as Kubernetes would), and log each restart. Returns early, to stop the mesh, when one
+    service fails to come back healthy max_start_failures times in a row."""
+    failures: dict[str, int] = {}
+    planned = {spec.name for spec in [mesh.plan.gateway, *mesh.plan.backends]}
+    while not stop.is_set():
+        for name, proc in list(mesh.processes.items()):
+            if name not in planned or proc.poll() is None or stop.is_set():
+                continue
+            backoff = min(max_backoff_s, first_backoff_s * 2 ** failures.get(name, 0))
+            print(f"[launcher] {name} exited with code {proc.returncode}; restarting it in {backoff:g}s",
+                  file=sys.stderr, flush=True)
+            if stop.wait(backoff):
+                return
+            try:
+                mesh.restart(name)
+            except ServiceFailed as exc:
+                failures[name] = failures.get(name, 0) + 1
+                print(f"[launcher] {name} did not come back ({failures[name]} of {max_start_failures}): {exc}",
+                      file=sys.stderr, flush=True)
+                if failures[name] >= max_start_failures:
+                    print(f"[launcher] {name} keeps failing at start; stopping the mesh", file=sys.stderr, flush=True)
+                    return
+                continue
+            failures.pop(name, None)
+            print(f"[launcher] {name} is serving again", flush=True)
+        stop.wait(poll_s)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A service back from a restart is reached again within a second, not after gRPC's default
+    # backoff of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
     # A name that resolves to several pods (a headless Service, "dns:///tokenizer:50052") gets a
     # subchannel per pod and requests spread over them; one address behaves as before.
     ("grpc.lb_policy_name", "round_robin"),

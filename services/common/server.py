@@ -15,7 +15,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from services.common.channels import GRPC_OPTIONS
+from services.common.channels import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from services.common.tls import TlsFiles
 from services.common.telemetry import server_interceptor
 
@@ -34,7 +34,7 @@ class RejectMalformedRequests(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
         deserialize = handler.request_deserializer
         message = f"the request is not a valid message for {handler_call_details.method}"
@@ -45,6 +45,8 @@ class RejectMalformedRequests(grpc.aio.ServerInterceptor):
             except Exception:  # noqa: BLE001 - any decode failure is the client's malformed input
                 return _MALFORMED
 
+        if handler.request_streaming:
+            return self._streaming(handler, safe_deserialize, message)
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
@@ -63,6 +65,34 @@ class RejectMalformedRequests(grpc.aio.ServerInterceptor):
                 yield item
 
         return handler._replace(request_deserializer=safe_deserialize, unary_stream=unary_stream)
+
+
+    @staticmethod
+    def _streaming(handler, safe_deserialize, message: str):
+        """Client-streaming methods: a malformed message ends the call with INVALID_ARGUMENT."""
+
+        def checked(requests, context):
+            async def messages():
+                async for request in requests:
+                    if request is _MALFORMED:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                    yield request
+            return messages()
+
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            async def stream_stream(requests, context):
+                async for item in _stream_from(inner_stream(checked(requests, context), context)):
+                    yield item
+
+            return handler._replace(request_deserializer=safe_deserialize, stream_stream=stream_stream)
+        inner_unary = handler.stream_unary
+
+        async def stream_unary(requests, context):
+            return await inner_unary(checked(requests, context), context)
+
+        return handler._replace(request_deserializer=safe_deserialize, stream_unary=stream_unary)
 
 
 async def _stream_from(result):
@@ -140,6 +170,8 @@ class ServeOptions:
     grace_s: float = 30.0
     tls: TlsFiles | None = None  # None: plaintext
     require_client_auth: bool = False  # with tls: callers must present a certificate (mutual TLS)
+    max_receive_bytes: int = MAX_MESSAGE_BYTES  # the largest request message read
+    interceptors: tuple = ()  # run first, before anything decodes a request (e.g. authentication)
 
 
 class ServiceRuntime:
@@ -188,8 +220,10 @@ async def serve(
     period, and return. `register` adds the servicers and returns their full service names;
     `on_drain` runs beside the gRPC drain (e.g. another front's own drain)."""
     in_flight = InFlightCalls()
-    server = grpc.aio.server(interceptors=[in_flight, RejectMalformedRequests(), server_interceptor()],
-                             options=GRPC_OPTIONS)
+    options_ = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
+    server = grpc.aio.server(interceptors=[*options.interceptors, in_flight, RejectMalformedRequests(),
+                                           server_interceptor()],
+                             options=[*options_, ("grpc.max_receive_message_length", options.max_receive_bytes)])
     service_names = list(register(server))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -12,8 +12,9 @@ from services.common.hash_ring import HashRing
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
-from services.gateway.auth import ApiKeys
+from services.gateway.auth import ApiKeys, AuthenticateFirst
 from services.gateway.rate_limit import TenantRateLimiter
+from services.gateway.readiness import Readiness, probe_health
 from services.gateway.server import GatewayConfig, GatewayServicer
 from services.gateway.shards import ShardPool
 from services.gateway.validation import Limits
@@ -38,7 +39,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default=env_default("LLMMESH_MODEL_NAME", "SmolLM2-135M-Instruct"))
     parser.add_argument("--max-tokens-limit", type=int, default=int(env_default("LLMMESH_MAX_TOKENS_LIMIT", "4096")))
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--max-prompt-chars", type=int, default=1 << 20,
+                        help="characters of prompt (or all messages) one request may send")
+    parser.add_argument("--max-request-bytes", type=int, default=0,
+                        help="largest request read, gRPC message or HTTP body (default: what --max-prompt-chars "
+                             "of 4-byte UTF-8 plus 64 KiB of fields can need); larger ones are refused unread")
+    parser.add_argument("--tokenizer-timeout", type=float, default=5.0,
+                        help="seconds one tokenizer call may take (a hung tokenizer fails requests, not stalls them)")
     parser.add_argument("--no-response-cache", action="store_true")
+    parser.add_argument("--shared-response-cache", action="store_true",
+                        help="answer every tenant from one response cache (default: each tenant's own, so no "
+                             "tenant learns from a hit what another asked)")
     parser.add_argument("--rate-limit-rps", type=float, default=float(env_default("LLMMESH_RATE_LIMIT_RPS", "0")),
                         help="requests per second per tenant (0: no limit)")
     parser.add_argument("--rate-limit-tpm", type=float, default=float(env_default("LLMMESH_RATE_LIMIT_TPM", "0")),
@@ -51,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-keys-file", default=env_default("LLMMESH_API_KEYS_FILE", ""),
                         help="'TENANT SHA256HEX' lines; when set, every call needs 'authorization: Bearer KEY'")
     args = parser.parse_args(argv)
+    args.max_request_bytes = args.max_request_bytes or 4 * args.max_prompt_chars + (64 << 10)
     setup_logging("gateway", args.log_level, args.log_format)
     setup_tracing("gateway", instance_id(args.listen))
 
@@ -58,18 +70,24 @@ def main(argv: list[str] | None = None) -> None:
 
     async def run():
         # Channels belong to the running event loop: make them inside it.
-        tokenizer = tokenizer_pb2_grpc.TokenizerStub(make_channel(args.tokenizer, tls))
+        tokenizer_channel = make_channel(args.tokenizer, tls)
+        tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
+        probes: list[asyncio.Task] = []
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
         cache = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches}) if caches else None
         discovered = args.discovery == "kubernetes"
         shards = ShardPool([] if discovered else [a.strip() for a in args.shards.split(",") if a.strip()],
                            tls=tls, dynamic=discovered)
         watcher = None
-        limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens)
-        config = GatewayConfig(args.model_name, limits, not args.no_response_cache, audit_prompts=args.audit_prompts,
+        limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                        max_prompt_chars=args.max_prompt_chars)
+        config = GatewayConfig(args.model_name, limits, not args.no_response_cache,
+                               shared_response_cache=args.shared_response_cache, audit_prompts=args.audit_prompts,
+                               tokenizer_timeout_s=args.tokenizer_timeout,
                                prefix_routing=not args.no_prefix_routing)
+        api_keys = ApiKeys.from_file(args.api_keys_file)
         servicer = GatewayServicer(config,
-                                   tokenizer, cache, shards, ApiKeys.from_file(args.api_keys_file),
+                                   tokenizer, cache, shards, api_keys,
                                    TenantRateLimiter(args.rate_limit_rps, args.rate_limit_tpm))
         http = {}
 
@@ -79,16 +97,12 @@ def main(argv: list[str] | None = None) -> None:
 
         async def on_start(runtime):
             nonlocal watcher
-            readiness: set[asyncio.Task] = set()
-
-            def on_availability(available: bool) -> None:  # no shard can serve: neither can the gateway
-                task = asyncio.get_running_loop().create_task(runtime.set_dependencies_ok(available))
-                readiness.add(task)
-                task.add_done_callback(readiness.discard)
-
-            shards.on_availability = on_availability
-            if not shards.available:  # kubernetes discovery starts with none
-                await runtime.set_dependencies_ok(False)
+            # No serving shard, or no tokenizer: the gateway cannot serve either (readiness.py).
+            readiness = Readiness(runtime.set_dependencies_ok)
+            readiness.set("model shards", shards.available)  # kubernetes discovery starts with none
+            shards.on_availability = lambda available: readiness.set("model shards", available)
+            probes.append(asyncio.get_running_loop().create_task(probe_health(tokenizer_channel, "tokenizer", readiness)))
+            await runtime.set_dependencies_ok(readiness.ready)
             shards.start()
             if discovered:
                 from services.gateway.discovery import EndpointSliceWatcher, kubernetes_api_client
@@ -100,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
                 from services.gateway.openai_http import OpenAIFront, make_http_server
 
                 host, port = args.http_listen.rsplit(":", 1)
-                front = OpenAIFront(servicer, args.model_name, is_serving=lambda: runtime.serving)
+                front = OpenAIFront(servicer, args.model_name, is_serving=lambda: runtime.serving,
+                                    max_body_bytes=args.max_request_bytes)
                 http["server"] = make_http_server(front, host, int(port), tls)
                 http["task"] = asyncio.get_running_loop().create_task(http["server"].serve())
                 while not http["server"].started:  # bound by uvicorn: it exits the task on failure
@@ -115,11 +130,17 @@ def main(argv: list[str] | None = None) -> None:
                 await http["task"]
 
         async def on_stop():
+            for probe in probes:
+                probe.cancel()
             if watcher is not None:
                 watcher.stop()
             await shards.close()
 
-        await serve(ServeOptions("gateway", args.listen, args.metrics_port, args.grace, tls, args.tls_client_auth), register,
+        service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+        options = ServeOptions("gateway", args.listen, args.metrics_port, args.grace, tls, args.tls_client_auth,
+                               max_receive_bytes=args.max_request_bytes,
+                               interceptors=(AuthenticateFirst(api_keys, service),))
+        await serve(options, register,
                     on_start=on_start, on_stop=on_stop, on_drain=on_drain)
 
     asyncio.run(run())

@@ -6,6 +6,8 @@ limits, routing, cache, tracing and metrics as gRPC) -> OpenAI JSON or server-se
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import time
@@ -19,12 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import propagate, trace
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmmesh.v1 import common_pb2, gateway_pb2
 from services.gateway.server import REQUESTS, GatewayServicer, RpcError
 
 _tracer = trace.get_tracer(__name__)
+MAX_TIMEOUT_S = 86400.0  # x-request-timeout above a day is a mistake, not a deadline
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -36,6 +40,39 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
+
+
+UINT32_MAX = 2**32 - 1  # the gRPC contract's integer fields: larger values are refused, not wrapped
+
+
+def _surrogate_path(value: Any, path: str = "") -> str | None:
+    """Where in a JSON value a string holds a lone UTF-16 surrogate (json accepts "\\ud800"; UTF-8 and
+    protobuf cannot carry it), or None."""
+    if isinstance(value, str):
+        return path or "body" if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _surrogate_path(key):
+            return f"{path}.{key!r}" if path else repr(key)
+        found = _surrogate_path(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+class _Validated(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = _surrogate_path(data)
+        if where:
+            raise ValueError(f"{where} holds a lone surrogate, which is not Unicode text")
+        return data
 
 
 class ChatContentPart(BaseModel):
@@ -57,14 +94,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class _Common(_Validated):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -73,14 +110,14 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     user: str | None = None
     # Not in OpenAI's schema; as vLLM accepts them.
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=UINT32_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessageIn]
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = None
 
@@ -126,9 +163,38 @@ def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams
     return s
 
 
+class _AdmitFirst:
+    """ASGI middleware: before anything reads a request's body, its key (every /v1/ path), then the
+    body's declared size. A refusal is OpenAI-shaped and nothing else of the request is looked at."""
+
+    def __init__(self, app, front: "OpenAIFront"):
+        self.app = app
+        self.front = front
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            request = Request(scope)
+            try:
+                if request.url.path.startswith("/v1/"):
+                    request.state.tenant = self.front._authenticate(request)
+                self.front._check_size(request)
+            except OpenAIError as err:
+                await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read: the next ASGI message
+    is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class OpenAIFront:
-    def __init__(self, gateway: GatewayServicer, model: str, is_serving=lambda: True):
+    def __init__(self, gateway: GatewayServicer, model: str, is_serving=lambda: True, max_body_bytes: int = 4 << 20):
         self.gateway = gateway
+        self.max_body_bytes = max_body_bytes
         self.model = model
         self.is_serving = is_serving
         self.created = int(time.time())
@@ -144,9 +210,24 @@ class OpenAIFront:
         @app.exception_handler(RequestValidationError)
         async def _validation_error(request: Request, exc: RequestValidationError):
             first = exc.errors()[0] if exc.errors() else {}
+            if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+                ctx = first.get("ctx") or {}
+                err = OpenAIError(400, f"the body is not valid JSON: {ctx.get('error', first.get('msg'))} "
+                                       f"(at character {first.get('loc', ('', '?'))[-1]})")
+                return JSONResponse(err.body(), status_code=400)
             param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
             err = OpenAIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param)
             return JSONResponse(err.body(), status_code=400)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request: Request, exc: StarletteHTTPException):
+            type_ = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+            message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                       405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+            err = OpenAIError(exc.status_code, message, type_)
+            return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+        app.add_middleware(_AdmitFirst, front=self)
 
         @app.get("/health")
         async def health():
@@ -201,19 +282,39 @@ class OpenAIFront:
             raise OpenAIError(404, f"the model '{model}' does not exist; this server serves '{self.model}'",
                               code="model_not_found", param="model")
 
-    def _auth(self, request: Request) -> str:
+    def _authenticate(self, request: Request) -> str:
         try:
             return self.gateway.authenticate(request.headers.get("authorization"))
         except RpcError as exc:
             raise OpenAIError.from_rpc(exc) from None
 
+    def _auth(self, request: Request) -> str:
+        """The tenant the middleware authenticated (every /v1/ request passes it first)."""
+        tenant = getattr(request.state, "tenant", None)
+        return tenant if tenant is not None else self._authenticate(request)
+
+    def _check_size(self, request: Request) -> None:
+        """A body larger than a valid request can be is refused before it is read."""
+        if request.method not in ("POST", "PUT", "PATCH"):
+            return
+        length = request.headers.get("content-length")
+        if length is None:
+            raise OpenAIError(411, "send the body with a content-length header", code="length_required")
+        if not length.isdigit() or int(length) > self.max_body_bytes:
+            raise OpenAIError(413, f"the body is {length} bytes; at most {self.max_body_bytes} are accepted",
+                              code="request_too_large")
+
     @staticmethod
     def _timeout(request: Request) -> float | None:
         value = request.headers.get("x-request-timeout")  # seconds; the HTTP stand-in for a gRPC deadline
         try:
-            return float(value) if value else None
+            seconds = float(value) if value else None
         except ValueError:
-            raise OpenAIError(400, "x-request-timeout must be a number of seconds") from None
+            seconds = math.nan
+        if seconds is not None and not 0 < seconds <= MAX_TIMEOUT_S:  # also refuses nan
+            raise OpenAIError(400, f"x-request-timeout must be a number of seconds in (0, {MAX_TIMEOUT_S}], "
+                                   f"got {value!r}", param="x-request-timeout")
+        return seconds
 
     async def _serve(self, request: Request, body: _Common, grpc_request: gateway_pb2.GenerateRequest, chat: bool):
         self._check_model(body.model)
@@ -230,12 +331,7 @@ class OpenAIFront:
             code = grpc.StatusCode.OK
             try:
                 tenant = self._auth(request)
-                texts, ids, logprobs, last = [], [], [], None
-                async for chunk in self.gateway.generate(grpc_request, self._timeout(request), tenant, "http"):
-                    texts.append(chunk.text)
-                    ids.extend(chunk.token_ids)
-                    logprobs.extend(chunk.logprobs)
-                    last = chunk
+                texts, ids, logprobs, last = await self._collect_unless_abandoned(request, grpc_request, tenant)
             except RpcError as exc:
                 code = exc.code
                 raise OpenAIError.from_rpc(exc) from None
@@ -251,6 +347,32 @@ class OpenAIFront:
             choice["text"] = text
         return {"id": grpc_request.request_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model, "choices": [choice], "usage": _usage(last.usage)}
+
+    async def _collect_unless_abandoned(self, request: Request, grpc_request, tenant: str):
+        """The whole answer, gathered; a client that hangs up first cancels it (the shard stops within
+        a step, as for a cancelled stream) and gets CANCELLED."""
+
+        async def collect():
+            texts, ids, logprobs, last = [], [], [], None
+            async for chunk in self.gateway.generate(grpc_request, self._timeout(request), tenant, "http"):
+                texts.append(chunk.text)
+                ids.extend(chunk.token_ids)
+                logprobs.extend(chunk.logprobs)
+                last = chunk
+            return texts, ids, logprobs, last
+
+        answer, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()
+        if not answer.done() or answer.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await answer
+            raise RpcError(grpc.StatusCode.CANCELLED, "the client closed the connection")
+        return answer.result()
 
     async def _stream(self, request, grpc_request, chat, include_usage, method, span_name, parent) -> AsyncIterator[str]:
         """SSE lines. The first is yielded only once the first chunk arrived (or failed)."""

@@ -10,7 +10,10 @@ import json
 from llmmesh.v1 import common_pb2
 
 
-def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams, max_tokens: int) -> bytes:
+def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams, max_tokens: int,
+                 scope: str = "") -> bytes:
+    """scope: who may be answered from the entry (a tenant; "" for everyone): a tenant must not learn
+    from a cache hit that another one asked the same thing."""
     sampling = {
         "max_tokens": max_tokens,
         "temperature": round(s.temperature, 6),
@@ -24,6 +27,7 @@ def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams,
     }
     h = hashlib.sha256(b"llmmesh-response-v2\0")  # v2: seeded draws are counter-based (sampler.py)
     h.update(model.encode() + b"\0")
+    h.update(scope.encode() + b"\0")
     h.update(array.array("I", token_ids).tobytes())
     h.update(json.dumps(sampling, sort_keys=True).encode())
     return h.digest()

@@ -53,9 +53,11 @@ class GatewayConfig:
     model: str
     limits: Limits = Limits()
     response_cache: bool = True
+    shared_response_cache: bool = False  # one response cache for all tenants (off: each tenant its own)
     default_timeout_s: float = 600.0  # when the client sets no deadline
     audit_prompts: bool = False  # audit lines never carry prompt text unless this is set
     prefix_routing: bool = True  # prefer the replica that holds the prompt's prefix (routing.py)
+    tokenizer_timeout_s: float = 5.0  # one tokenizer call (or stream reply) waits this long at most
 
 
 class _ShardLost(Exception):
@@ -125,25 +127,38 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
 
 
 class DetokenizeSession:
-    """One DetokenizeStream for one request: push token ids, get the text they complete."""
+    """One DetokenizeStream for one request: push token ids, get the text they complete. Each reply
+    is awaited at most reply_timeout_s: a hung tokenizer fails the request instead of stalling it."""
 
-    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, timeout: float):
+    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, timeout: float, reply_timeout_s: float):
         self._requests: asyncio.Queue = asyncio.Queue()
         self._call = stub.DetokenizeStream(self._iterate(), timeout=timeout)
+        self._reply_timeout_s = reply_timeout_s
         self._flushed = False
 
     async def _iterate(self):
         while (request := await self._requests.get()) is not None:
             yield request
 
+    async def _reply(self) -> str:
+        try:
+            async with asyncio.timeout(self._reply_timeout_s):
+                reply = await self._call.read()
+        except TimeoutError:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE,
+                           f"the tokenizer did not answer within {self._reply_timeout_s:g}s") from None
+        if reply is grpc.aio.EOF:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the tokenizer closed the detokenize stream")
+        return reply.text
+
     async def push(self, token_ids) -> str:
         await self._requests.put(tokenizer_pb2.DetokenizeRequest(token_ids=token_ids))
-        return (await self._call.read()).text
+        return await self._reply()
 
     async def flush(self) -> str:
         """An empty message asks for the text still held; then the request side closes."""
         await self._requests.put(tokenizer_pb2.DetokenizeRequest())
-        text = (await self._call.read()).text
+        text = await self._reply()
         await self._requests.put(None)
         self._flushed = True
         return text
@@ -205,7 +220,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Stream GenerateStreamResponse chunks for one request; raises RpcError for the caller.
         Writes one audit line per request, whatever its outcome."""
         start = time.monotonic()
+        # The client's request_id is a label (checked below); the shard knows this call by its own id,
+        # so calls that share a label never share a stream, a cancel or a resume.
         request.request_id = request.request_id or uuid.uuid4().hex
+        call_id = uuid.uuid4().hex
         status, last = "OK", None
         try:
             try:
@@ -214,7 +232,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 refusal = retry_later(str(exc), round(exc.retry_after_s, 3))
                 raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details, refusal.trailing_metadata,
                                retry_after_s=exc.retry_after_s) from None
-            async for chunk in self._generate(request, timeout_s):
+            async for chunk in self._generate(request, timeout_s, call_id, tenant):
                 last = chunk
                 yield chunk
         except RpcError as exc:
@@ -229,12 +247,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         finally:
             if last is not None and last.finish_reason and not last.usage.from_response_cache:
                 self.rate_limiter.charge_tokens(tenant, last.usage.prompt_tokens + last.usage.completion_tokens)
-            self._audit(request, tenant, front, status, last, time.monotonic() - start)
+            self._audit(request, call_id, tenant, front, status, last, time.monotonic() - start)
 
-    def _audit(self, request, tenant: str, front: str, status: str, last, duration_s: float) -> None:
+    def _audit(self, request, call_id: str, tenant: str, front: str, status: str, last, duration_s: float) -> None:
         usage = last.usage if last is not None and last.finish_reason else None
         fields = {
-            "event": "request", "request_id": request.request_id, "tenant": tenant, "front": front,
+            "event": "request", "request_id": request.request_id, "call_id": call_id, "tenant": tenant, "front": front,
             "model": self.config.model, "status": status, "duration_ms": round(duration_s * 1000, 1),
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
@@ -246,7 +264,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             fields["prompt"] = request.prompt or [{"role": m.role, "content": m.content} for m in request.messages]
         audit_log.info("request %s %s", request.request_id, status, extra={"fields": fields})
 
-    async def _generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None):
+    async def _generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None, call_id: str,
+                        tenant: str):
         start = time.monotonic()
         deadline = start + (timeout_s if timeout_s is not None else self.config.default_timeout_s)
         span = trace.get_current_span()
@@ -256,6 +275,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         request_id = request.request_id
         span.set_attribute("llmmesh.request_id", request_id)
+        span.set_attribute("llmmesh.call_id", call_id)
 
         prompt_ids = await self._encode(request, deadline)
         info = await self._shard_info(deadline)
@@ -268,7 +288,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         key = None
         if self.cache is not None and self.config.response_cache and is_deterministic(request.sampling):
-            key = response_key(self.config.model, prompt_ids, request.sampling, max_tokens)
+            scope = "" if self.config.shared_response_cache else tenant
+            key = response_key(self.config.model, prompt_ids, request.sampling, max_tokens, scope)
             cached = await self._cache_get(key)
             span.set_attribute("llmmesh.response_cache_hit", cached is not None)
             if cached is not None:
@@ -285,14 +306,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         sampling.max_tokens = max_tokens
-        shard_request = shard_pb2.ShardGenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+        shard_request = shard_pb2.ShardGenerateRequest(request_id=call_id, prompt_token_ids=prompt_ids,
                                                        sampling=sampling)
         matcher = StopStringMatcher(list(request.sampling.stop))
         texts, token_ids, logprobs = [], [], []
         usage = common_pb2.Usage(prompt_tokens=len(prompt_ids))
         finish_reason = last_shard_reason = ""
         first, last_at, resumes = True, None, 0
-        detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001))
+        detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001),
+                                  reply_timeout_s=self.config.tokenizer_timeout_s)
         replica, call = None, None
         hashes = PrefixAffinity.hashes(prompt_ids, info.block_size) if self.affinity is not None else []
         try:
@@ -352,7 +374,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     await close_stream(call, cancel=True)
                     replica.outstanding -= 1
                     replica, call = None, None
-                    resume = shard_pb2.ShardGenerateRequest(request_id=request_id,
+                    resume = shard_pb2.ShardGenerateRequest(request_id=call_id,
                                                             prompt_token_ids=prompt_ids + token_ids,
                                                             sampling=sampling, resume_draws=len(token_ids))
                     resume.sampling.max_tokens = max_tokens - len(token_ids)
@@ -380,7 +402,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs shown per token)."""
         try:
-            reply = await self.tokenizer.TokenTexts(tokenizer_pb2.DecodeRequest(token_ids=token_ids), timeout=5)
+            reply = await self.tokenizer.TokenTexts(tokenizer_pb2.DecodeRequest(token_ids=token_ids),
+                                                    timeout=self.config.tokenizer_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._downstream_error(exc, "tokenizer") from None
         return list(reply.texts)
@@ -388,8 +411,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> list[int]:
         encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages)
         try:
-            reply = await self.tokenizer.Encode(encode, timeout=max(deadline - time.monotonic(), 0.001))
+            timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
+            reply = await self.tokenizer.Encode(encode, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE,
+                               f"the tokenizer did not answer within {self.config.tokenizer_timeout_s:g}s") from None
             raise self._downstream_error(exc, "tokenizer") from None
         if not reply.token_ids:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt encodes to no tokens")

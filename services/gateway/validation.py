@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from llmmesh.v1 import common_pb2, gateway_pb2
 
 CHAT_ROLES = ("system", "user", "assistant")
+REQUEST_ID = re.compile(r"[\x21-\x7e]+")  # visible ASCII: a label that cannot forge a log line
 
 
 class InvalidRequest(ValueError):
@@ -42,6 +44,8 @@ def check_request(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
             raise InvalidRequest(f"messages[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}")
     if len(request.request_id) > limits.max_request_id_chars:
         raise InvalidRequest(f"request_id is longer than {limits.max_request_id_chars} characters")
+    if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
+        raise InvalidRequest("request_id may hold only visible ASCII characters (no spaces or control characters)")
     check_sampling(request.sampling, limits)
 
 

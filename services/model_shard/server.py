@@ -74,15 +74,18 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         self.retry_after_s = retry_after_s
         self.model_name = model_name
         self.prefix_feed = prefix_feed or PrefixIndexFeed()  # fed by AsyncEngine's on_prefix_change
+        self._calls: dict[str, set[str]] = {}  # a caller's request_id -> the engine ids of its running calls
 
     async def Generate(self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext):
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        request_id = request.request_id or uuid.uuid4().hex
+        # The engine knows this call by an id of its own: callers' ids are labels (Abort takes them).
+        label, request_id = request.request_id, uuid.uuid4().hex
         params = sampling_from_proto(request.sampling, request.resume_draws)
         first, times, count, steps = True, None, 0, 0
         if self.shared_kv is not None:
             await self._fetch_shared_prefix(list(request.prompt_token_ids))
+        self._calls.setdefault(label, set()).add(request_id)
         try:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
@@ -90,11 +93,11 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 last = batch[-1]
                 times = last.times
                 if last.finish_reason is FinishReason.ABORTED:
-                    await context.abort(grpc.StatusCode.CANCELLED, f"request {request_id} was aborted")
+                    await context.abort(grpc.StatusCode.CANCELLED, f"request {label} was aborted")
                 if last.finish_reason is FinishReason.ERROR:
                     # Tokens made before the failure are lost with the stream: the caller cannot
                     # resume it (the same request would fail again) and reports the error.
-                    log.error("request %s failed in the engine: %s", request_id, last.error)
+                    log.error("request %s (%s) failed in the engine: %s", label, request_id, last.error)
                     await context.abort(grpc.StatusCode.INTERNAL, f"the model shard could not compute this request: "
                                         f"{last.error}", ((REQUEST_FAILED_KEY, "1"),))
                 tokens = [t for out in batch for t in out.new_token_ids]
@@ -121,6 +124,10 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         except EngineDeadError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
+            calls = self._calls.get(label)
+            calls.discard(request_id)
+            if not calls:
+                del self._calls[label]
             if times is not None and times.first_token_ns is not None:
                 record_span("decode", times.first_token_ns, times.finished_ns or times.first_token_ns,
                             {"llmmesh.completion_tokens": count, "llmmesh.decode_steps": max(steps - 1, 0)})
@@ -173,8 +180,11 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
             self.prefix_feed.subscribers.discard(queue)
 
     async def Abort(self, request: shard_pb2.AbortRequest, context):
-        self.engine.abort(request.request_id)
-        return shard_pb2.AbortReply(found=True)
+        """Ends every running call sent with this request_id."""
+        calls = self._calls.get(request.request_id, set())
+        for request_id in calls:
+            self.engine.abort(request_id)
+        return shard_pb2.AbortReply(found=bool(calls))
 
     async def Info(self, request, context):
         e = self.engine.engine

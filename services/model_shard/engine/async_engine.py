@@ -53,6 +53,7 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+    stream: _Add | None = None  # set: abort only if the id still belongs to this stream
 
 
 @dataclass
@@ -139,8 +140,8 @@ class AsyncEngine:
                 finished = batch[-1].finished
                 yield batch
         finally:
-            if not finished:
-                self._inbox.put(_Abort(request_id))
+            if not finished:  # this stream's request only, never another one under the same id
+                self._inbox.put(_Abort(request_id, add))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -190,6 +191,9 @@ class AsyncEngine:
 
     def _apply(self, msg) -> None:
         if isinstance(msg, _Add):
+            if msg.request_id in self._streams:  # two streams must never share one id's outputs
+                msg.loop.call_soon_threadsafe(_settle, msg.accepted, ValueError(f"request id {msg.request_id!r} is in use"))
+                return
             try:
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.trace_carrier)
             except (ValueError, QueueFullError) as exc:
@@ -198,6 +202,8 @@ class AsyncEngine:
             self._streams[msg.request_id] = msg
             msg.loop.call_soon_threadsafe(_settle, msg.accepted, None)
         elif isinstance(msg, _Abort):
+            if msg.stream is not None and self._streams.get(msg.request_id) is not msg.stream:
+                return
             if self.engine.abort(msg.request_id):
                 self._deliver(self._aborted_output(msg.request_id))
         elif isinstance(msg, _Call):
