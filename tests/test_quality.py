@@ -19,8 +19,13 @@ TEXT = (
     "of voices, and the smell of fresh coffee drifted from the cafe near the church. When the sun "
     "began to set, the people went home, and the valley grew quiet again under the first stars."
 )
-QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "Name a primary color."]
-EXPECTED = ["Paris", "4", ""]
+# Questions whose answer the float32 model gives with a clear margin: a 135M model's greedy answer to a
+# loosely put question can hang on a near-tie (on "What is the capital of France?" its first token is
+# "The" by 0.08 nats over "L'"), and such a tie flips with any change of rounding, better or worse.
+QUESTIONS = ["What is the capital of France? Answer in one word.", "What is 2 + 2? Answer with a number.",
+             "How many legs does a dog have?", "What color is the sky on a clear day?",
+             "Paris is the capital of which country?"]
+EXPECTED = ["paris", "4", "four", "blue", "france"]
 
 
 @pytest.fixture(scope="module")
@@ -46,4 +51,4 @@ def test_perplexity_moves_less_than_five_percent(real_model_dir, tokenizer, fp32
     prompts = [tokenizer.encode_chat([Message("user", q)]) for q in QUESTIONS]
     for answer, expected in zip(engine.generate(prompts, SamplingParams(max_tokens=24)), EXPECTED):
         text = tokenizer.decode(answer)
-        assert expected in text and len(text.strip()) > 0
+        assert expected in text.lower(), text

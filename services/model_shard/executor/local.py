@@ -86,8 +86,7 @@ class LocalExecutor:
             if item.num_new_tokens == 1:
                 decode_rows.append((start, end_pos, seq.block_ids))
             else:  # a whole prompt, or a continuation over cached context
-                prefills.append(PrefillSpan(start, len(input_ids), first, seq.block_ids if first else None,
-                                            self.block_size))
+                prefills.append(PrefillSpan(start, len(input_ids), first, seq.block_ids, self.block_size))
         meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=prefills)
         if decode_rows:
             index, lengths, tables = zip(*decode_rows)

@@ -13,10 +13,13 @@ from services.model_shard.model.llama import AttentionMetadata, LlamaForServing,
 def prompt_logits(model: LlamaForServing, ids: list[int]) -> torch.Tensor:
     """float32 logits [len(ids), vocab] of one prompt, through a scratch KV cache."""
     cfg, n = model.cfg, len(ids)
-    dtype = model.dtype
-    caches = [(torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype),
-               torch.zeros(cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype)) for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillSpan(0, n)])
+    dtype, block_size = model.dtype, 16
+    blocks = -(-n // block_size)  # laid out as the engine lays a prompt out, so the same kernels run
+    caches = [(torch.zeros(cfg.num_kv_heads, blocks * block_size, cfg.head_dim, dtype=dtype),
+               torch.zeros(cfg.num_kv_heads, blocks * block_size, cfg.head_dim, dtype=dtype))
+              for _ in range(cfg.num_layers)]
+    span = PrefillSpan(0, n, 0, list(range(blocks)), block_size)
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[span])
     hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
     return model.compute_logits(hidden)
 

@@ -150,7 +150,7 @@ class PrefillSpan:
     start: int  # its tokens are flat[start:end]
     end: int
     context_start: int = 0  # the position of its first token; 0: the span is the whole context
-    block_table: list[int] | None = None  # with context_start > 0: the sequence's blocks
+    block_table: list[int] | None = None  # the sequence's blocks (needed with context_start > 0)
     block_size: int = 0
 
     @functools.cached_property
@@ -289,7 +289,10 @@ class Attention(DirectModule):
             d = meta.decode
             out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), k_cache, v_cache, d))
         for span in meta.prefills:
-            if span.context_start and self.native:
+            if self.native and span.block_table is not None:
+                # Every prompt token is a row of the paged kernel, as a decode row is: a token's
+                # attention is the same numbers whether it came in a whole prompt, a chunk after
+                # cached blocks, or a decode step, so greedy answers do not depend on the cache.
                 out[span.start : span.end] = self._decode(q[span.start : span.end], k_cache, v_cache, span.paged)
                 continue
             qp = q[span.start : span.end].transpose(0, 1)  # [H, L, D]

@@ -1,0 +1,44 @@
+"""Greedy tokens do not depend on how a prompt was computed: cold, after its prefix was cached, in
+chunks, or batched beside other requests, in every dtype and quantization the mesh serves. A resumed
+stream, a response-cache entry and a fresh answer therefore agree."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
+from services.model_shard.engine.request import SamplingParams
+from services.model_shard.model.llama import load_model
+from services.tokenizer.text import Message, TextTokenizer
+
+SYSTEM = ("You are a helpful assistant for a bicycle shop. Answer in two or three sentences, politely, "
+          "and mention the shop's opening hours when it helps.")
+QUESTIONS = ["Describe a cat to someone who has never seen one.", "How do I fix a flat tyre?",
+             "What is the capital of France?", "Which bicycle suits a child of eight?",
+             "Write a haiku about rain.", "Why is the sky blue?"]
+CONFIGS = [("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4")]
+
+
+@pytest.fixture(scope="module")
+def prompts(real_model_dir):
+    tok = TextTokenizer(real_model_dir)
+    return [tok.encode_chat([Message("system", SYSTEM), Message("user", q)]) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("dtype,quantization", CONFIGS)
+def test_greedy_tokens_are_the_same_cold_warm_chunked_and_batched(real_model_dir, prompts, dtype, quantization):
+    model = load_model(real_model_dir, DTYPES[dtype], quantization)
+    params = SamplingParams(max_tokens=24)
+
+    def engine(**config) -> LLMEngine:
+        return LLMEngine(model, EngineConfig(dtype=dtype, quantization=quantization, kv_cache_bytes=64 << 20,
+                                             **config))
+
+    cold = engine(enable_prefix_caching=False)
+    expected = [cold.generate([p], params)[0] for p in prompts]
+    warm = engine()  # the shared system prompt's blocks are reused from the second prompt on
+    assert [warm.generate([p], params)[0] for p in prompts] == expected
+    assert warm.pool.stats.hit_tokens > 0
+    batched = engine(enable_prefix_caching=False, max_batched_tokens=48)  # chunked prefills beside decodes
+    assert batched.generate(prompts, params) == expected
+    assert batched.stats.steps > len(prompts) * params.max_tokens // len(prompts)  # it really shared steps
