@@ -72,7 +72,9 @@ def plan_mesh(
     metrics_ports = metrics_ports or [9401, 9402, *range(9410, 9410 + shards)]
     if len(ports) != n or len(metrics_ports) != n:
         raise ValueError(f"need {n} ports and {n} metrics ports")
-    addr = [f"{host}:{p}" for p in ports]
+    # Only the gateway listens on `host`: the tokenizer, cache and shards trust their callers, so a
+    # local mesh keeps them on loopback whatever the gateway is exposed on (across hosts: mutual TLS).
+    addr = [f"127.0.0.1:{p}" for p in ports]
     threads = max(1, (os.cpu_count() or 1) // shards)
     shard_specs = [
         ServiceSpec(f"shard-{i}", "services.model_shard", addr[2 + i], metrics_ports[2 + i],
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llm-mesh", description="Run the whole mesh locally")
     parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
     parser.add_argument("--shards", type=int, default=1, help="model shard replicas behind the gateway")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="where the gateway listens (gRPC and HTTP); the other "
+                        "services always listen on 127.0.0.1")
     parser.add_argument("--gateway-port", type=int, default=50051)
     parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API (0: off)")
     parser.add_argument("--api-keys-file", help="require API keys ('TENANT SHA256HEX' lines)")

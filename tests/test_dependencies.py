@@ -20,6 +20,7 @@ from .conftest import free_ports, wait_for
 
 pytestmark = pytest.mark.e2e
 TOKENIZER_TIMEOUT_S = 1.0
+FIRST_TOKEN_TIMEOUT_S = 2.0
 
 
 @pytest.fixture
@@ -27,7 +28,8 @@ def mesh(real_model_dir, vocab_sized_tiny_model, tmp_path):
     ports = free_ports(4)
     plan = plan_mesh(str(real_model_dir), shards=1, gateway_port=ports[0], ports=ports[1:4],
                      metrics_ports=[0, 0, 0], gateway_metrics_port=0, shard_args=["--kv-cache-mb", "64"],
-                     gateway_args=["--no-response-cache", "--tokenizer-timeout", str(TOKENIZER_TIMEOUT_S)])
+                     gateway_args=["--no-response-cache", "--tokenizer-timeout", str(TOKENIZER_TIMEOUT_S),
+                                   "--shard-first-token-timeout", str(FIRST_TOKEN_TIMEOUT_S)])
     shard = plan.shards[0]
     shard.args[shard.args.index("--model") + 1] = str(vocab_sized_tiny_model)
     with Mesh(plan, env={"LLMMESH_LOG_FORMAT": "json"}, log_dir=tmp_path).start(timeout=120) as m:
@@ -82,6 +84,22 @@ def test_a_dead_tokenizer_is_noticed_and_its_return_served_within_a_second_or_so
     assert wait_for(lambda: _serving(mesh.gateway_address), timeout=10)
     assert _ask(stub, 30).usage.completion_tokens > 0
     assert time.monotonic() - back < 2.5
+
+
+def test_a_hung_shard_holds_a_request_no_longer_than_the_first_token_timeout(mesh):
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(mesh.gateway_address))
+    assert _ask(stub, 60).usage.completion_tokens > 0
+    shard = mesh.processes["shard-0"]
+    os.kill(shard.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            _ask(stub)  # no client deadline
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "first token" in err.value.details()
+        assert time.monotonic() - started < FIRST_TOKEN_TIMEOUT_S + 3
+    finally:
+        os.kill(shard.pid, signal.SIGCONT)
+    assert _ask(stub, 60).usage.completion_tokens > 0
 
 
 def test_the_launcher_restarts_a_service_that_dies(mesh):

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
                              "of 4-byte UTF-8 plus 64 KiB of fields can need); larger ones are refused unread")
     parser.add_argument("--tokenizer-timeout", type=float, default=5.0,
                         help="seconds one tokenizer call may take (a hung tokenizer fails requests, not stalls them)")
+    parser.add_argument("--shard-first-token-timeout", type=float, default=60.0,
+                        help="seconds a shard may take to send a request's first token (queue and prefill) before "
+                             "the request is tried on another replica; a hung shard does not hold it to its deadline")
     parser.add_argument("--no-response-cache", action="store_true")
     parser.add_argument("--shared-response-cache", action="store_true",
                         help="answer every tenant from one response cache (default: each tenant's own, so no "
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         config = GatewayConfig(args.model_name, limits, not args.no_response_cache,
                                shared_response_cache=args.shared_response_cache, audit_prompts=args.audit_prompts,
                                tokenizer_timeout_s=args.tokenizer_timeout,
+                               shard_first_message_timeout_s=args.shard_first_token_timeout,
                                prefix_routing=not args.no_prefix_routing)
         api_keys = ApiKeys.from_file(args.api_keys_file)
         servicer = GatewayServicer(config,

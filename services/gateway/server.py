@@ -58,6 +58,7 @@ class GatewayConfig:
     audit_prompts: bool = False  # audit lines never carry prompt text unless this is set
     prefix_routing: bool = True  # prefer the replica that holds the prompt's prefix (routing.py)
     tokenizer_timeout_s: float = 5.0  # one tokenizer call (or stream reply) waits this long at most
+    shard_first_message_timeout_s: float = 60.0  # queue + prefill; past it the next replica is tried
 
 
 class _ShardLost(Exception):
@@ -439,7 +440,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             call = replica.stub.Generate(shard_request, timeout=timeout)
             replica.outstanding += 1
             try:
-                first = await call.read()
+                async with asyncio.timeout(min(timeout, self.config.shard_first_message_timeout_s)):
+                    first = await call.read()
+            except TimeoutError:  # a hung shard: the client's deadline is not spent on it
+                replica.outstanding -= 1
+                call.cancel()
+                if time.monotonic() >= deadline:
+                    raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a shard answered") from None
+                self.shards.mark_down(replica)
+                errors.append(f"{replica.address}: no first token within {self.config.shard_first_message_timeout_s:g}s")
+                continue
             except grpc.aio.AioRpcError as exc:
                 replica.outstanding -= 1
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:

@@ -11,7 +11,7 @@ What each parameter means, in the order applied (each row on its own):
 4. top_k keeps the k most likely tokens; top_p then keeps the smallest prefix of them, most likely
    first, whose probability mass (renormalised over what is left) reaches top_p. Both are found among
    the CANDIDATES most likely tokens (torch.topk, no full sort); a top_p row whose nucleus does not fit
-   among them is re-done over 16 times as many, and so on up to the fully sorted vocabulary, so the
+   among them is re-done over 4 times as many, and so on up to the fully sorted vocabulary, so the
    result is exact either way.
 5. One draw picks the token by inverting the kept distribution's cumulative sum.
 
@@ -35,7 +35,7 @@ from services.model_shard.engine.request import Sequence
 
 TEMPERATURE_FLOOR = 1e-5  # below this a temperature means greedy: dividing by it would overflow
 MAX_LOGIT = 1e30  # penalised logits are clamped here; divided by the floor it stays finite in float32
-CANDIDATES = 64  # most likely tokens searched first for the top-k / top-p cut (then 16x more, ...)
+CANDIDATES = 64  # most likely tokens searched first for the top-k / top-p cut (then 4x more, ...)
 CHUNK = 256  # a draw finds its chunk of the vocabulary first, then its token (_draw)
 
 _MASK64 = (1 << 64) - 1
@@ -196,7 +196,7 @@ def _sample_rows(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor)
         done = exact.nonzero().squeeze(1)
         picked = _draw(kept.index_select(0, done), uniforms[todo[done]])
         tokens[todo[done]] = ids.index_select(0, done).gather(1, picked.unsqueeze(1)).squeeze(1)
-        todo, num = todo[~exact], min(vocab, num * 16)
+        todo, num = todo[~exact], min(vocab, num * 4)
     return tokens
 
 
