@@ -1,9 +1,10 @@
 """What clients see when a service fails under load: for each fault, 16 streaming clients run for a
 window while one service is killed (then restarted) or hung (SIGSTOP, then SIGCONT).
 
-Printed per fault: streams completed, failed (by gRPC status), and the recovery time: from the
-moment the service is back (restarted and healthy, or continued) to the first request started after
-that moment which completes.
+Printed per fault: streams completed, failed (by gRPC status; a client sends its next request as
+soon as one fails), and the recovery time: from the moment the service is back (restarted and
+healthy, or continued) to the first token of the first request started after that moment which
+completes.
 
     .venv/bin/python bench/faults.py [--dtype bfloat16 --quantization int4] [--json out.json]
 """
@@ -38,19 +39,20 @@ FAULTS = {  # name: (service, kind)
 
 
 async def client(stub, stop_at: float, results: list, max_tokens: int) -> None:
-    """Requests one after another until stop_at: (start, end, status) for each."""
+    """Requests one after another until stop_at: (start, first token, status) for each."""
     i = 0
     while time.monotonic() < stop_at:
         request = gateway_pb2.GenerateRequest(prompt=f"Write about rivers, part {i}",
                                               sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
-        start = time.monotonic()
+        start, first = time.monotonic(), None
         try:
-            async for _ in stub.GenerateStream(request, timeout=60):
-                pass
+            async for chunk in stub.GenerateStream(request, timeout=60):
+                if first is None and chunk.token_ids:
+                    first = time.monotonic()
             status = "OK"
         except grpc.aio.AioRpcError as exc:
             status = exc.code().name
-        results.append((start, time.monotonic(), status))
+        results.append((start, first, status))
         i += 1
 
 
@@ -84,7 +86,7 @@ async def run_fault(mesh: Mesh, name: str, streams: int, window_s: float, fault_
         await asyncio.to_thread(fault.join)
     statuses = Counter(status for _, _, status in results)
     back = healed.get("at")
-    after = sorted(end for start, end, status in results if back is not None and start >= back and status == "OK")
+    after = sorted(first for start, first, status in results if back is not None and start >= back and status == "OK")
     return {"fault": name, "completed": statuses.pop("OK", 0), "failed": dict(statuses),
             "recovery_s": (after[0] - back) if after else None}
 

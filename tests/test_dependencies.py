@@ -4,6 +4,7 @@ launcher restarts a service that dies."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -50,24 +51,40 @@ def _ask(stub, timeout: float | None = None):
     return stub.Generate(request, timeout=timeout)
 
 
+@contextlib.contextmanager
+def _hung(process):
+    """The process stopped (SIGSTOP), as a hung service is: its connections stay open, nothing answers."""
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def _fails_fast(stub, fragment: str, bound_s: float) -> None:
+    """A request without a client deadline ends UNAVAILABLE, naming `fragment`, within bound_s."""
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        _ask(stub)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and fragment in err.value.details()
+    assert time.monotonic() - started < bound_s
+
+
+def _serves_again_within(mesh, stub, bound_s: float) -> None:
+    """From now, the gateway is ready and answers within bound_s."""
+    back = time.monotonic()
+    assert wait_for(lambda: _serving(mesh.gateway_address), timeout=bound_s)
+    assert _ask(stub, 30).usage.completion_tokens > 0
+    assert time.monotonic() - back < bound_s
+
+
 def test_a_hung_tokenizer_fails_requests_fast_and_is_reflected_in_readiness(mesh):
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(mesh.gateway_address))
     assert _ask(stub, 60).usage.completion_tokens > 0
-    tokenizer = mesh.processes["tokenizer"]
-    os.kill(tokenizer.pid, signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as err:
-            _ask(stub)  # no client deadline: the gateway's own bound ends it
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "tokenizer" in err.value.details()
-        assert time.monotonic() - started < TOKENIZER_TIMEOUT_S + 2
+    with _hung(mesh.processes["tokenizer"]):
+        _fails_fast(stub, "tokenizer", TOKENIZER_TIMEOUT_S + 2)
         assert wait_for(lambda: not _serving(mesh.gateway_address), timeout=5)
-    finally:
-        os.kill(tokenizer.pid, signal.SIGCONT)
-    resumed = time.monotonic()
-    assert wait_for(lambda: _serving(mesh.gateway_address), timeout=5)
-    assert _ask(stub, 30).usage.completion_tokens > 0
-    assert time.monotonic() - resumed < 5
+    _serves_again_within(mesh, stub, 5)
 
 
 def test_a_dead_tokenizer_is_noticed_and_its_return_served_within_a_second_or_so(mesh):
@@ -80,25 +97,14 @@ def test_a_dead_tokenizer_is_noticed_and_its_return_served_within_a_second_or_so
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     time.sleep(3)  # an outage long enough for gRPC's default reconnect backoff to have grown
     mesh.restart("tokenizer")  # returns once the tokenizer itself reports SERVING
-    back = time.monotonic()
-    assert wait_for(lambda: _serving(mesh.gateway_address), timeout=10)
-    assert _ask(stub, 30).usage.completion_tokens > 0
-    assert time.monotonic() - back < 2.5
+    _serves_again_within(mesh, stub, 2.5)
 
 
 def test_a_hung_shard_holds_a_request_no_longer_than_the_first_token_timeout(mesh):
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(mesh.gateway_address))
     assert _ask(stub, 60).usage.completion_tokens > 0
-    shard = mesh.processes["shard-0"]
-    os.kill(shard.pid, signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as err:
-            _ask(stub)  # no client deadline
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "first token" in err.value.details()
-        assert time.monotonic() - started < FIRST_TOKEN_TIMEOUT_S + 3
-    finally:
-        os.kill(shard.pid, signal.SIGCONT)
+    with _hung(mesh.processes["shard-0"]):
+        _fails_fast(stub, "first token", FIRST_TOKEN_TIMEOUT_S + 3)
     assert _ask(stub, 60).usage.completion_tokens > 0
 
 

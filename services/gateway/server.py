@@ -21,6 +21,8 @@ from llmmesh.v1 import tokenizer_pb2_grpc
 from services.common.errors import REQUEST_FAILED_KEY, STATUS_DETAILS_KEY, retry_later
 from services.common.hash_ring import HashRing
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
+from services.gateway.detokenize import DetokenizeSession, close_stream
+from services.gateway.errors import RpcError
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.response_cache import response_key
 from services.gateway.routing import PrefixAffinity
@@ -65,32 +67,6 @@ class _ShardLost(Exception):
     """The shard serving a stream went away before finishing it."""
 
 
-class RpcError(Exception):
-    """An error status for the client, raised anywhere in the request's path. `trailing_metadata`
-    carries rich details (e.g. a shard's RetryInfo) through unchanged."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple = (),
-                 retry_after_s: float | None = None):
-        super().__init__(message)
-        self.code = code
-        self.trailing_metadata = trailing_metadata
-        self.retry_after_s = retry_after_s
-
-
-async def close_stream(call, cancel: bool) -> None:
-    """End a client stream so that everything wrapping it finishes too (the tracing interceptor
-    ends its span when the response iterator ends): read a finished stream to EOF; cancel an
-    unfinished one, then read once so the cancellation reaches the wrapper."""
-    if cancel:
-        call.cancel()
-    try:
-        async with asyncio.timeout(1.0):
-            while await call.read() is not grpc.aio.EOF:
-                pass
-    except (grpc.aio.AioRpcError, asyncio.CancelledError, TimeoutError):
-        pass
-
-
 def _request_failed(exc: grpc.aio.AioRpcError) -> bool:
     """The shard failed this one request (see REQUEST_FAILED_KEY), not itself: no other replica is tried."""
     return exc.code() == grpc.StatusCode.INTERNAL and any(k == REQUEST_FAILED_KEY for k, _ in exc.trailing_metadata() or ())
@@ -125,48 +101,6 @@ def _exemplar() -> dict[str, str] | None:
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return next((v for k, v in context.invocation_metadata() or () if k == key), None)
-
-
-class DetokenizeSession:
-    """One DetokenizeStream for one request: push token ids, get the text they complete. Each reply
-    is awaited at most reply_timeout_s: a hung tokenizer fails the request instead of stalling it."""
-
-    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, timeout: float, reply_timeout_s: float):
-        self._requests: asyncio.Queue = asyncio.Queue()
-        self._call = stub.DetokenizeStream(self._iterate(), timeout=timeout)
-        self._reply_timeout_s = reply_timeout_s
-        self._flushed = False
-
-    async def _iterate(self):
-        while (request := await self._requests.get()) is not None:
-            yield request
-
-    async def _reply(self) -> str:
-        try:
-            async with asyncio.timeout(self._reply_timeout_s):
-                reply = await self._call.read()
-        except TimeoutError:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE,
-                           f"the tokenizer did not answer within {self._reply_timeout_s:g}s") from None
-        if reply is grpc.aio.EOF:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the tokenizer closed the detokenize stream")
-        return reply.text
-
-    async def push(self, token_ids) -> str:
-        await self._requests.put(tokenizer_pb2.DetokenizeRequest(token_ids=token_ids))
-        return await self._reply()
-
-    async def flush(self) -> str:
-        """An empty message asks for the text still held; then the request side closes."""
-        await self._requests.put(tokenizer_pb2.DetokenizeRequest())
-        text = await self._reply()
-        await self._requests.put(None)
-        self._flushed = True
-        return text
-
-    async def close(self) -> None:
-        await self._requests.put(None)
-        await close_stream(self._call, cancel=not self._flushed)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
