@@ -9,7 +9,8 @@ Rows (same prompt, greedy, same token budget, run one after another in one proce
 TTFT is the time to the first token; tokens/s counts completion tokens over the whole request;
 decode tok/s those after the first, over the time after it.
 
-    .venv/bin/python bench/latency.py [--dtype bfloat16] [--quantization int8] [--runs 5] [--json out.json]
+    .venv/bin/python bench/latency.py [--dtype auto] [--quantization auto] [--runs 5] [--json out.json]
+    (make bench runs it with the defaults: the configuration `make run` serves)
 """
 
 from __future__ import annotations
@@ -125,11 +126,18 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quantization", choices=["int8", "int4"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto (the default of make run): what model/precision.py chooses on this machine")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    shard_args = ["--dtype", args.dtype, *(["--quantization", args.quantization] if args.quantization else [])]
+    # Resolved here as the shard resolves them, so every row runs the same precision.
+    from services.model_shard.model.precision import resolve_dtype, resolve_quantization
+
+    chosen = " (auto)" if "auto" in (args.dtype, args.quantization) else ""
+    args.dtype = resolve_dtype(args.dtype).value
+    args.quantization = resolve_quantization(args.quantization, args.model, args.dtype, True).value
+    shard_args = ["--dtype", args.dtype, "--quantization", args.quantization or "none"]
 
     from services.tokenizer.text import Message, TextTokenizer
 
@@ -152,7 +160,7 @@ def main() -> None:
     if llama is not None:
         results.append(summarize("llama-cpp-python (Q4_1 GGUF)", llama))
 
-    label = args.dtype + (f" + {args.quantization}" if args.quantization else "")
+    label = args.dtype + (f" + {args.quantization}" if args.quantization else "") + chosen
     print(f"\nSmolLM2-135M-Instruct {label}, prompt {len(prompt_ids)} tokens, greedy, max {args.max_tokens} new "
           f"tokens, median of {args.runs} runs, {torch.get_num_threads()} torch threads\n")
     print(f"{'':34} {'TTFT ms':>9} {'tokens':>7} {'tok/s':>8} {'decode tok/s':>13} {'e2e ms':>9}")

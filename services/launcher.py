@@ -275,8 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-keys-file", help="require API keys ('TENANT SHA256HEX' lines)")
     parser.add_argument("--tls-dir", type=Path,
                         help="certificates from `make certs`: TLS to the gateway, mutual TLS between services")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--quantization", choices=["int8", "int4"], help="int8 (per channel) or int4 (groups of 32) linear weights")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 where the hardware computes it natively, else float32")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                        help="int8 (per channel) or int4 (groups of 32) linear weights; auto: the precision the "
+                             "checkpoint was published in (Q4_1: int4) where a native kernel runs it, else none")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard (per worker when parallel)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="Ray workers per layer in each shard")
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages in each shard")
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                      shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb),
                                  "--tensor-parallel-size", str(args.tensor_parallel_size),
                                  "--pipeline-parallel-size", str(args.pipeline_parallel_size),
-                                 *(["--quantization", args.quantization] if args.quantization else [])],
+                                 "--quantization", args.quantization],
                      gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),
                                    *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else [])])
     mesh = Mesh(plan)

@@ -39,7 +39,10 @@ def mesh(real_model_dir, vocab_sized_tiny_model, tmp_path_factory):
     keys.write_text("".join(f"{tenant} {hash_key(key)}\n" for tenant, key in KEYS.items()))
     ports = free_ports(6)
     plan = plan_mesh(str(real_model_dir), shards=1, gateway_port=ports[0], ports=ports[1:4],
-                     metrics_ports=[0, 0, ports[4]], gateway_metrics_port=0, shard_args=["--kv-cache-mb", "64"],
+                     metrics_ports=[0, 0, ports[4]], gateway_metrics_port=0,
+                     # float32: the random tiny model's answers to different prompts differ (in bfloat16
+                     # many collapse onto one repeated token, and the collision test needs them apart).
+                     shard_args=["--kv-cache-mb", "64", "--dtype", "float32"],
                      gateway_args=["--http-listen", f"127.0.0.1:{ports[5]}", "--api-keys-file", str(keys),
                                    "--max-prompt-chars", str(MAX_PROMPT_CHARS),
                                    "--max-request-bytes", str(MAX_REQUEST_BYTES)])

@@ -1,14 +1,16 @@
-"""bfloat16, int8 and int4 weight-only serving stay close to float32 on the real model."""
+"""bfloat16, int8 and int4 serving, and whatever precision a shard chooses by default here, stay close to
+float32 on the real model: perplexity, and the answers to plain questions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from services.model_shard.engine.engine import EngineConfig, LLMEngine
+from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
 from services.model_shard.engine.request import SamplingParams
 from services.model_shard.model.evaluate import perplexity
 from services.model_shard.model.llama import load_model
+from services.model_shard.model.precision import resolve_dtype, resolve_quantization
 from services.tokenizer.text import Message, TextTokenizer
 
 # A fixed English text (public-domain style prose) for perplexity.
@@ -38,9 +40,17 @@ def fp32_perplexity(real_model_dir, tokenizer):
     return perplexity(load_model(real_model_dir, torch.float32), tokenizer.encode(TEXT))
 
 
+def _default_precision(model_dir) -> tuple[torch.dtype, str | None]:
+    """What a shard serves with no precision flags, on this machine (model/precision.py)."""
+    dtype = resolve_dtype("auto").value
+    return DTYPES[dtype], resolve_quantization("auto", model_dir, dtype, native_kernels=True).value
+
+
 @pytest.mark.parametrize("dtype,quantization", [(torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, "int8"),
-                                                (torch.bfloat16, "int4")])
+                                                (torch.bfloat16, "int4"), ("default", None)])
 def test_perplexity_moves_less_than_five_percent(real_model_dir, tokenizer, fp32_perplexity, dtype, quantization):
+    if dtype == "default":
+        dtype, quantization = _default_precision(real_model_dir)
     model = load_model(real_model_dir, dtype, quantization)
     ppl = perplexity(model, tokenizer.encode(TEXT))
     print(f"perplexity float32 {fp32_perplexity:.3f}  {dtype} {quantization or ''}: {ppl:.3f}")

@@ -85,8 +85,9 @@ def test_a_shared_prefix_follows_its_replica_even_when_another_is_idle(mesh, gat
 
 
 def test_a_shard_streams_its_prefix_index_through_evictions(tiny_model_dir, tmp_path):
+    # float32: 1 MiB holds 128 blocks of the tiny model (the count the evictions below rely on).
     with shard_process(tiny_model_dir, tmp_path / "shard.log", "--kv-cache-mb", "1", "--threads", "1",
-                       timeout=60) as (listen, _):
+                       "--dtype", "float32", timeout=60) as (listen, _):
         channel = grpc.insecure_channel(listen)
         stub = shard_pb2_grpc.ModelShardStub(channel)
         mirror: set[int] = set()

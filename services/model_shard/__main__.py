@@ -1,4 +1,4 @@
-"""python -m services.model_shard --model PATH [--listen HOST:PORT] [--dtype float32|bfloat16]"""
+"""python -m services.model_shard --model PATH [--listen HOST:PORT] [--dtype auto|float32|bfloat16|float16]"""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
 from services.model_shard.executor.ray_workers import WorkerDiedError, connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
 from services.model_shard.model.llama import LlamaConfig, check_parallel
+from services.model_shard.model.precision import resolve_dtype, resolve_quantization
 from services.model_shard.server import EngineCollector, ModelShardServicer, PrefixIndexFeed, observe_step
 
 
@@ -29,10 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.model_shard", description="llm-mesh model shard")
     add_service_args(parser, "shard", "127.0.0.1:50061")
     parser.add_argument("--model", default=env_default("LLMMESH_MODEL", "models/SmolLM2-135M-Instruct"))
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=env_default("LLMMESH_DTYPE", "float32"))
-    parser.add_argument("--quantization", choices=["int8", "int4"], default=env_default("LLMMESH_QUANTIZATION", "") or None,
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default=env_default("LLMMESH_DTYPE", "auto"),
+                        help="auto: bfloat16 where the hardware computes it natively, else float32 (model/precision.py)")
+    parser.add_argument("--quantization", choices=["auto", "none", "int8", "int4"],
+                        default=env_default("LLMMESH_QUANTIZATION", "auto"),
                         help="int8 (per channel) or int4 (groups of 32) linear weights; with the native kernels the "
-                             "activations go to int8 per group of 32 too (llama.cpp's scheme)")
+                             "activations go to int8 per group of 32 too (llama.cpp's scheme). auto: the precision "
+                             "the checkpoint was published in, where a native kernel runs it here; else none")
     parser.add_argument("--kv-cache-mb", type=int, default=int(env_default("LLMMESH_KV_CACHE_MB", "1024")),
                         help="memory for the paged KV cache")
     parser.add_argument("--block-size", type=int, default=16)
@@ -64,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging("shard", args.log_level, args.log_format)
     setup_tracing("model_shard", instance_id(args.listen))
+    dtype = resolve_dtype(args.dtype)
+    quantization = resolve_quantization(args.quantization, args.model, dtype.value, not args.no_native_kernels)
+    log = logging.getLogger(__name__)
+    log.info("dtype %s: %s", dtype.value, dtype.reason)
+    log.info("quantization %s: %s", quantization.value or "none", quantization.reason)
+    args.dtype, args.quantization = dtype.value, quantization.value
     config = EngineConfig(
         dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_mb << 20, max_model_len=args.max_model_len, max_running=args.max_running,
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(serve(ServeOptions("model_shard", args.listen, args.metrics_port, args.grace, tls_from_args(args), args.tls_client_auth), register,
                       on_start=on_start, on_stop=on_stop))
     if runtime_ref.get("exit_code"):
-        logging.getLogger(__name__).critical("the engine failed for good; exiting so that the shard is restarted")
+        log.critical("the engine failed for good; exiting so that the shard is restarted")
         sys.exit(runtime_ref["exit_code"])
 
 
