@@ -180,7 +180,7 @@ def test_one_request_is_one_trace_across_the_four_services(mesh, gateway):
     names = {s["name"] for s in trace}
     assert len(roots) == 1
     assert wanted <= services, services
-    assert {"/llmmesh.v1.Tokenizer/Encode", "/llmmesh.v1.Tokenizer/DetokenizeStream", "/llmmesh.v1.Cache/GetResponse",
+    assert {"/llmmesh.v1.Tokenizer/Encode", "/llmmesh.v1.Cache/GetResponse",
             "/llmmesh.v1.ModelShard/Generate", "queue", "prefill", "decode", "detokenize", "cache.lookup"} <= names
     ids = {s["context"]["span_id"] for s in trace}
     root = roots[0]
@@ -198,6 +198,10 @@ def test_one_request_is_one_trace_across_the_four_services(mesh, gateway):
     assert parent(parent(shard_server)) is root
     for name in ("queue", "prefill", "decode"):
         assert parent(next(s for s in trace if s["name"] == name)) is shard_server
+    # Text is made in the gateway, from the vocabulary it holds: no message to the tokenizer per step.
+    detokenize = next(s for s in trace if s["name"] == "detokenize")
+    assert parent(detokenize) is root and detokenize["attributes"]["llmmesh.detokenized_in"] == "gateway"
+    assert metric(mesh.plan.tokenizer.metrics_port, "llmmesh_detokenize_streams_total") == 0
 
 
 def test_shard_down_is_unavailable_fast(real_model_dir, mesh, tmp_path):

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TokenizerStub:
-    """Text <-> token ids. One Encode per request, one DetokenizeStream per request: never an RPC per token.
+    """Text <-> token ids. One Encode per request; text from tokens in the gateway, from the vocabulary
+    GetTokenizer hands out (or one DetokenizeStream per request): never an RPC per token.
     """
 
     def __init__(self, channel):
@@ -60,10 +61,16 @@ class TokenizerStub:
                 request_serializer=llmmesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenTextsResponse.FromString,
                 _registered_method=True)
+        self.GetTokenizer = channel.unary_unary(
+                '/llmmesh.v1.Tokenizer/GetTokenizer',
+                request_serializer=llmmesh_dot_v1_dot_tokenizer__pb2.GetTokenizerRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerFiles.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
-    """Text <-> token ids. One Encode per request, one DetokenizeStream per request: never an RPC per token.
+    """Text <-> token ids. One Encode per request; text from tokens in the gateway, from the vocabulary
+    GetTokenizer hands out (or one DetokenizeStream per request): never an RPC per token.
     """
 
     def Encode(self, request, context):
@@ -99,6 +106,14 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTokenizer(self, request, context):
+        """The vocabulary itself (tokenizer.json), so a gateway can turn tokens into text without a round
+        trip per step. Every EncodeResponse and TokenizerInfo names the version it came from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +142,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     request_deserializer=llmmesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenTextsResponse.SerializeToString,
             ),
+            'GetTokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenizer,
+                    request_deserializer=llmmesh_dot_v1_dot_tokenizer__pb2.GetTokenizerRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerFiles.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'llmmesh.v1.Tokenizer', rpc_method_handlers)
@@ -136,7 +156,8 @@ def add_TokenizerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Tokenizer:
-    """Text <-> token ids. One Encode per request, one DetokenizeStream per request: never an RPC per token.
+    """Text <-> token ids. One Encode per request; text from tokens in the gateway, from the vocabulary
+    GetTokenizer hands out (or one DetokenizeStream per request): never an RPC per token.
     """
 
     @staticmethod
@@ -264,6 +285,33 @@ class Tokenizer:
             '/llmmesh.v1.Tokenizer/TokenTexts',
             llmmesh_dot_v1_dot_tokenizer__pb2.DecodeRequest.SerializeToString,
             llmmesh_dot_v1_dot_tokenizer__pb2.TokenTextsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Tokenizer/GetTokenizer',
+            llmmesh_dot_v1_dot_tokenizer__pb2.GetTokenizerRequest.SerializeToString,
+            llmmesh_dot_v1_dot_tokenizer__pb2.TokenizerFiles.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,7 @@ from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.gateway.auth import ApiKeys, AuthenticateFirst
+from services.gateway.detokenize import TokenizerMirror
 from services.gateway.rate_limit import TenantRateLimiter
 from services.gateway.readiness import Readiness, probe_health
 from services.gateway.server import GatewayConfig, GatewayServicer
@@ -90,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
                                shard_first_message_timeout_s=args.shard_first_token_timeout,
                                prefix_routing=not args.no_prefix_routing)
         api_keys = ApiKeys.from_file(args.api_keys_file)
+        vocabulary = TokenizerMirror(tokenizer, timeout_s=args.tokenizer_timeout)
         servicer = GatewayServicer(config,
                                    tokenizer, cache, shards, api_keys,
-                                   TenantRateLimiter(args.rate_limit_rps, args.rate_limit_tpm))
+                                   TenantRateLimiter(args.rate_limit_rps, args.rate_limit_tpm), vocabulary)
         http = {}
 
         def register(server):
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             shards.on_availability = lambda available: readiness.set("model shards", available)
             probes.append(asyncio.get_running_loop().create_task(probe_health(tokenizer_channel, "tokenizer", readiness)))
             await runtime.set_dependencies_ok(readiness.ready)
+            await vocabulary.refresh()  # best effort: a tokenizer not up yet is asked again by the first request
             shards.start()
             if discovered:
                 from services.gateway.discovery import EndpointSliceWatcher, kubernetes_api_client

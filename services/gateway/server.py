@@ -1,6 +1,7 @@
 """The public Gateway service: tokenize, look up the response cache, stream from a shard, detokenize.
 
-Per request: one Encode RPC, one shard Generate stream, one DetokenizeStream — never an RPC per token.
+Per request: one Encode RPC and one shard Generate stream; tokens become text here, from the tokenizer's
+vocabulary held by the gateway (or, until it is, one DetokenizeStream) — never an RPC per token.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from llmmesh.v1 import tokenizer_pb2_grpc
 from services.common.errors import REQUEST_FAILED_KEY, STATUS_DETAILS_KEY, retry_later
 from services.common.hash_ring import HashRing
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
-from services.gateway.detokenize import DetokenizeSession, close_stream
+from services.gateway.detokenize import DetokenizeSession, TokenizerMirror, close_stream
 from services.gateway.errors import RpcError
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.response_cache import response_key
@@ -106,12 +107,15 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
                  cache: HashRing[cache_pb2_grpc.CacheStub] | None, shards: ShardPool, api_keys: ApiKeys | None = None,
-                 rate_limiter: TenantRateLimiter | None = None):
+                 rate_limiter: TenantRateLimiter | None = None, vocabulary: TokenizerMirror | None = None):
+        """vocabulary: the tokenizer's vocabulary held here (text without a round trip per step); None:
+        every request detokenizes through the tokenizer service."""
         self.config = config
         self.api_keys = api_keys or ApiKeys({})
         self.rate_limiter = rate_limiter or TenantRateLimiter()
         self.affinity = PrefixAffinity() if config.prefix_routing else None
         self.tokenizer = tokenizer
+        self.vocabulary = vocabulary
         self.cache = cache
         self.shards = shards
 
@@ -212,7 +216,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span.set_attribute("llmmesh.request_id", request_id)
         span.set_attribute("llmmesh.call_id", call_id)
 
-        prompt_ids = await self._encode(request, deadline)
+        prompt_ids, tokenizer_version = await self._encode(request, deadline)
         info = await self._shard_info(deadline)
         try:
             max_tokens = resolve_max_tokens(request.sampling, len(prompt_ids), info.max_model_len, self.config.limits)
@@ -248,8 +252,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         usage = common_pb2.Usage(prompt_tokens=len(prompt_ids))
         finish_reason = last_shard_reason = ""
         first, last_at, resumes = True, None, 0
-        detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001),
-                                  reply_timeout_s=self.config.tokenizer_timeout_s)
+        detok = self.vocabulary.session(tokenizer_version) if self.vocabulary is not None else None
+        if detok is None:  # the vocabulary of this request's Encode is not held here (yet)
+            detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001),
+                                      reply_timeout_s=self.config.tokenizer_timeout_s)
         replica, call = None, None
         hashes = PrefixAffinity.hashes(prompt_ids, info.block_size) if self.affinity is not None else []
         try:
@@ -343,7 +349,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise self._downstream_error(exc, "tokenizer") from None
         return list(reply.texts)
 
-    async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> list[int]:
+    async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> tuple[list[int], str]:
+        """The prompt's token ids, and the version of the vocabulary that made them."""
         encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages)
         try:
             timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
@@ -355,7 +362,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise self._downstream_error(exc, "tokenizer") from None
         if not reply.token_ids:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt encodes to no tokens")
-        return list(reply.token_ids)
+        return list(reply.token_ids), reply.tokenizer_version
 
     async def _shard_info(self, deadline: float) -> shard_pb2.ShardInfo:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from prometheus_client import Counter
 
 from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.telemetry import tracer
@@ -10,6 +11,8 @@ from services.tokenizer.detokenizer import IncrementalDetokenizer
 from services.tokenizer.text import CHAT_ROLES, ChatTemplateError, Message, TextTokenizer
 
 _tracer = tracer(__name__)
+DETOKENIZE_STREAMS = Counter("llmmesh_detokenize_streams", "DetokenizeStream calls served (gateways that hold "
+                             "the vocabulary detokenize themselves)")
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
@@ -27,7 +30,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 ids = self.tokenizer.encode(request.prompt)
         except ChatTemplateError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return tokenizer_pb2.EncodeResponse(token_ids=ids)
+        return tokenizer_pb2.EncodeResponse(token_ids=ids, tokenizer_version=self.tokenizer.version)
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest, context):
         if not self._check_ids(request.token_ids):
@@ -36,6 +39,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return tokenizer_pb2.DecodeResponse(text=text)
 
     async def DetokenizeStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        DETOKENIZE_STREAMS.inc()
         detokenizer = None
         tokens = 0
         with _tracer.start_as_current_span("detokenize") as span:
@@ -61,7 +65,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             vocab_size=self.tokenizer.vocab_size,
             eos_token_ids=self.tokenizer.eos_token_ids,
             chat_roles=list(CHAT_ROLES),
+            version=self.tokenizer.version,
         )
+
+    async def GetTokenizer(self, request, context):
+        return tokenizer_pb2.TokenizerFiles(tokenizer_json=self.tokenizer.tokenizer_json, version=self.tokenizer.version)
 
     def _check_ids(self, ids) -> bool:
         vocab = self.tokenizer.vocab_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ class TextTokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
         self.name = model_dir.name
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer_json = (model_dir / "tokenizer.json").read_text()
+        self.version = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
+        self.tokenizer = Tokenizer.from_str(self.tokenizer_json)
         config = _read_json(model_dir / "tokenizer_config.json")
         template_file = model_dir / "chat_template.jinja"
         template = template_file.read_text() if template_file.exists() else config.get("chat_template")
