@@ -143,3 +143,21 @@ def test_an_engine_whose_steps_keep_failing_tells_its_owner_and_its_waiters(tiny
     assert all("injected: every step fails" in e for e in errors[: steps - 1])  # ended one by one, served on
     assert all(e.startswith("dead:") for e in errors[steps - 1 :])  # then the engine gave up, and says so
     assert len(errors) == steps + 2
+
+
+def test_min_tokens_ignore_eos_and_stop_token_ids_decide_where_an_answer_ends(tiny_model_dir):
+    engine = _engine(tiny_model_dir)
+    eos = next(iter(engine.eos_token_ids))
+    to_eos = ((eos, 100.0),)  # the model would end at once
+    seqs = _run(engine, {
+        "held": (PROMPTS[0], SamplingParams(max_tokens=10, min_tokens=4, logit_bias=to_eos)),
+        "ignored": (PROMPTS[1], SamplingParams(max_tokens=6, ignore_eos=True, logit_bias=to_eos)),
+        "stopped": (PROMPTS[2], SamplingParams(max_tokens=10, stop_token_ids=(99,), logit_bias=((99, 100.0),))),
+    })
+    held = seqs["held"]
+    assert held.finish_reason is FinishReason.STOP and len(held.output_token_ids) == 5
+    assert eos not in held.output_token_ids[:4] and held.output_token_ids[4] == eos
+    assert seqs["ignored"].finish_reason is FinishReason.LENGTH and seqs["ignored"].output_token_ids == [eos] * 6
+    assert seqs["stopped"].finish_reason is FinishReason.STOP and seqs["stopped"].output_token_ids == [99]
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.add_request("bad", PROMPTS[0], SamplingParams(max_tokens=2, logit_bias=((10**6, 1.0),)))

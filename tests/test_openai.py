@@ -165,3 +165,20 @@ def test_traceparent_on_http_continues_the_callers_trace(mesh, client):
 
     wait_for(lambda: wanted <= names())
     assert wanted <= names()
+
+
+def test_logit_bias_and_openai_penalties_are_served(client, real_model_dir):
+    from services.tokenizer.text import TextTokenizer
+
+    tok = TextTokenizer(real_model_dir)
+    river = tok.encode(" river")[-1]
+    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                      logit_bias={str(river): 100})
+    assert reply.choices[0].text == tok.decode([river] * 3)
+    plain = client.completions.create(model=MODEL, prompt="One, two, three, one, two,", max_tokens=12, temperature=0)
+    penalised = client.completions.create(model=MODEL, prompt="One, two, three, one, two,", max_tokens=12,
+                                          temperature=0, frequency_penalty=2, presence_penalty=2)
+    assert penalised.choices[0].text != plain.choices[0].text  # the same greedy request, answered differently
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, presence_penalty=3)
+    assert err.value.status_code == 400 and "presence_penalty" in err.value.body["message"]

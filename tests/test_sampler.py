@@ -160,3 +160,30 @@ def test_logprobs_are_the_raw_distributions():
 def test_meaningless_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(max_tokens=1, **{field: value}).validate()
+
+
+def test_presence_and_frequency_penalties_follow_openai_over_generated_tokens():
+    logits = torch.zeros(2, 10)
+    params = SamplingParams(max_tokens=9, presence_penalty=0.5, frequency_penalty=0.25)
+    seqs = [_seq(params, 0, output=[3, 3, 3, 7], prompt=(1, 1, 1)), _seq(SamplingParams(max_tokens=9), 0, output=[3])]
+    batch = SamplingBatch.from_sequences(seqs)
+    adjusted = logits.clone()
+    sampler.apply_additive(adjusted, batch)
+    expected = torch.zeros(2, 10)
+    expected[0, 3] = -(0.5 + 3 * 0.25)  # three occurrences
+    expected[0, 7] = -(0.5 + 0.25)
+    assert torch.equal(adjusted, expected)  # the prompt's tokens (1) and the other row are untouched
+
+
+def test_logit_bias_and_held_back_end_tokens():
+    torch.manual_seed(3)
+    logits = torch.randn(3, 50)
+    forced = SamplingParams(max_tokens=4, logit_bias=((17, 100.0),))
+    banned = SamplingParams(max_tokens=4, temperature=1.0, seed=1, logit_bias=tuple((t, -100.0) for t in range(49)))
+    eos = int(logits[2].argmax())
+    held = Sequence("r", [1], SamplingParams(max_tokens=4, min_tokens=2), frozenset({eos}), 0)
+    out = _sample(logits, [_seq(forced, 0), _seq(banned, 1), held])
+    assert out.tokens[:2] == [17, 49]
+    assert out.tokens[2] != eos and out.tokens[2] == int(logits[2].topk(2).indices[1])  # EOS is held back
+    held.output_token_ids.extend([5, 6])  # min_tokens reached: the end token may come now
+    assert _sample(logits[2:], [held]).tokens == [eos]

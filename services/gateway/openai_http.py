@@ -106,12 +106,16 @@ class _Common(_Validated):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     user: str | None = None
     # Not in OpenAI's schema; as vLLM accepts them.
     top_k: int | None = Field(default=None, ge=0, le=UINT32_MAX)
     min_p: float | None = Field(default=None, ge=0, le=1)
+    min_tokens: int = Field(default=0, ge=0, le=UINT32_MAX)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0)
 
 
@@ -149,15 +153,15 @@ class OpenAIError(Exception):
 def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams:
     if req.n != 1:
         raise OpenAIError(400, "only n=1 is supported", param="n")
-    if req.presence_penalty or req.frequency_penalty:
-        raise OpenAIError(400, "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
-                          param="presence_penalty")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     # OpenAI's default temperature is 1; 0 is greedy.
     s = common_pb2.SamplingParams(max_tokens=max_tokens or 0, stop=stop,
                                   temperature=1.0 if req.temperature is None else req.temperature,
                                   top_p=req.top_p or 0.0, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-                                  repetition_penalty=req.repetition_penalty or 0.0)
+                                  repetition_penalty=req.repetition_penalty or 0.0,
+                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                  logit_bias=_logit_bias(req.logit_bias), min_tokens=req.min_tokens,
+                                  ignore_eos=req.ignore_eos, stop_token_ids=_token_ids(req.stop_token_ids))
     if req.seed is not None:
         s.seed = req.seed
     return s
@@ -189,6 +193,22 @@ async def _client_gone(request: Request) -> None:
     is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as strings."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit() or int(key) > UINT32_MAX:
+            raise OpenAIError(400, f"logit_bias keys are token ids; got {key!r}", param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def _token_ids(ids: list[int] | None) -> list[int]:
+    if any(not 0 <= i <= UINT32_MAX for i in ids or ()):
+        raise OpenAIError(400, "stop_token_ids must be token ids", param="stop_token_ids")
+    return list(ids or ())
 
 
 class OpenAIFront:

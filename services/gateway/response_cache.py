@@ -24,6 +24,12 @@ def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams,
         "stop": list(s.stop),
         "repetition_penalty": round(s.repetition_penalty or 1.0, 6),
         "logprobs": s.logprobs,
+        "presence_penalty": round(s.presence_penalty, 6),
+        "frequency_penalty": round(s.frequency_penalty, 6),
+        "logit_bias": sorted((t, round(b, 6)) for t, b in s.logit_bias.items()),
+        "min_tokens": s.min_tokens,
+        "ignore_eos": s.ignore_eos,
+        "stop_token_ids": list(s.stop_token_ids),
     }
     h = hashlib.sha256(b"llmmesh-response-v2\0")  # v2: seeded draws are counter-based (sampler.py)
     h.update(model.encode() + b"\0")

@@ -24,6 +24,8 @@ class Limits:
     max_stop_strings: int = 8
     max_stop_chars: int = 128
     max_request_id_chars: int = 128
+    max_logit_bias: int = 300  # entries, as OpenAI allows
+    max_stop_token_ids: int = 64
 
 
 def check_request(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
@@ -58,6 +60,18 @@ def check_sampling(s: common_pb2.SamplingParams, limits: Limits) -> None:
         raise InvalidRequest(f"top_p must be in [0, 1], got {s.top_p}")
     if not 0 <= s.min_p <= 1:
         raise InvalidRequest(f"min_p must be in [0, 1], got {s.min_p}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(s, name) <= 2:
+            raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(s, name)}")
+    if len(s.logit_bias) > limits.max_logit_bias:
+        raise InvalidRequest(f"logit_bias has {len(s.logit_bias)} entries; at most {limits.max_logit_bias}")
+    bad = next(((t, b) for t, b in s.logit_bias.items() if not -100 <= b <= 100), None)
+    if bad is not None:
+        raise InvalidRequest(f"logit_bias[{bad[0]}] must be in [-100, 100], got {bad[1]}")
+    if len(s.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidRequest(f"{len(s.stop_token_ids)} stop_token_ids; at most {limits.max_stop_token_ids}")
+    if s.max_tokens and s.min_tokens > s.max_tokens:
+        raise InvalidRequest(f"min_tokens ({s.min_tokens}) is above max_tokens ({s.max_tokens})")
     if not s.repetition_penalty >= 0 or s.repetition_penalty > 10:
         raise InvalidRequest(f"repetition_penalty must be in (0, 10] (0 = off), got {s.repetition_penalty}")
     if len(s.stop) > limits.max_stop_strings:
@@ -73,6 +87,8 @@ def resolve_max_tokens(s: common_pb2.SamplingParams, prompt_tokens: int, max_mod
     if room <= 0:
         raise InvalidRequest(f"the prompt is {prompt_tokens} tokens; the model's context is {max_model_len} tokens")
     if s.max_tokens == 0:
+        if s.min_tokens > min(limits.default_max_tokens, room):
+            raise InvalidRequest(f"min_tokens ({s.min_tokens}) is above the default max_tokens; set max_tokens")
         return min(limits.default_max_tokens, room)
     if s.max_tokens > room:
         raise InvalidRequest(

@@ -50,6 +50,12 @@ def sampling_from_proto(p, skip_draws: int = 0) -> SamplingParams:
         min_p=p.min_p,
         seed=p.seed if p.HasField("seed") else None,
         repetition_penalty=p.repetition_penalty or 1.0,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
+        min_tokens=p.min_tokens,
+        ignore_eos=p.ignore_eos,
+        stop_token_ids=tuple(p.stop_token_ids),
         logprobs=p.logprobs,
     )
 

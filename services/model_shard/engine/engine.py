@@ -169,9 +169,11 @@ class LLMEngine:
         """trace_carrier: the request's W3C trace context, for spans recorded by parallel workers."""
         params.validate()
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
+        for what, ids in (("prompt", prompt_token_ids), ("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{what}: token id {bad} is outside the vocabulary (size {vocab})")
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, seed_as_int64(seed),
                        trace_carrier=trace_carrier)

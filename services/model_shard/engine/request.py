@@ -17,6 +17,12 @@ class SamplingParams:
     min_p: float = 0.0  # 0: off; drop tokens below min_p x the most likely token's probability
     seed: int | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens: once per token that occurred
+    frequency_penalty: float = 0.0  # and once per occurrence
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # end tokens (EOS and stop_token_ids) are held back until this many are made
+    ignore_eos: bool = False  # the model's end token does not end the answer
+    stop_token_ids: tuple[int, ...] = ()  # end the answer like the end token
     logprobs: bool = False  # report each sampled token's log-probability under the model
     skip_draws: int = 0  # a resumed request: the draws its random stream already made elsewhere
 
@@ -34,6 +40,14 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.repetition_penalty < math.inf:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        bad = next((b for _, b in self.logit_bias if not -100.0 <= b <= 100.0), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bad}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.seed is not None and not 0 <= self.seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
         if self.skip_draws < 0:
@@ -91,6 +105,18 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def ends_with(self, token: int) -> bool:
+        """Whether `token`, just appended, ends the answer (an end token past the first min_tokens)."""
+        if len(self.output_token_ids) <= self.params.min_tokens:
+            return False
+        return (token in self.eos_token_ids and not self.params.ignore_eos) or token in self.params.stop_token_ids
+
+    def held_back_tokens(self) -> tuple[int, ...]:
+        """End tokens the sampler must not pick for the next token (min_tokens not reached yet)."""
+        if len(self.output_token_ids) >= self.params.min_tokens:
+            return ()
+        return (*(() if self.params.ignore_eos else self.eos_token_ids), *self.params.stop_token_ids)
 
 
 @dataclass

@@ -4,7 +4,10 @@ What each parameter means, in the order applied (each row on its own):
 
 1. repetition_penalty (CTRL): the logits of tokens already in the sequence (prompt and output) are
    divided by it where positive, multiplied where negative. The result is clamped to ±MAX_LOGIT, so
-   a tiny penalty makes seen tokens overwhelmingly likely instead of infinite.
+   a tiny penalty makes seen tokens overwhelmingly likely instead of infinite. Then OpenAI's
+   presence_penalty (subtracted once from each generated token's logit) and frequency_penalty (once per
+   occurrence), then logit_bias (added), clamped again; then the end tokens held back by min_tokens
+   become -inf. Greedy rows see all of these too.
 2. A temperature below TEMPERATURE_FLOOR (0 included) is greedy: the argmax of the penalised logits.
    Otherwise the logits are divided by it and soft-maxed.
 3. min_p drops tokens whose probability is below min_p times the most likely token's.
@@ -85,6 +88,11 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor  # float32 [B], 1: off
     histories: list[list[int]] | None  # token ids seen by each row, where some row is penalised
     logprob_rows: list[int]  # rows that report their token's log-probability
+    presence: torch.Tensor | None = None  # float32 [B], where some row has an OpenAI penalty
+    frequency: torch.Tensor | None = None
+    outputs: list[list[int]] | None = None  # the tokens each row generated, where some row has one
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, tokens, values), flat
+    held_back: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tokens) that must not be picked now
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence]) -> "SamplingBatch":
@@ -105,7 +113,51 @@ class SamplingBatch:
             histories=[s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)]
             if penalised else None,
             logprob_rows=[i for i, p in enumerate(params) if p.logprobs],
+            **_additive(seqs),
         )
+
+
+def _flat(rows_and_items: list[tuple[int, list]]) -> tuple[torch.Tensor, list]:
+    """Row indices repeated per item, and the items, over the rows that have some."""
+    rows = torch.tensor([row for row, items in rows_and_items for _ in items], dtype=torch.int64)
+    return rows, [item for _, items in rows_and_items for item in items]
+
+
+def _additive(seqs: list[Sequence]) -> dict:
+    """The OpenAI penalties, logit bias and held-back end tokens of a batch, for the rows that use them."""
+    params = [s.params for s in seqs]
+    out: dict = {}
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        out["presence"] = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
+        out["frequency"] = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
+        out["outputs"] = [s.output_token_ids if p.presence_penalty or p.frequency_penalty else []
+                          for s, p in zip(seqs, params)]
+    biased = [(i, list(p.logit_bias)) for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        rows, pairs = _flat(biased)
+        out["bias"] = (rows, torch.tensor([t for t, _ in pairs], dtype=torch.int64),
+                       torch.tensor([b for _, b in pairs], dtype=torch.float32))
+    held = [(i, list(held)) for i, s in enumerate(seqs) if (held := s.held_back_tokens())]
+    if held:
+        rows, tokens = _flat(held)
+        out["held_back"] = (rows, torch.tensor(tokens, dtype=torch.int64))
+    return out
+
+
+def apply_additive(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """In place: OpenAI's presence/frequency penalties over each row's generated tokens, then logit bias,
+    clamped to ±MAX_LOGIT; then held-back end tokens to -inf (they cannot be drawn at all)."""
+    if batch.outputs is not None:
+        rows, tokens = _flat(list(enumerate(batch.outputs)))
+        vocab = logits.shape[-1]
+        keys, counts = torch.unique(rows * vocab + torch.tensor(tokens, dtype=torch.int64), return_counts=True)
+        rows, tokens = keys // vocab, keys % vocab
+        logits[rows, tokens] -= batch.frequency[rows] * counts + batch.presence[rows]
+    if batch.bias is not None:
+        logits.index_put_(batch.bias[:2], batch.bias[2], accumulate=True)
+    logits.clamp_(-MAX_LOGIT, MAX_LOGIT)
+    if batch.held_back is not None:
+        logits[batch.held_back] = float("-inf")
 
 
 @dataclass
@@ -204,9 +256,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits: float32 [B, V], one row per request. A token for each row, its log-probability under
     the model's raw distribution for rows that asked, and the rows that could not be sampled."""
     raw = logits
-    if batch.histories is not None:
+    additive = batch.outputs is not None or batch.bias is not None or batch.held_back is not None
+    if batch.histories is not None or additive:
         logits = logits.clone()
+    if batch.histories is not None:
         apply_repetition_penalty(logits, batch.histories, batch.repetition_penalty)
+    if additive:
+        apply_additive(logits, batch)
     best = logits.amax(dim=-1)  # NaN anywhere in a row makes its maximum NaN
     broken = best.isnan() | (best == float("-inf"))
     tokens = torch.zeros(len(best), dtype=torch.int64)

@@ -248,7 +248,7 @@ class Scheduler:
             if seq.times.first_token_ns is None:
                 seq.times.first_token_ns = now
             reason = None
-            if token in seq.eos_token_ids:
+            if seq.ends_with(token):
                 reason = FinishReason.STOP
             elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
                 reason = FinishReason.LENGTH
