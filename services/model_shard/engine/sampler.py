@@ -170,9 +170,8 @@ class SamplerOutput:
 def apply_repetition_penalty(logits: torch.Tensor, histories: list[list[int]], penalty: torch.Tensor) -> None:
     """In place over [B, V]: each row's seen tokens penalised (see the module's docstring). Only
     the seen entries are read and written; a token seen twice is written twice with one value."""
-    lengths = torch.tensor([len(h) for h in histories])
-    seen = torch.tensor([t for h in histories for t in h], dtype=torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(histories)), lengths)
+    rows, seen = _flat(list(enumerate(histories)))
+    seen = torch.tensor(seen, dtype=torch.int64)
     values = logits[rows, seen]
     factor = penalty[rows]
     penalised = torch.where(values > 0, values / factor, values * factor).clamp_(-MAX_LOGIT, MAX_LOGIT)
@@ -214,7 +213,7 @@ def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     index = (chunk * CHUNK + offset).squeeze(1).clamp_(max=n - 1)
     zero = weights.gather(1, index.unsqueeze(1)).squeeze(1) <= 0
     if bool(zero.any()):
-        last = (weights[zero] > 0).cumsum(-1).argmax(-1)  # first index of the final positive run's end
+        last = (weights[zero] > 0).cumsum(-1).argmax(-1)  # the row's last token of positive weight
         index[zero] = last
     return index
 

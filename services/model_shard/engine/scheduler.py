@@ -59,7 +59,6 @@ class ModelRunnerOutput:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
-    finished_request_ids: list[str] = field(default_factory=list)  # executors drop their state for these
     num_preempted: int = 0
 
     @property
@@ -77,7 +76,6 @@ class Scheduler:
         self.pool = pool
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._finished_ids: list[str] = []
         self._new_prompt_blocks: list[tuple[int, bytes]] = []  # (block id, hash) computed since the last take
         # Admission keeps a few blocks free so running sequences can grow without preempting at once.
         self._watermark = max(1, pool.num_blocks // 100)
@@ -112,7 +110,6 @@ class Scheduler:
         seq.finish_reason = reason
         seq.times.finished_ns = time.time_ns()
         self._release(seq)
-        self._finished_ids.append(seq.request_id)
 
     def _release(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)
@@ -140,8 +137,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_request_ids=self._finished_ids)
-        self._finished_ids = []
+        out = SchedulerOutput()
         budget = self.config.max_batched_tokens
         # Decodes first (a stable sort keeps admission order within each kind): a prompt still being
         # chunked never takes the budget a stream's next token needs.
