@@ -60,22 +60,17 @@ class ShardPool:
         self._watchers: dict[str, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
         self._started = False
-        # Called with whether any replica serves, each time that changes (the gateway's readiness).
+        # Called with whether any replica serves (replicas count as serving until they answer) after
+        # each change of a replica's health or of the set: the gateway's readiness keeps the state.
         self.on_availability: Callable[[bool], None] | None = None
-        self._available = self.available  # as last reported: replicas count as serving until they answer
 
     @property
     def available(self) -> bool:
         return any(r.serving for r in self.replicas)
 
-    def _availability_changed(self) -> None:
-        available = self.available
-        if available != self._available:
-            self._available = available
-            log.log(logging.INFO if available else logging.WARNING, "%s model shard can serve",
-                    "a" if available else "no")
-            if self.on_availability is not None:
-                self.on_availability(available)
+    def _report_availability(self) -> None:
+        if self.on_availability is not None:
+            self.on_availability(self.available)
 
     def _replica(self, address: str) -> Replica:
         channel = make_channel(address, self.tls)
@@ -109,7 +104,7 @@ class ShardPool:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
                 log.info("shard %s removed", address)
-        self._availability_changed()
+        self._report_availability()
 
     async def _watch_all(self, replica: Replica) -> None:
         await asyncio.gather(self._watch(replica), self._watch_prefix_index(replica))
@@ -142,11 +137,11 @@ class ShardPool:
                     if serving != replica.serving:
                         log.info("shard %s is %s", replica.address, "serving" if serving else "not serving")
                     replica.serving = serving
-                    self._availability_changed()
+                    self._report_availability()
             except grpc.aio.AioRpcError:
                 pass
             replica.serving = False
-            self._availability_changed()
+            self._report_availability()
             await asyncio.sleep(self.backoff_s)  # the stream ended (shard stopped): reconnect after a pause
 
     def ordered(self) -> list[Replica]:
