@@ -99,6 +99,39 @@ def test_completions_and_logprobs(client):
     assert "".join(t.token for t in content) == chat.choices[0].message.content
 
 
+def test_n_choices_top_logprobs_and_echo_through_the_sdk(client):
+    story = [{"role": "user", "content": "Write one sentence about the sea."}]
+    reply = client.chat.completions.create(model=MODEL, messages=story, max_tokens=16, temperature=0.9, seed=21, n=3,
+                                           logprobs=True, top_logprobs=4)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
+    for c in reply.choices:
+        assert "".join(t.token for t in c.logprobs.content) == c.message.content
+        assert all(len(t.top_logprobs) == 4 for t in c.logprobs.content)
+        assert all(t.top_logprobs[0].logprob >= t.logprob for t in c.logprobs.content)
+    # Choice i is the request with seed + i.
+    second = client.chat.completions.create(model=MODEL, messages=story, max_tokens=16, temperature=0.9, seed=22)
+    assert second.choices[0].message.content == reply.choices[1].message.content
+
+    stream = client.chat.completions.create(model=MODEL, messages=story, max_tokens=16, temperature=0.9, seed=21, n=3,
+                                            stream=True)
+    texts: dict[int, str] = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert texts == {c.index: c.message.content for c in reply.choices}
+
+    prompt = "The capital of France is"
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    lp = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == echoed.usage.prompt_tokens + echoed.usage.completion_tokens
+    assert "".join(lp.tokens) == echoed.choices[0].text
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.top_logprobs[0] is None and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
 def test_models_list(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -130,7 +163,12 @@ def test_grpc_front_uses_the_same_keys(http_gateway):
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    ({"messages": FRANCE, "n": 2}, "n=1"),
+    ({"messages": FRANCE, "n": 17}, "at most 16 choices"),
+    ({"messages": FRANCE, "n": 0}, "n:"),
+    ({"messages": FRANCE, "logprobs": True, "top_logprobs": 21}, "top_logprobs must be in [0, 20]"),
+    ({"messages": FRANCE, "top_logprobs": 2}, "needs logprobs"),
+    ({"messages": FRANCE, "logit_bias": {"99999999": 5}}, "outside the vocabulary"),
+    ({"messages": FRANCE, "extra_body": {"min_tokens": 9}, "max_tokens": 4}, "min_tokens"),
     ({"messages": FRANCE, "max_tokens": 100000}, "max_tokens"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     ({"messages": FRANCE, "temperature": 5}, "temperature"),

@@ -150,6 +150,47 @@ def test_logprobs_are_the_raw_distributions():
     out = _sample(logits, [_seq(SamplingParams(max_tokens=1, logprobs=True), 0)])
     assert out.tokens == [0]
     assert math.isclose(out.logprobs[0], float(LOGITS.log_softmax(-1)[0]), rel_tol=1e-6)
+    assert out.top_logprobs is None  # nobody asked for alternatives
+
+
+def test_top_logprobs_are_the_processed_distribution_or_the_raw_one():
+    """Processed: after repetition/presence/frequency penalties, logit bias and held-back end tokens, at
+    temperature 1 (the module's docstring); raw: the logits as the model made them."""
+    common = dict(max_tokens=4, temperature=0.7, seed=5, logprobs=True, top_logprobs=3, repetition_penalty=1.3,
+                  presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((6, 4.0),), min_tokens=3)
+    output = [1, 1, 2]
+    seqs = [_seq(SamplingParams(**common), 9, output[:2]),
+            _seq(SamplingParams(**common, raw_logprobs=True), 9, output[:2]),
+            _seq(SamplingParams(max_tokens=4), 0)]  # no logprobs: pays nothing, reports nothing
+    seqs[0].eos_token_ids = seqs[1].eos_token_ids = frozenset({7})
+    logits = torch.stack([LOGITS, LOGITS, LOGITS])
+    out = _sample(logits, seqs)
+    # The reference, by the OpenAI and CTRL definitions over plain Python numbers.
+    seen, generated = {1, 2, 3} | set(output[:2]), output[:2]
+    processed = []
+    for token, value in enumerate(LOGITS.tolist()):
+        if token in seen:
+            value = value / 1.3 if value > 0 else value * 1.3
+        count = generated.count(token)
+        value -= 0.25 * count + (0.5 if count else 0.0)
+        value += 4.0 if token == 6 else 0.0
+        processed.append(float("-inf") if token == 7 else value)
+    expected = {"processed": torch.tensor(processed).log_softmax(-1), "raw": LOGITS.log_softmax(-1)}
+    for row, kind in ((0, "processed"), (1, "raw")):
+        reference = expected[kind]
+        assert out.tokens[row] == out.tokens[0]  # same seed, same sampling: only the report differs
+        assert out.logprobs[row] == pytest.approx(float(reference[out.tokens[row]]), abs=1e-5)
+        ids, values = out.top_logprobs[row]
+        ref_values, ref_ids = reference.topk(3)
+        assert ids == ref_ids.tolist() and values == pytest.approx(ref_values.tolist(), abs=1e-5)
+    assert out.logprobs[2] is None and out.top_logprobs[2] is None
+
+
+def test_top_logprobs_are_bounded_and_need_logprobs():
+    with pytest.raises(ValueError, match="top_logprobs must be in"):
+        SamplingParams(max_tokens=1, logprobs=True, top_logprobs=21).validate()
+    with pytest.raises(ValueError, match="needs logprobs"):
+        SamplingParams(max_tokens=1, top_logprobs=2).validate()
 
 
 @pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", float("inf")),

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default=env_default("LLMMESH_MODEL_NAME", "SmolLM2-135M-Instruct"))
     parser.add_argument("--max-tokens-limit", type=int, default=int(env_default("LLMMESH_MAX_TOKENS_LIMIT", "4096")))
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--max-n", type=int, default=16, help="choices one request may ask for (sampling.n)")
     parser.add_argument("--max-prompt-chars", type=int, default=1 << 20,
                         help="characters of prompt (or all messages) one request may send")
     parser.add_argument("--max-request-bytes", type=int, default=0,
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                            tls=tls, dynamic=discovered)
         watcher = None
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                        max_prompt_chars=args.max_prompt_chars)
+                        max_prompt_chars=args.max_prompt_chars, max_n=args.max_n)
         config = GatewayConfig(args.model_name, limits, not args.no_response_cache,
                                shared_response_cache=args.shared_response_cache, audit_prompts=args.audit_prompts,
                                tokenizer_timeout_s=args.tokenizer_timeout,

@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmmesh.v1 import common_pb2, gateway_pb2
+from services.gateway.choices import Answer
+from services.gateway.openai_logprobs import PromptPart, Tokens, chat_logprobs, completion_logprobs
 from services.gateway.server import REQUESTS, GatewayServicer, RpcError
 
 _tracer = trace.get_tracer(__name__)
@@ -103,7 +105,7 @@ class _Common(_Validated):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=UINT32_MAX)  # the gateway's --max-n bounds it
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -123,12 +125,12 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=UINT32_MAX)  # the gateway bounds it (20)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=UINT32_MAX)  # alternatives per position (the gateway: <= 20)
     echo: bool = False
 
 
@@ -151,8 +153,6 @@ class OpenAIError(Exception):
 
 
 def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams:
-    if req.n != 1:
-        raise OpenAIError(400, "only n=1 is supported", param="n")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     # OpenAI's default temperature is 1; 0 is greedy.
     s = common_pb2.SamplingParams(max_tokens=max_tokens or 0, stop=stop,
@@ -161,7 +161,7 @@ def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams
                                   repetition_penalty=req.repetition_penalty or 0.0,
                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                   logit_bias=_logit_bias(req.logit_bias), min_tokens=req.min_tokens,
-                                  ignore_eos=req.ignore_eos, stop_token_ids=_token_ids(req.stop_token_ids))
+                                  ignore_eos=req.ignore_eos, stop_token_ids=_token_ids(req.stop_token_ids), n=req.n)
     if req.seed is not None:
         s.seed = req.seed
     return s
@@ -267,12 +267,11 @@ class OpenAIFront:
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request):
-            if body.top_logprobs:
-                raise OpenAIError(400, "top_logprobs is not supported; logprobs=true gives each token's own",
-                                  param="top_logprobs")
+            if body.top_logprobs and not body.logprobs:
+                raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
             messages = [common_pb2.ChatMessage(role=m.role, content=m.text()) for m in body.messages]
             sampling = _sampling(body, body.max_completion_tokens or body.max_tokens)
-            sampling.logprobs = body.logprobs
+            sampling.logprobs, sampling.top_logprobs = body.logprobs, body.top_logprobs or 0
             return await self._serve(request, body, gateway_pb2.GenerateRequest(messages=messages, sampling=sampling),
                                      chat=True)
 
@@ -281,12 +280,13 @@ class OpenAIFront:
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if len(prompts) != 1:
                 raise OpenAIError(400, "send one prompt per request", param="prompt")
-            if body.echo:
-                raise OpenAIError(400, "echo is not supported", param="echo")
-            if body.logprobs not in (None, 0, 1):
-                raise OpenAIError(400, "only logprobs=1 (each token's own) is supported", param="logprobs")
+            if body.echo and body.logprobs is not None and body.stream and body.n > 1:
+                raise OpenAIError(400, "a stream with echo and logprobs carries one choice; send n=1 or stream=false",
+                                  param="n")
             sampling = _sampling(body, body.max_tokens or 16)  # OpenAI's completions default
-            sampling.logprobs = bool(body.logprobs)
+            if body.logprobs is not None:  # each token's own, and that many alternatives
+                sampling.logprobs, sampling.top_logprobs = True, body.logprobs
+                sampling.prompt_logprobs = body.echo
             return await self._serve(request, body, gateway_pb2.GenerateRequest(prompt=prompts[0], sampling=sampling),
                                      chat=False)
 
@@ -344,42 +344,44 @@ class OpenAIFront:
         parent = propagate.extract(dict(request.headers))  # a caller's traceparent continues here
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = self._stream(request, grpc_request, chat, include_usage, method, span_name, parent)
+            chunks = self._stream(request, body, grpc_request, chat, include_usage, method, span_name, parent)
             first = await anext(chunks)  # errors before the first token still get a proper status
             return StreamingResponse(_prepend(first, chunks), media_type="text/event-stream")
         with _tracer.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
             code = grpc.StatusCode.OK
             try:
                 tenant = self._auth(request)
-                texts, ids, logprobs, last = await self._collect_unless_abandoned(request, grpc_request, tenant)
+                answer = await self._collect_unless_abandoned(request, grpc_request, tenant)
             except RpcError as exc:
                 code = exc.code
                 raise OpenAIError.from_rpc(exc) from None
             finally:
                 REQUESTS.labels(method, code.name).inc()
-        text = "".join(texts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-        if grpc_request.sampling.logprobs:
-            choice["logprobs"] = await self._logprobs(ids, logprobs, chat)
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
+        choices = []
+        for i, c in enumerate(answer.choices):
+            choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason, "logprobs": None}
+            text = "".join(c.texts)
+            if grpc_request.sampling.logprobs:
+                prompt = PromptPart(answer.prompt_token_ids, answer.prompt_logprobs, answer.prompt_top_logprobs)
+                choice["logprobs"] = await self._logprobs(Tokens(c.token_ids, c.logprobs, c.top_logprobs), chat,
+                                                          prompt if getattr(body, "echo", False) else None)
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = grpc_request.prompt + text if getattr(body, "echo", False) else text
+            choices.append(choice)
         return {"id": grpc_request.request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model, "choices": [choice], "usage": _usage(last.usage)}
+                "created": int(time.time()), "model": self.model, "choices": choices, "usage": _usage(answer.usage)}
 
     async def _collect_unless_abandoned(self, request: Request, grpc_request, tenant: str):
         """The whole answer, gathered; a client that hangs up first cancels it (the shard stops within
         a step, as for a cancelled stream) and gets CANCELLED."""
 
         async def collect():
-            texts, ids, logprobs, last = [], [], [], None
+            answer = Answer(max(grpc_request.sampling.n, 1))
             async for chunk in self.gateway.generate(grpc_request, self._timeout(request), tenant, "http"):
-                texts.append(chunk.text)
-                ids.extend(chunk.token_ids)
-                logprobs.extend(chunk.logprobs)
-                last = chunk
-            return texts, ids, logprobs, last
+                answer.add(chunk)
+            return answer
 
         answer, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_client_gone(request))
         try:
@@ -394,7 +396,8 @@ class OpenAIFront:
             raise RpcError(grpc.StatusCode.CANCELLED, "the client closed the connection")
         return answer.result()
 
-    async def _stream(self, request, grpc_request, chat, include_usage, method, span_name, parent) -> AsyncIterator[str]:
+    async def _stream(self, request, body, grpc_request, chat, include_usage, method, span_name,
+                      parent) -> AsyncIterator[str]:
         """SSE lines. The first is yielded only once the first chunk arrived (or failed)."""
         rid, created = grpc_request.request_id, int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -402,17 +405,24 @@ class OpenAIFront:
         with _tracer.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
             try:
                 tenant = self._auth(request)
-                first, usage = True, None
+                first, usage, started = True, None, set()
+                echo = grpc_request.prompt if getattr(body, "echo", False) else None
                 async for chunk in self.gateway.generate(grpc_request, self._timeout(request), tenant, "http"):
-                    choice: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason or None, "logprobs": None}
+                    choice: dict[str, Any] = {"index": chunk.index, "finish_reason": chunk.finish_reason or None,
+                                              "logprobs": None}
+                    opening = chunk.index not in started
+                    started.add(chunk.index)
                     if chat:
-                        choice["delta"] = {"content": chunk.text, **({"role": "assistant"} if first else {})}
+                        choice["delta"] = {"content": chunk.text, **({"role": "assistant"} if opening else {})}
                     else:
-                        choice["text"] = chunk.text
-                    if grpc_request.sampling.logprobs and chunk.token_ids:
-                        choice["logprobs"] = await self._logprobs(list(chunk.token_ids), list(chunk.logprobs), chat)
+                        choice["text"] = echo + chunk.text if echo is not None and opening else chunk.text
+                    if grpc_request.sampling.logprobs and (chunk.token_ids or chunk.prompt_token_ids):
+                        prompt = PromptPart(chunk.prompt_token_ids, chunk.prompt_logprobs, chunk.prompt_top_logprobs)
+                        choice["logprobs"] = await self._logprobs(
+                            Tokens(chunk.token_ids, chunk.logprobs, chunk.top_logprobs), chat,
+                            prompt if echo is not None and chunk.prompt_token_ids else None)
                     first = False
-                    if chunk.finish_reason:
+                    if chunk.HasField("usage"):
                         usage = _usage(chunk.usage)
                     yield _sse({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]})
                 if include_usage and usage is not None:
@@ -429,15 +439,14 @@ class OpenAIFront:
             finally:
                 REQUESTS.labels(method, code.name).inc()
 
-    async def _logprobs(self, ids: list[int], logprobs: list[float], chat: bool) -> dict:
+    async def _logprobs(self, tokens: Tokens, chat: bool, prompt: PromptPart | None = None) -> dict:
+        parts = [tokens] if prompt is None else [prompt.as_tokens(), tokens]
+        ids = sorted({i for part in parts for i in part.all_ids()})
         try:
-            texts = await self.gateway.token_texts(ids)
+            text_of = dict(zip(ids, await self.gateway.token_texts(ids))) if ids else {}
         except RpcError as exc:
             raise OpenAIError.from_rpc(exc) from None
-        if chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, lp in zip(texts, logprobs)]}
-        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
+        return chat_logprobs(tokens, text_of) if chat else completion_logprobs(parts, text_of)
 
 
 def _usage(u: common_pb2.Usage) -> dict:

@@ -30,6 +30,10 @@ def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams,
         "min_tokens": s.min_tokens,
         "ignore_eos": s.ignore_eos,
         "stop_token_ids": list(s.stop_token_ids),
+        "top_logprobs": s.top_logprobs,
+        "raw_logprobs": s.raw_logprobs,
+        "prompt_logprobs": s.prompt_logprobs,
+        "n": max(s.n, 1),
     }
     h = hashlib.sha256(b"llmmesh-response-v2\0")  # v2: seeded draws are counter-based (sampler.py)
     h.update(model.encode() + b"\0")

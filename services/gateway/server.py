@@ -22,6 +22,7 @@ from llmmesh.v1 import tokenizer_pb2_grpc
 from services.common.errors import REQUEST_FAILED_KEY, STATUS_DETAILS_KEY, retry_later
 from services.common.hash_ring import HashRing
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
+from services.gateway.choices import Answer, choice_sampling, merge_choices, replay
 from services.gateway.detokenize import DetokenizeSession, TokenizerMirror, close_stream
 from services.gateway.errors import RpcError
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
@@ -62,6 +63,21 @@ class GatewayConfig:
     prefix_routing: bool = True  # prefer the replica that holds the prompt's prefix (routing.py)
     tokenizer_timeout_s: float = 5.0  # one tokenizer call (or stream reply) waits this long at most
     shard_first_message_timeout_s: float = 60.0  # queue + prefill; past it the next replica is tried
+
+
+@dataclass(frozen=True)
+class _ChoiceCall:
+    """What one choice's shard call needs (see GatewayServicer._choice)."""
+
+    index: int
+    request_id: str
+    call_id: str
+    prompt_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    tokenizer_version: str
+    deadline: float
+    order: list[Replica] | None
+    hashes: list[bytes]
 
 
 class _ShardLost(Exception):
@@ -128,20 +144,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield chunk
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        response = gateway_pb2.GenerateResponse()
-        texts = []
+        answer = Answer(max(request.sampling.n, 1))
         async with _status_of("Generate", context):
             tenant = self.authenticate(_metadata(context, "authorization"))
             async for chunk in self.generate(request, context.time_remaining(), tenant, "grpc"):
-                texts.append(chunk.text)
-                response.token_ids.extend(chunk.token_ids)
-                response.logprobs.extend(chunk.logprobs)
-                response.request_id = chunk.request_id
-                if chunk.finish_reason:
-                    response.finish_reason = chunk.finish_reason
-                    response.usage.CopyFrom(chunk.usage)
-            response.text = "".join(texts)
-        return response
+                answer.add(chunk)
+        return answer.response()
 
     # --- the request path, shared by the gRPC and HTTP fronts ---
 
@@ -184,12 +192,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             status = "INTERNAL"
             raise
         finally:
-            if last is not None and last.finish_reason and not last.usage.from_response_cache:
+            if last is not None and last.HasField("usage") and not last.usage.from_response_cache:
                 self.rate_limiter.charge_tokens(tenant, last.usage.prompt_tokens + last.usage.completion_tokens)
             self._audit(request, call_id, tenant, front, status, last, time.monotonic() - start)
 
     def _audit(self, request, call_id: str, tenant: str, front: str, status: str, last, duration_s: float) -> None:
-        usage = last.usage if last is not None and last.finish_reason else None
+        usage = last.usage if last is not None and last.HasField("usage") else None
         fields = {
             "event": "request", "request_id": request.request_id, "call_id": call_id, "tenant": tenant, "front": front,
             "model": self.config.model, "status": status, "duration_ms": round(duration_s * 1000, 1),
@@ -237,60 +245,88 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                          cached=u.prompt_tokens + u.completion_tokens, from_response_cache=True)
                 TTFT.observe(time.monotonic() - start, _exemplar())
                 E2E.observe(time.monotonic() - start, _exemplar())
-                yield gateway_pb2.GenerateStreamResponse(
-                    text=cached.text, token_ids=cached.token_ids, logprobs=cached.logprobs,
-                    finish_reason=cached.finish_reason, usage=usage, request_id=request_id)
+                for chunk in replay(cached, request_id, usage):
+                    yield chunk
                 return
 
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         sampling.max_tokens = max_tokens
-        shard_request = shard_pb2.ShardGenerateRequest(request_id=call_id, prompt_token_ids=prompt_ids,
-                                                       sampling=sampling)
-        matcher = StopStringMatcher(list(request.sampling.stop))
-        texts, token_ids, logprobs = [], [], []
-        usage = common_pb2.Usage(prompt_tokens=len(prompt_ids))
-        finish_reason = last_shard_reason = ""
-        first, last_at, resumes = True, None, 0
-        detok = self.vocabulary.session(tokenizer_version) if self.vocabulary is not None else None
-        if detok is None:  # the vocabulary of this request's Encode is not held here (yet)
-            detok = DetokenizeSession(self.tokenizer, timeout=max(deadline - time.monotonic(), 0.001),
-                                      reply_timeout_s=self.config.tokenizer_timeout_s)
-        replica, call = None, None
+        n = max(sampling.n, 1)
         hashes = PrefixAffinity.hashes(prompt_ids, info.block_size) if self.affinity is not None else []
+        # One replica for every choice: it prefills the prompt once for all of them.
+        order = self.affinity.order(self.shards.replicas, hashes) if self.affinity is not None else None
+        streams = [self._choice(_ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i),
+                                            tokenizer_version, deadline, order, hashes), list(request.sampling.stop))
+                   for i in range(n)]
+        answer, cached_tokens = Answer(n), []
+        first = True
         try:
-            order = self.affinity.order(self.shards.replicas, hashes) if self.affinity is not None else None
-            replica, call, first_msg = await self._open_shard_stream(shard_request, deadline, order)
+            async for chunk in streams[0] if n == 1 else merge_choices(streams):
+                if chunk.HasField("usage"):  # a choice's cached prompt tokens, passed up
+                    cached_tokens.append(chunk.usage.cached)
+                    chunk.ClearField("usage")
+                if first and (chunk.text or chunk.finish_reason):
+                    first = False
+                    TTFT.observe(time.monotonic() - start, _exemplar())
+                if chunk.finish_reason and answer.finished == n - 1:  # the request's last message
+                    chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(prompt_ids),
+                                                          completion_tokens=answer.completion_tokens + len(chunk.token_ids),
+                                                          cached=min(cached_tokens, default=0)))
+                answer.add(chunk)
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise self._downstream_error(exc, "tokenizer") from None
+        GENERATED.inc(answer.completion_tokens)
+        E2E.observe(time.monotonic() - start, _exemplar())
+        if key is not None:
+            # After the last message went out, before the call closes: the client already has its
+            # answer, and a finished call means the next identical request hits.
+            value = answer.response()
+            value.request_id = ""
+            value.usage.cached = 0
+            await self._cache_put(key, value)
+
+    async def _choice(self, c: "_ChoiceCall", stop: list[str]):
+        """One choice's messages, from its shard stream: text made here, stop strings matched, a lost
+        shard resumed on another replica from what was delivered. Its first message carries, in usage,
+        the prompt tokens the shard had cached; its last, its finish reason."""
+        shard_request = shard_pb2.ShardGenerateRequest(request_id=c.call_id, prompt_token_ids=c.prompt_ids,
+                                                       sampling=c.sampling)
+        matcher = StopStringMatcher(stop)
+        token_ids: list[int] = []
+        finish_reason = last_shard_reason = ""
+        last_at, resumes = None, 0
+        detok = self.vocabulary.session(c.tokenizer_version) if self.vocabulary is not None else None
+        if detok is None:  # the vocabulary of this request's Encode is not held here (yet)
+            detok = DetokenizeSession(self.tokenizer, timeout=max(c.deadline - time.monotonic(), 0.001),
+                                      reply_timeout_s=self.config.tokenizer_timeout_s)
+        replica, call, span = None, None, trace.get_current_span()
+        try:
+            replica, call, msg = await self._open_shard_stream(shard_request, c.deadline, c.order)
             if self.affinity is not None:
-                self.affinity.record(replica.address, hashes)
+                self.affinity.record(replica.address, c.hashes)
                 span.set_attribute("llmmesh.replica", replica.address)
-            usage.cached = first_msg.cached_tokens
-            msg = first_msg
+            first = True
             while True:  # ends at a finish reason; a lost shard resumes elsewhere or raises
                 token_ids.extend(msg.token_ids)
                 text = await detok.push(msg.token_ids) if msg.token_ids else ""
                 text, stopped = matcher.feed(text)
                 last_shard_reason = msg.finish_reason
-                if stopped:
-                    finish_reason = "stop"
-                elif msg.finish_reason:
-                    finish_reason = msg.finish_reason
-                if finish_reason:
-                    if not stopped:
-                        text += matcher.feed(await detok.flush())[0] + matcher.flush()
-                    usage.completion_tokens = len(token_ids)
-                texts.append(text)
-                chunk = gateway_pb2.GenerateStreamResponse(text=text, token_ids=msg.token_ids, request_id=request_id,
-                                                           logprobs=msg.logprobs)
-                logprobs.extend(msg.logprobs)
-                if finish_reason:
-                    chunk.finish_reason = finish_reason
-                    chunk.usage.CopyFrom(usage)
-                now = time.monotonic()
-                if first and (text or finish_reason):
+                finish_reason = "stop" if stopped else msg.finish_reason
+                if finish_reason and not stopped:
+                    text += matcher.feed(await detok.flush())[0] + matcher.flush()
+                chunk = gateway_pb2.GenerateStreamResponse(
+                    text=text, token_ids=msg.token_ids, request_id=c.request_id, index=c.index, logprobs=msg.logprobs,
+                    top_logprobs=msg.top_logprobs, prompt_logprobs=msg.prompt_logprobs,
+                    prompt_top_logprobs=msg.prompt_top_logprobs, finish_reason=finish_reason)
+                if first:
                     first = False
-                    TTFT.observe(now - start, _exemplar())
-                elif msg.token_ids and last_at is not None:
+                    chunk.usage.cached = msg.cached_tokens
+                    if c.sampling.prompt_logprobs:
+                        chunk.prompt_token_ids.extend(c.prompt_ids)
+                now = time.monotonic()
+                if msg.token_ids and last_at is not None:
                     gap = (now - last_at) / len(msg.token_ids)
                     for _ in msg.token_ids:
                         ITL.observe(gap)
@@ -307,21 +343,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     if resumes >= MAX_RESUMES:
                         raise RpcError(grpc.StatusCode.UNAVAILABLE, f"{lost}; no replica could take over") from None
                     resumes += 1
-                    log.warning("shard %s lost request %s after %d tokens (%s); resuming elsewhere",
-                                replica.address, request_id, len(token_ids), lost)
-                    span.add_event("resumed", {"llmmesh.from_replica": replica.address,
+                    log.warning("shard %s lost request %s (choice %d) after %d tokens (%s); resuming elsewhere",
+                                replica.address, c.request_id, c.index, len(token_ids), lost)
+                    span.add_event("resumed", {"llmmesh.from_replica": replica.address, "llmmesh.choice": c.index,
                                                "llmmesh.delivered_tokens": len(token_ids)})
                     self.shards.mark_down(replica)
                     await close_stream(call, cancel=True)
                     replica.outstanding -= 1
                     replica, call = None, None
-                    resume = shard_pb2.ShardGenerateRequest(request_id=call_id,
-                                                            prompt_token_ids=prompt_ids + token_ids,
-                                                            sampling=sampling, resume_draws=len(token_ids))
-                    resume.sampling.max_tokens = max_tokens - len(token_ids)
-                    replica, call, msg = await self._open_shard_stream(resume, deadline)
-        except grpc.aio.AioRpcError as exc:
-            raise self._downstream_error(exc, "tokenizer") from None
+                    resume = shard_pb2.ShardGenerateRequest(request_id=c.call_id,
+                                                            prompt_token_ids=c.prompt_ids + token_ids,
+                                                            sampling=c.sampling, resume_draws=len(token_ids))
+                    resume.sampling.max_tokens = c.sampling.max_tokens - len(token_ids)
+                    resume.sampling.prompt_logprobs = False  # delivered with the first message
+                    replica, call, msg = await self._open_shard_stream(resume, c.deadline)
         finally:
             if call is not None:
                 # A stop string, a client cancel or an error cancels: the shard frees the work now.
@@ -329,16 +364,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await detok.close()
             if replica is not None:
                 replica.outstanding -= 1
-        GENERATED.inc(len(token_ids))
-        E2E.observe(time.monotonic() - start, _exemplar())
-        if key is not None:
-            # After the last message went out, before the call closes: the client already has its
-            # answer, and a finished call means the next identical request hits.
-            value = gateway_pb2.GenerateResponse(text="".join(texts), token_ids=token_ids, logprobs=logprobs,
-                                                 finish_reason=finish_reason,
-                                                 usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
-                                                                        completion_tokens=usage.completion_tokens))
-            await self._cache_put(key, value)
 
     async def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs shown per token)."""

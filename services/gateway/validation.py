@@ -26,6 +26,8 @@ class Limits:
     max_request_id_chars: int = 128
     max_logit_bias: int = 300  # entries, as OpenAI allows
     max_stop_token_ids: int = 64
+    max_n: int = 16  # choices per request
+    max_top_logprobs: int = 20  # as OpenAI's (the shard's own bound too)
 
 
 def check_request(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
@@ -72,6 +74,12 @@ def check_sampling(s: common_pb2.SamplingParams, limits: Limits) -> None:
         raise InvalidRequest(f"{len(s.stop_token_ids)} stop_token_ids; at most {limits.max_stop_token_ids}")
     if s.max_tokens and s.min_tokens > s.max_tokens:
         raise InvalidRequest(f"min_tokens ({s.min_tokens}) is above max_tokens ({s.max_tokens})")
+    if s.n > limits.max_n:
+        raise InvalidRequest(f"n is {s.n}; this server allows at most {limits.max_n} choices per request")
+    if s.top_logprobs > limits.max_top_logprobs:
+        raise InvalidRequest(f"top_logprobs must be in [0, {limits.max_top_logprobs}], got {s.top_logprobs}")
+    if s.top_logprobs and not (s.logprobs or s.prompt_logprobs):
+        raise InvalidRequest("top_logprobs needs logprobs (or prompt_logprobs)")
     if not s.repetition_penalty >= 0 or s.repetition_penalty > 10:
         raise InvalidRequest(f"repetition_penalty must be in (0, 10] (0 = off), got {s.repetition_penalty}")
     if len(s.stop) > limits.max_stop_strings:

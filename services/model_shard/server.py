@@ -12,7 +12,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from llmmesh.v1 import shard_pb2, shard_pb2_grpc
+from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from services.common.block_hash import chain_block_hashes, index_key
 from services.common.errors import REQUEST_FAILED_KEY, retry_later
 from services.common.telemetry import record_span, tracer
@@ -57,7 +57,14 @@ def sampling_from_proto(p, skip_draws: int = 0) -> SamplingParams:
         ignore_eos=p.ignore_eos,
         stop_token_ids=tuple(p.stop_token_ids),
         logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
+        raw_logprobs=p.raw_logprobs,
+        prompt_logprobs=p.prompt_logprobs,
     )
+
+
+def top_logprobs_to_proto(tops) -> list[common_pb2.TopLogprobs]:
+    return [common_pb2.TopLogprobs(token_ids=ids, logprobs=lps) for ids, lps in tops]
 
 
 class PrefixIndexFeed:
@@ -85,6 +92,9 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
     async def Generate(self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext):
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        if request.sampling.n > 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a shard call makes one choice; send one call per "
+                                "choice (the gateway does, and the shard shares their prompt's blocks)")
         # The engine knows this call by an id of its own: callers' ids are labels (Abort takes them).
         label, request_id = request.request_id, uuid.uuid4().hex
         params = sampling_from_proto(request.sampling, request.resume_draws)
@@ -112,9 +122,13 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 msg = shard_pb2.ShardGenerateResponse(token_ids=tokens)
                 if params.logprobs:
                     msg.logprobs.extend(lp for out in batch for lp in out.new_logprobs or ())
+                if params.logprobs and params.top_logprobs:
+                    msg.top_logprobs.extend(top_logprobs_to_proto(t for out in batch for t in out.new_top_logprobs or ()))
                 if first:
                     first = False
                     msg.prompt_tokens, msg.cached_tokens = last.prompt_tokens, last.cached_tokens
+                    msg.prompt_logprobs.extend(batch[0].prompt_logprobs or ())
+                    msg.prompt_top_logprobs.extend(top_logprobs_to_proto(batch[0].prompt_top_logprobs or ()))
                     trace.get_current_span().add_event("first_token", timestamp=times.first_token_ns)
                     record_span("queue", times.arrival_ns, times.scheduled_ns or times.arrival_ns)
                     QUEUE_TIME.observe(((times.scheduled_ns or times.arrival_ns) - times.arrival_ns) / 1e9)
@@ -226,5 +240,7 @@ class EngineCollector(Collector):
                                   value=e.pool.stats.queried_tokens)
         yield CounterMetricFamily("llmmesh_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   value=e.pool.stats.hit_tokens)
+        yield CounterMetricFamily("llmmesh_kv_blocks_allocated", "KV blocks handed out fresh (a shared block counts once)",
+                                  value=e.pool.stats.allocated_blocks)
         yield CounterMetricFamily("llmmesh_preemptions", "Sequences preempted for lack of KV blocks",
                                   value=e.stats.preemptions)

@@ -17,6 +17,7 @@ class PrefixStats:
     queried_tokens: int = 0
     hit_tokens: int = 0
     evicted_blocks: int = 0
+    allocated_blocks: int = 0  # blocks handed out fresh (a shared block counts once)
 
 
 class BlockPool:
@@ -66,6 +67,7 @@ class BlockPool:
                     self._changes[old] = False
             self._ref_counts[block] = 1
             blocks.append(block)
+        self.stats.allocated_blocks += n
         return blocks
 
     def free(self, blocks: list[int]) -> None:

@@ -7,6 +7,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+# The k most likely tokens at one position, most likely first: (token ids, log-probabilities).
+TopLogprobs = tuple[list[int], list[float]]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,7 +28,10 @@ class SamplingParams:
     min_tokens: int = 0  # end tokens (EOS and stop_token_ids) are held back until this many are made
     ignore_eos: bool = False  # the model's end token does not end the answer
     stop_token_ids: tuple[int, ...] = ()  # end the answer like the end token
-    logprobs: bool = False  # report each sampled token's log-probability under the model
+    logprobs: bool = False  # report each sampled token's log-probability
+    top_logprobs: int = 0  # and the k most likely tokens at each position (also for prompt_logprobs)
+    raw_logprobs: bool = False  # of the model's own distribution; default: after penalties and bias (sampler.py)
+    prompt_logprobs: bool = False  # report each prompt token's log-probability (computed, never reused)
     skip_draws: int = 0  # a resumed request: the draws its random stream already made elsewhere
 
     def validate(self) -> None:
@@ -50,6 +58,10 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.seed is not None and not 0 <= self.seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not (self.logprobs or self.prompt_logprobs):
+            raise ValueError("top_logprobs needs logprobs (or prompt_logprobs)")
         if self.skip_draws < 0:
             raise ValueError(f"skip_draws must be >= 0, got {self.skip_draws}")
 
@@ -86,6 +98,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
     num_preemptions: int = 0
+    # With params.prompt_logprobs: entry p is token p+1's log-probability given tokens 0..p.
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None  # with FinishReason.ERROR
     times: RequestTimes = field(default_factory=RequestTimes)
@@ -131,6 +146,9 @@ class RequestOutput:
     times: RequestTimes
     new_logprobs: list[float] | None = None
     error: str | None = None  # with FinishReason.ERROR: what went wrong
+    new_top_logprobs: list[TopLogprobs] | None = None
+    prompt_logprobs: list[float] | None = None  # on a request's first output, when it asked
+    prompt_top_logprobs: list[TopLogprobs] | None = None
 
     @property
     def finished(self) -> bool:

@@ -26,6 +26,11 @@ replay. A request without a seed gets a random one when it arrives.
 
 A row whose logits hold NaN, or whose every token is masked, cannot be sampled: it is reported in
 `failed` and the other rows of the batch are unaffected.
+
+Log-probabilities (logprobs, top_logprobs) describe, by default, the distribution of step 1's output
+at temperature 1: the model's logits after the penalties, the logit bias and the held-back end tokens
+(-inf), before temperature, min_p and top-k/top-p. A row with raw_logprobs gets the model's own
+distribution instead. Both are computed only for the rows that ask.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.model_shard.engine.request import Sequence
+from services.model_shard.engine.request import Sequence, TopLogprobs
 
 TEMPERATURE_FLOOR = 1e-5  # below this a temperature means greedy: dividing by it would overflow
 MAX_LOGIT = 1e30  # penalised logits are clamped here; divided by the floor it stays finite in float32
@@ -88,6 +93,8 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor  # float32 [B], 1: off
     histories: list[list[int]] | None  # token ids seen by each row, where some row is penalised
     logprob_rows: list[int]  # rows that report their token's log-probability
+    raw_logprob_rows: list[int] = ()  # of them, those that want the model's own distribution (by position)
+    top_logprobs: list[int] = ()  # of them, how many alternatives each reports (by position)
     presence: torch.Tensor | None = None  # float32 [B], where some row has an OpenAI penalty
     frequency: torch.Tensor | None = None
     outputs: list[list[int]] | None = None  # the tokens each row generated, where some row has one
@@ -113,6 +120,8 @@ class SamplingBatch:
             histories=[s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)]
             if penalised else None,
             logprob_rows=[i for i, p in enumerate(params) if p.logprobs],
+            raw_logprob_rows=[j for j, p in enumerate(p for p in params if p.logprobs) if p.raw_logprobs],
+            top_logprobs=[p.top_logprobs for p in params if p.logprobs],
             **_additive(seqs),
         )
 
@@ -165,6 +174,21 @@ class SamplerOutput:
     tokens: list[int]
     logprobs: list[float | None]
     failed: list[str | None]  # why a row could not be sampled; None where it was
+    top_logprobs: list[TopLogprobs | None] | None = None  # where some row asked
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: list[int]) -> tuple[list[float],
+                                                                                          list[TopLogprobs] | None]:
+    """Per row of logits [R, V]: the log-probability of targets[r], and (where any top[r] > 0) the
+    top[r] most likely tokens with theirs."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    k = max(top, default=0)
+    if not k:
+        return chosen, None
+    values, ids = lp.topk(k, dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    return chosen, [(i[:n], v[:n]) for i, v, n in zip(ids, values, top)]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, histories: list[list[int]], penalty: torch.Tensor) -> None:
@@ -272,13 +296,22 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     if len(sampling):
         tokens[sampling] = _sample_rows(logits, batch, sampling)
     logprobs: list[float | None] = [None] * len(tokens)
+    tops: list[TopLogprobs | None] | None = None
     if batch.logprob_rows:
         rows = torch.tensor(batch.logprob_rows)
-        chosen = raw[rows].log_softmax(dim=-1).gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
-        for i, lp in zip(batch.logprob_rows, chosen):
-            logprobs[i] = lp
+        source = logits.index_select(0, rows)
+        if batch.raw_logprob_rows:
+            raw_rows = torch.tensor(batch.raw_logprob_rows)
+            source[raw_rows] = raw.index_select(0, rows[raw_rows])
+        chosen, top = token_logprobs(source, tokens[rows], list(batch.top_logprobs))
+        for j, i in enumerate(batch.logprob_rows):
+            logprobs[i] = chosen[j]
+        if top is not None:
+            tops = [None] * len(tokens)
+            for j, i in enumerate(batch.logprob_rows):
+                tops[i] = top[j]
     failed: list[str | None] = [None] * len(tokens)
     if bool(broken.any()):
         for i in broken.nonzero().squeeze(1).tolist():
             failed[i] = "the model's logits for this request are not finite (NaN) or every token is masked"
-    return SamplerOutput(tokens.tolist(), logprobs, failed)
+    return SamplerOutput(tokens.tolist(), logprobs, failed, tops)

@@ -4,7 +4,10 @@ Each step has a token budget. Running sequences come first (a decode costs one t
 still being prefilled takes a chunk of what is left), then waiting requests are admitted while
 budget, batch slots and KV blocks last. Blocks are allocated as sequences grow; when none is
 free, the most recently admitted sequence is preempted (its blocks freed, recomputed later).
-Prompts start from the longest prefix of full blocks already cached in the pool.
+Prompts start from the longest prefix of full blocks already cached in the pool; a prompt whose
+next full blocks another running sequence is computing now waits for them (it does not compute them
+a second time), so concurrent requests with one prompt, such as the choices of an n > 1 request,
+share its blocks by reference count.
 
 No torch and no gRPC here. The engine loop calls `schedule()`, runs the step, then
 `update_from_output()`; aborts are applied between steps.
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 
 from services.common.block_hash import chain_block_hashes
 from services.model_shard.engine.kv_blocks import BlockPool
-from services.model_shard.engine.request import FinishReason, RequestOutput, Sequence
+from services.model_shard.engine.request import FinishReason, RequestOutput, Sequence, TopLogprobs
 
 
 class QueueFullError(Exception):
@@ -47,6 +50,16 @@ class ScheduledSeq:
 
 
 @dataclass
+class PromptLogprobs:
+    """Prompt log-probabilities a step computed for one sequence: entries start.. of
+    Sequence.prompt_logprobs (and prompt_top_logprobs, where it asked for alternatives)."""
+
+    start: int
+    logprobs: list[float]
+    top: list[TopLogprobs] | None = None
+
+
+@dataclass
 class ModelRunnerOutput:
     """What an executor returns for a step: lists aligned with SchedulerOutput.scheduled (None
     where a sequence did not sample). Lists, not tensors: it may cross processes."""
@@ -54,6 +67,18 @@ class ModelRunnerOutput:
     tokens: list[int | None]
     logprobs: list[float | None]
     errors: list[str | None] | None = None  # why a row could not be sampled (None: all were)
+    top_logprobs: list[TopLogprobs | None] | None = None  # None: no row asked
+    prompt_logprobs: list[PromptLogprobs | None] | None = None  # None: no row asked
+
+    def extend(self, other: "ModelRunnerOutput") -> None:
+        """Append another micro-batch's output (the lists stay aligned with the scheduled items)."""
+        n, m = len(self.tokens), len(other.tokens)
+        for name in ("errors", "top_logprobs", "prompt_logprobs"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None or theirs is not None:
+                setattr(self, name, (mine or [None] * n) + (theirs or [None] * m))
+        self.tokens += other.tokens
+        self.logprobs += other.logprobs
 
 
 @dataclass
@@ -77,6 +102,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._new_prompt_blocks: list[tuple[int, bytes]] = []  # (block id, hash) computed since the last take
+        self._computing: dict[bytes, Sequence] = {}  # hash of a full block being computed -> the sequence computing it
         # Admission keeps a few blocks free so running sequences can grow without preempting at once.
         self._watermark = max(1, pool.num_blocks // 100)
 
@@ -112,6 +138,9 @@ class Scheduler:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
+        for h in seq.block_hashes[seq.num_registered_blocks:]:
+            if self._computing.get(h) is seq:
+                del self._computing[h]
         self.pool.free(seq.block_ids)
         seq.block_ids = []
         seq.num_computed_tokens = 0
@@ -166,8 +195,12 @@ class Scheduler:
                 i += 1
         budget = min(budget, prompt_budget)
         # No admissions in a step that had to preempt: memory is short.
+        deferred = []  # waiting for blocks another sequence is computing; they keep their place
         while not out.num_preempted and self.waiting and len(self.running) < self.config.max_running and budget > 0:
             seq = self.waiting[0]
+            if self._awaits_blocks(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             self._take_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, seq.num_computed_tokens + num_new, self._watermark if self.running else 0):
@@ -177,15 +210,32 @@ class Scheduler:
             if seq.times.scheduled_ns is None:
                 seq.times.scheduled_ns = time.time_ns()
             self.running.append(seq)
+            self._claim_blocks(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
             budget -= num_new
+        self.waiting.extendleft(reversed(deferred))
         return out
 
+    def _awaits_blocks(self, seq: Sequence) -> bool:
+        """Whether a full block seq would compute is being computed by another running sequence."""
+        if not self._computing or seq.params.prompt_logprobs:
+            return False
+        hashes = chain_block_hashes(seq.token_ids, self.pool.block_size, seq.block_hashes)
+        return any(self._computing.get(h, seq) is not seq for h in hashes[: (seq.num_tokens - 1) // self.pool.block_size])
+
+    def _claim_blocks(self, seq: Sequence) -> None:
+        """Note the full blocks seq is about to compute, so that others with the same prefix wait for them."""
+        for h in seq.block_hashes[seq.num_computed_tokens // self.pool.block_size:]:
+            self._computing.setdefault(h, seq)
+
     def _take_cached_prefix(self, seq: Sequence) -> None:
+        # A request that wants its prompt's log-probabilities computes every prompt token.
         if not self.config.enable_prefix_caching or seq.block_ids:
             return
         bs = self.pool.block_size
         chain_block_hashes(seq.token_ids, bs, seq.block_hashes)
+        if seq.params.prompt_logprobs:  # it computes every prompt token: their log-probabilities need them
+            return
         # At least the last token is computed: its logits pick the next one.
         usable = seq.block_hashes[: (seq.num_tokens - 1) // bs]
         seq.block_ids = self.pool.take_cached_prefix(usable)
@@ -202,6 +252,8 @@ class Scheduler:
         prompt_blocks = len(seq.prompt_token_ids) // self.pool.block_size
         for j in range(seq.num_registered_blocks, full):
             self.pool.register(seq.block_ids[j], seq.block_hashes[j])
+            if self._computing.get(seq.block_hashes[j]) is seq:
+                del self._computing[seq.block_hashes[j]]
             if j < prompt_blocks:
                 self._new_prompt_blocks.append((seq.block_ids[j], seq.block_hashes[j]))
         seq.num_registered_blocks = full
@@ -228,8 +280,10 @@ class Scheduler:
         """result.tokens[i] is the token made for out.scheduled[i] (None where it did not sample)."""
         results = []
         now = time.time_ns()
-        errors = result.errors or [None] * len(out.scheduled)
-        for item, token, logprob, error in zip(out.scheduled, result.tokens, result.logprobs, errors, strict=True):
+        nothing = [None] * len(out.scheduled)
+        for item, token, logprob, error, top, prompt in zip(
+                out.scheduled, result.tokens, result.logprobs, result.errors or nothing,
+                result.top_logprobs or nothing, result.prompt_logprobs or nothing, strict=True):
             seq = item.seq
             if seq.finished:  # aborted while the step ran
                 continue
@@ -238,8 +292,11 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += item.num_new_tokens
             self._register_computed_blocks(seq)
+            if prompt is not None:
+                _record_prompt_logprobs(seq, prompt)
             if not item.sample:
                 continue
+            first = not seq.output_token_ids
             seq.append_token(token)
             if seq.times.first_token_ns is None:
                 seq.times.first_token_ns = now
@@ -260,6 +317,18 @@ class Scheduler:
                     cached_tokens=seq.num_cached_tokens,
                     times=seq.times,
                     new_logprobs=None if logprob is None else [logprob],
+                    new_top_logprobs=None if top is None else [top],
+                    prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
+                    prompt_top_logprobs=list(seq.prompt_top_logprobs) if first and seq.params.top_logprobs else None,
                 )
             )
         return results
+
+
+def _record_prompt_logprobs(seq: Sequence, prompt: PromptLogprobs) -> None:
+    """Keep what a step computed; a recomputed prefix (after preemption) overwrites its own entries."""
+    del seq.prompt_logprobs[prompt.start:]
+    seq.prompt_logprobs.extend(prompt.logprobs)
+    if prompt.top is not None:
+        del seq.prompt_top_logprobs[prompt.start:]
+        seq.prompt_top_logprobs.extend(prompt.top)

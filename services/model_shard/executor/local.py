@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from services.model_shard.engine.sampler import SamplingBatch, sample
-from services.model_shard.engine.scheduler import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+from services.model_shard.engine.sampler import SamplingBatch, sample, token_logprobs
+from services.model_shard.engine.scheduler import ModelRunnerOutput, PromptLogprobs, ScheduledSeq, SchedulerOutput
 from services.model_shard.model.llama import (AttentionMetadata, DecodeBatch, LlamaConfig, LlamaForServing, PrefillSpan,
                                               slots_of, stage_layers)
 
@@ -16,6 +16,9 @@ def kv_cache_bytes_per_block(cfg: LlamaConfig, block_size: int, dtype: torch.dty
     first, last = stage_layers(cfg.num_layers, pipeline_parallel, 0)  # stage 0 is never smaller
     per_token = 2 * (last - first) * (cfg.num_kv_heads // tensor_parallel) * cfg.head_dim * torch.finfo(dtype).bits // 8
     return per_token * block_size
+
+
+PROMPT_LOGITS_ROWS = 128  # prompt positions turned into logits at once (each row is vocab floats)
 
 
 class LocalExecutor:
@@ -105,12 +108,37 @@ class LocalExecutor:
     def sample(self, scheduled: list[ScheduledSeq], hidden: torch.Tensor, sample_index: torch.Tensor) -> ModelRunnerOutput:
         """Tokens from the final hidden states of a step's (or micro-batch's) sequences."""
         sampling = [item.seq for item in scheduled if item.sample]
+        prompt = self.prompt_logprobs(scheduled, hidden)
         if not sampling:
-            return ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled))
+            return ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled), prompt_logprobs=prompt)
         logits = self.model.compute_logits(hidden[sample_index])
         result = sample(logits, SamplingBatch.from_sequences(sampling))
         rows = iter(range(len(sampling)))
         index = [next(rows) if item.sample else None for item in scheduled]
-        return ModelRunnerOutput([None if i is None else result.tokens[i] for i in index],
-                                 [None if i is None else result.logprobs[i] for i in index],
-                                 [None if i is None else result.failed[i] for i in index])
+
+        def aligned(values):
+            return None if values is None else [None if i is None else values[i] for i in index]
+
+        return ModelRunnerOutput(aligned(result.tokens), aligned(result.logprobs), aligned(result.failed),
+                                 aligned(result.top_logprobs), prompt)
+
+    def prompt_logprobs(self, scheduled: list[ScheduledSeq], hidden: torch.Tensor) -> list[PromptLogprobs | None] | None:
+        """For the sequences that asked, the log-probability of each prompt token this step's hidden
+        states predict (position p predicts token p+1), from the model's own logits."""
+        out: list[PromptLogprobs | None] = [None] * len(scheduled)
+        offset = 0  # of the item's first row in hidden
+        for i, item in enumerate(scheduled):
+            seq, first = item.seq, item.seq.num_computed_tokens
+            end = min(first + item.num_new_tokens, len(seq.prompt_token_ids) - 1)  # the last predicts an output
+            if seq.params.prompt_logprobs and end > first:
+                values, tops = [], []
+                for lo in range(first, end, PROMPT_LOGITS_ROWS):  # bounded: [rows, vocab] float32 at a time
+                    hi = min(lo + PROMPT_LOGITS_ROWS, end)
+                    logits = self.model.compute_logits(hidden[offset + lo - first: offset + hi - first])
+                    chosen, top = token_logprobs(logits, torch.tensor(seq.token_ids[lo + 1: hi + 1]),
+                                                 [seq.params.top_logprobs] * (hi - lo))
+                    values += chosen
+                    tops += top or []
+                out[i] = PromptLogprobs(first, values, tops if seq.params.top_logprobs else None)
+            offset += item.num_new_tokens
+        return out if any(p is not None for p in out) else None

@@ -134,9 +134,7 @@ class ModelWorker:
         returns = self.is_last_stage and self.tp_rank == 0
         if not out.scheduled:
             return ModelRunnerOutput([], []) if returns else None
-        tokens: list[int | None] = []
-        logprobs: list[float | None] = []
-        errors: list[str | None] = []
+        output = ModelRunnerOutput([], [], [])
         in_flight = []  # (work, tensor): isend buffers must outlive the send
         for batch in micro_batches(out.scheduled, self.pp):
             started = time.time_ns()
@@ -150,14 +148,11 @@ class ModelWorker:
                 x = x.contiguous()
                 in_flight.append((dist.isend(x, dst=self.rank + self.tp), x))
             elif returns:
-                result = self.runner.sample(batch, x, sample_index)
-                tokens += result.tokens
-                logprobs += result.logprobs
-                errors += result.errors
+                output.extend(self.runner.sample(batch, x, sample_index))
             self._trace_prefills(batch, started, time.time_ns())
         for work, _ in in_flight:
             work.wait()
-        return ModelRunnerOutput(tokens, logprobs, errors) if returns else None
+        return output if returns else None
 
 
     def _trace_prefills(self, batch: list[ScheduledSeq], start_ns: int, end_ns: int) -> None:
