@@ -11,6 +11,7 @@ In the same run, on the workload of --baseline-n requests arriving together:
 
     .venv/bin/python bench/throughput.py [--dtype bfloat16] [--quantization int8] [--json out.json]
         [--sampling greedy,t1.0,t0.8-p0.95]   (sampled rows beside greedy, in one run)
+        [--choices 4]   (one request with n=4 beside 4 requests with its prompt: tok/s and KV blocks)
 """
 
 from __future__ import annotations
@@ -93,6 +94,52 @@ async def drive(address: str, n: int, rounds: int, max_tokens: int, mode: str = 
     name = f"mesh N={n}" + ("" if mode == "greedy" else f" {mode}")
     return {"name": name, "requests": n * rounds, "tokens": tokens, "tok_s": tokens / elapsed,
             "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
+
+
+def _blocks_allocated(metrics_port: int) -> float:
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "llmmesh_kv_blocks_allocated_total")
+
+
+async def drive_choices(address: str, metrics_port: int, n: int, max_tokens: int, as_choices: bool) -> dict:
+    """One request with n choices, or n requests with one prompt, all at once (t=1.0, seeded, every
+    answer max_tokens long): tok/s, TTFT, and the KV blocks the shard handed out for them."""
+    topic = "ships" if as_choices else "trains"  # first, so that neither row finds the other's blocks cached
+    prompt = f"About {topic}. {CONTEXT * 12}Write a detailed paragraph about {topic}."
+    sampling = dict(max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
+    if as_choices:
+        requests = [common_pb2.SamplingParams(**sampling, seed=100, n=n)]
+    else:
+        requests = [common_pb2.SamplingParams(**sampling, seed=100 + i) for i in range(n)]
+    ttfts, itls, prompt_tokens = [], [], []
+    before = _blocks_allocated(metrics_port)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def one(s) -> int:
+            start, tokens, first = time.perf_counter(), 0, True
+            request = gateway_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="user", content=prompt)], sampling=s)
+            async for chunk in stub.GenerateStream(request, timeout=600):
+                if chunk.token_ids and first:
+                    first = False
+                    ttfts.append(time.perf_counter() - start)
+                tokens += len(chunk.token_ids)
+                if chunk.HasField("usage"):
+                    prompt_tokens.append(chunk.usage.prompt_tokens)
+            return tokens
+
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(s) for s in requests)))
+        elapsed = time.perf_counter() - start
+    name = f"n={n}, one request" if as_choices else f"{n} requests, one prompt"
+    return {"name": name, "requests": len(requests), "tokens": tokens, "tok_s": tokens / elapsed,
+            "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "itl_p50": float("nan"), "itl_p99": float("nan"),
+            "kv_blocks": _blocks_allocated(metrics_port) - before, "prompt_tokens": prompt_tokens[0]}
 
 
 def transformers_baselines(model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], max_tokens: int,
@@ -194,6 +241,7 @@ def main() -> None:
                         help="shards do not upload/fetch KV prefix blocks through the cache service")
     parser.add_argument("--no-native-kernels", action="store_true",
                         help="the shard runs on stock torch ops instead of the native kernels (model/native.py)")
+    parser.add_argument("--choices", type=int, default=4, help="n of the choices rows (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -206,7 +254,9 @@ def main() -> None:
                     if args.prefill_beside_decodes else []),
                   *(["--cache", ""] if args.no_kv_sharing else []),
                   *(["--no-native-kernels"] if args.no_native_kernels else [])]
-    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0], gateway_metrics_port=0,
+    shard_metrics = free_port()
+    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, shard_metrics],
+                     gateway_metrics_port=0,
                      shard_args=shard_args, gateway_args=["--no-response-cache"])
     rows = []
     with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
@@ -219,6 +269,8 @@ def main() -> None:
             for mode in args.sampling.split(","):
                 rows.append(asyncio.run(drive(mesh.gateway_address, n, args.rounds, args.max_tokens, mode)))
                 print(f"  measured {rows[-1]['name']}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+        choice_rows = [asyncio.run(drive_choices(mesh.gateway_address, shard_metrics, args.choices, args.max_tokens,
+                                                 as_choices)) for as_choices in (True, False)] if args.choices else []
 
     if not args.no_baselines:
         from services.tokenizer.text import Message, TextTokenizer
@@ -244,8 +296,18 @@ def main() -> None:
             continue
         print(f"{r['name']:30} {r['requests']:5d} {r['tokens']:7d} {r['tok_s']:8.1f} {1000 * r['ttft_p50']:7.0f}ms "
               f"{1000 * r['ttft_p99']:7.0f}ms {1000 * r['itl_p50']:6.0f}ms {1000 * r['itl_p99']:6.0f}ms")
+    if choice_rows:
+        block = 16  # the shard's default --block-size
+        p = choice_rows[0]["prompt_tokens"]
+        unshared = args.choices * -(-(p + args.max_tokens) // block)
+        print(f"\n{args.choices} answers of {args.max_tokens} tokens (t=1.0) to one {p}-token prompt, all at once; "
+              f"without shared prompt blocks they would take {unshared} KV blocks\n")
+        print(f"{'':30} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'KV blocks':>10}")
+        for r in choice_rows:
+            print(f"{r['name']:30} {r['tokens']:7d} {r['tok_s']:8.1f} {1000 * r['ttft_p50']:7.0f}ms "
+                  f"{1000 * r['ttft_p99']:7.0f}ms {r['kv_blocks']:10.0f}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(rows + choice_rows, indent=2))
 
 
 if __name__ == "__main__":
