@@ -85,3 +85,34 @@ def test_prompt_logprobs_survive_preemption(model):
     assert seq.num_preemptions == 1
     assert outs[0].prompt_logprobs == pytest.approx([scored[p, PROMPT[p + 1]].item() for p in range(len(PROMPT) - 1)],
                                                     abs=1e-4)
+
+
+def _openai_reference(logits, prompt: list[int], output: list[int], presence: float, frequency: float,
+                      bias: dict[int, float]) -> list[float]:
+    """OpenAI's definitions, one logit at a time: minus presence once per generated token that
+    occurred, minus frequency per occurrence, plus the bias."""
+    values = logits.tolist()
+    for token in set(output):
+        values[token] -= presence + frequency * output.count(token)
+    for token, b in bias.items():
+        values[token] += b
+    return values
+
+
+def test_penalties_and_bias_on_the_model_equal_the_openai_definitions(model):
+    """The processed top_logprobs show the logits the sampler drew from: compared with the model's
+    re-scored logits adjusted by the plain definitions, at every step of a real answer."""
+    import torch
+
+    bias = {7: 3.5, 42: -2.0, 250: 1.25}
+    params = SamplingParams(max_tokens=12, temperature=0.9, seed=4, presence_penalty=0.7, frequency_penalty=0.4,
+                            logit_bias=tuple(sorted(bias.items())), logprobs=True, top_logprobs=20)
+    seq, outs = _run(_engine(model), PROMPT, params)
+    tokens = seq.output_token_ids
+    scored = prompt_logits(model, PROMPT + tokens)
+    reported = [t for o in outs for t in o.new_top_logprobs]
+    for i, (ids, values) in enumerate(reported):
+        adjusted = torch.tensor(_openai_reference(scored[len(PROMPT) - 1 + i], PROMPT, tokens[:i], 0.7, 0.4, bias))
+        expected = adjusted.log_softmax(-1)
+        assert ids == expected.topk(20).indices.tolist()
+        assert values == pytest.approx(expected[ids].tolist(), abs=1e-5)
