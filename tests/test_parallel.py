@@ -28,6 +28,8 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + i for i in range(40)], [
 
 
 def _run(model_dir, params, **parallel) -> tuple[list[list[int]], list[list[float]]]:
+    """Each request's tokens, and every log-probability it reported: its tokens', their alternatives',
+    and its prompt's."""
     engine = LLMEngine.from_dir(model_dir, EngineConfig(block_size=4, kv_cache_bytes=1 << 20, **parallel))
     try:
         seqs = [engine.add_request(f"r{i}", p, params[i % len(params)]) for i, p in enumerate(PROMPTS)]
@@ -35,6 +37,8 @@ def _run(model_dir, params, **parallel) -> tuple[list[list[int]], list[list[floa
         while engine.has_work:
             for out in engine.step():
                 logprobs[out.request_id] += out.new_logprobs or []
+                logprobs[out.request_id] += [v for _, values in out.new_top_logprobs or () for v in values]
+                logprobs[out.request_id] += out.prompt_logprobs or []
         return [s.output_token_ids for s in seqs], [logprobs[s.request_id] for s in seqs]
     finally:
         engine.shutdown()
@@ -43,7 +47,8 @@ def _run(model_dir, params, **parallel) -> tuple[list[list[int]], list[list[floa
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
 def test_parallel_shards_match_the_local_executor(tiny_model_dir, ray_cluster, tp, pp):
     params = [SamplingParams(max_tokens=12, logprobs=True),
-              SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, logprobs=True)]
+              SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, logprobs=True, top_logprobs=3,
+                             prompt_logprobs=True)]
     local_tokens, local_logprobs = _run(tiny_model_dir, params)
     tokens, logprobs = _run(tiny_model_dir, params, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     assert tokens == local_tokens
