@@ -19,6 +19,7 @@ from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.model_shard.engine.async_engine import AsyncEngine
 from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
+from services.model_shard.engine.fairness import POLICIES, FairnessConfig
 from services.model_shard.executor.ray_workers import WorkerDiedError, connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
 from services.model_shard.model.llama import LlamaConfig, check_parallel
@@ -49,6 +50,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="prompt tokens a step may carry while streams are decoding (default: what "
                              "--max-batched-tokens leaves); smaller keeps inter-token latency, costs TTFT")
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    parser.add_argument("--scheduling", choices=POLICIES, default=env_default("LLMMESH_SCHEDULING", "fair"),
+                        help="fair: priority classes first, then tenants share by weight (engine/fairness.py); "
+                             "fcfs: arrival order")
+    parser.add_argument("--priority-aging-steps", type=int, default=2000,
+                        help="a waiting request rises one priority class per this many engine steps")
+    parser.add_argument("--max-priority-preemptions", type=int, default=2,
+                        help="running sequences one step may preempt for a higher class or an under-served tenant")
     parser.add_argument("--cache", default=env_default("LLMMESH_CACHE_ADDR", ""),
                         help="cache service replicas (HOST:PORT, comma-separated) that share KV prefix blocks "
                              "between shards; empty for none")
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         max_waiting=args.max_waiting, max_batched_tokens=args.max_batched_tokens,
         prefill_tokens_beside_decodes=args.prefill_tokens_beside_decodes,
         enable_prefix_caching=not args.no_prefix_caching,
+        fairness=FairnessConfig(args.scheduling, args.priority_aging_steps, args.max_priority_preemptions),
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         threads_per_worker=args.threads_per_worker, native_kernels=not args.no_native_kernels,
     )

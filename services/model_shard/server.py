@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 
 import grpc
 from opentelemetry import propagate, trace
@@ -16,7 +17,8 @@ from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from services.common.block_hash import chain_block_hashes, index_key
 from services.common.errors import REQUEST_FAILED_KEY, retry_later
 from services.common.telemetry import record_span, tracer
-from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, StepReport
+from services.common.labels import BoundedLabels
+from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, RequestClass, StepReport
 from services.model_shard.engine.request import FinishReason, SamplingParams
 from services.model_shard.engine.scheduler import QueueFullError
 from services.model_shard.kv_share import SharedKvBlocks
@@ -29,6 +31,10 @@ BATCH_SIZE = Histogram("llmmesh_batch_size", "Sequences in one engine step",
                        buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256))
 STEP_TOKENS = Histogram("llmmesh_step_tokens", "Tokens computed in one engine step (prefill chunks + decodes)",
                         buckets=(1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+TENANT_QUEUE_TIME = Histogram("llmmesh_tenant_queue_time_seconds", "Time from arrival at the shard to first "
+                              "scheduling, by tenant", ["tenant"],
+                              buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+TENANT_LABEL = BoundedLabels()
 STEP_TIME = Histogram("llmmesh_step_duration_seconds", "Wall time of one engine step",
                       buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5))
 
@@ -105,7 +111,9 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         try:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
-            async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params, carrier):
+            request_class = RequestClass(request.tenant, request.priority, request.tenant_weight or 1.0)
+            async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params, carrier,
+                                                    request_class):
                 last = batch[-1]
                 times = last.times
                 if last.finish_reason is FinishReason.ABORTED:
@@ -131,7 +139,9 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                     msg.prompt_top_logprobs.extend(top_logprobs_to_proto(batch[0].prompt_top_logprobs or ()))
                     trace.get_current_span().add_event("first_token", timestamp=times.first_token_ns)
                     record_span("queue", times.arrival_ns, times.scheduled_ns or times.arrival_ns)
-                    QUEUE_TIME.observe(((times.scheduled_ns or times.arrival_ns) - times.arrival_ns) / 1e9)
+                    queued = ((times.scheduled_ns or times.arrival_ns) - times.arrival_ns) / 1e9
+                    QUEUE_TIME.observe(queued)
+                    TENANT_QUEUE_TIME.labels(TENANT_LABEL(request.tenant)).observe(queued)
                     record_span("prefill", times.scheduled_ns or times.arrival_ns, times.first_token_ns or times.arrival_ns,
                                 {"llmmesh.prompt_tokens": last.prompt_tokens, "llmmesh.cached_tokens": last.cached_tokens})
                 if last.finished:
@@ -244,3 +254,24 @@ class EngineCollector(Collector):
                                   value=e.pool.stats.allocated_blocks)
         yield CounterMetricFamily("llmmesh_preemptions", "Sequences preempted for lack of KV blocks",
                                   value=e.stats.preemptions)
+        yield from tenant_metrics(e.scheduler)
+
+
+def tenant_metrics(scheduler):
+    """Per tenant (bounded labels): sequences running and waiting, tokens computed, preemptions."""
+    running = GaugeMetricFamily("llmmesh_tenant_requests_running", "Requests in the running batch, by tenant",
+                                labels=["tenant"])
+    waiting = GaugeMetricFamily("llmmesh_tenant_requests_waiting", "Requests waiting, by tenant", labels=["tenant"])
+    tokens = CounterMetricFamily("llmmesh_tenant_computed_tokens", "Tokens computed (prompt and decode), by tenant",
+                                 labels=["tenant"])
+    preempted = CounterMetricFamily("llmmesh_tenant_preemptions", "Sequences preempted, by tenant", labels=["tenant"])
+    # Copies taken in one C call each: the engine thread changes these between steps.
+    for family, counts in ((running, Counter(s.tenant for s in list(scheduler.running))),
+                           (waiting, Counter(s.tenant for s in list(scheduler.waiting))),
+                           (tokens, scheduler.shares.tokens), (preempted, scheduler.shares.preemptions)):
+        merged: Counter[str] = Counter()
+        for tenant, n in list(counts.items()):
+            merged[TENANT_LABEL(tenant)] += n
+        for label, n in merged.items():
+            family.add_metric([label], n)
+        yield family

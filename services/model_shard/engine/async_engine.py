@@ -39,12 +39,22 @@ class StepReport:
     duration_s: float
 
 
+@dataclass(frozen=True)
+class RequestClass:
+    """Whose request it is and how urgent: the scheduler's tenant, priority and the tenant's weight."""
+
+    tenant: str = ""
+    priority: int = 0
+    weight: float = 1.0
+
+
 @dataclass
 class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     trace_carrier: dict[str, str] | None
+    request_class: RequestClass
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     accepted: asyncio.Future
@@ -115,7 +125,7 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        trace_carrier: dict[str, str] | None = None,
+        trace_carrier: dict[str, str] | None = None, request_class: RequestClass = RequestClass(),
     ) -> AsyncIterator[list[RequestOutput]]:
         """Yields the outputs available at each wake-up (several when the reader fell behind).
 
@@ -125,7 +135,8 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDeadError(f"the engine failed: {self._error}")
         loop = asyncio.get_running_loop()
-        add = _Add(request_id, prompt_token_ids, params, trace_carrier, asyncio.Queue(), loop, loop.create_future())
+        add = _Add(request_id, prompt_token_ids, params, trace_carrier, request_class, asyncio.Queue(), loop,
+                   loop.create_future())
         self._inbox.put(add)
         finished = False
         try:
@@ -195,7 +206,9 @@ class AsyncEngine:
                 msg.loop.call_soon_threadsafe(_settle, msg.accepted, ValueError(f"request id {msg.request_id!r} is in use"))
                 return
             try:
-                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.trace_carrier)
+                c = msg.request_class
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.trace_carrier,
+                                        c.tenant, c.priority, c.weight)
             except (ValueError, QueueFullError) as exc:
                 msg.loop.call_soon_threadsafe(_settle, msg.accepted, exc)
                 return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from services.model_shard.engine.fairness import FairnessConfig
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import RequestOutput, SamplingParams, Sequence
 from services.model_shard.engine.sampler import seed_as_int64
@@ -45,6 +47,7 @@ class EngineConfig:
     max_batched_tokens: int = 512
     prefill_tokens_beside_decodes: int | None = None  # see SchedulerConfig
     enable_prefix_caching: bool = True
+    fairness: FairnessConfig = FairnessConfig()  # priority classes and tenants' shares (fairness.py)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     threads_per_worker: int = 1  # torch threads of each parallel worker process
@@ -95,6 +98,7 @@ class LLMEngine:
                 max_batched_tokens=config.max_batched_tokens,
                 prefill_tokens_beside_decodes=config.prefill_tokens_beside_decodes,
                 enable_prefix_caching=config.enable_prefix_caching,
+                fairness=config.fairness,
             ),
             self.pool,
         )
@@ -165,9 +169,13 @@ class LLMEngine:
         return held + len(blocks)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    trace_carrier: dict[str, str] | None = None) -> Sequence:
-        """trace_carrier: the request's W3C trace context, for spans recorded by parallel workers."""
+                    trace_carrier: dict[str, str] | None = None, tenant: str = "", priority: int = 0,
+                    weight: float = 1.0) -> Sequence:
+        """trace_carrier: the request's W3C trace context, for spans recorded by parallel workers.
+        tenant, priority (0 goes first) and the tenant's weight decide its place (fairness.py)."""
         params.validate()
+        if priority < 0 or not 0 < weight < math.inf:
+            raise ValueError(f"priority must be >= 0 and weight a finite number > 0, got {priority} and {weight}")
         vocab = self.model_config.vocab_size
         for what, ids in (("prompt", prompt_token_ids), ("logit_bias", [t for t, _ in params.logit_bias]),
                           ("stop_token_ids", params.stop_token_ids)):
@@ -176,7 +184,7 @@ class LLMEngine:
                 raise ValueError(f"{what}: token id {bad} is outside the vocabulary (size {vocab})")
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, seed_as_int64(seed),
-                       trace_carrier=trace_carrier)
+                       trace_carrier=trace_carrier, tenant=tenant, priority=priority, weight=weight)
         self.scheduler.add(seq)
         return seq
 

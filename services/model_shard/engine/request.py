@@ -105,6 +105,10 @@ class Sequence:
     error: str | None = None  # with FinishReason.ERROR
     times: RequestTimes = field(default_factory=RequestTimes)
     trace_carrier: dict[str, str] | None = None  # W3C trace context of the request (workers' spans join it)
+    tenant: str = ""  # whose request it is: tenants share the shard by weight (fairness.py)
+    priority: int = 0  # its class: 0 goes first
+    weight: float = 1.0  # its tenant's weight
+    enqueued_step: int = 0  # the scheduler step it last joined the waiting queue at
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.common.block_hash import chain_block_hashes
+from services.model_shard.engine.fairness import FairnessConfig, FairShares
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import FinishReason, RequestOutput, Sequence, TopLogprobs
 
@@ -40,6 +41,7 @@ class SchedulerConfig:
     # Steps without decodes (an idle shard, a burst of arrivals) still prefill max_batched_tokens.
     prefill_tokens_beside_decodes: int | None = None
     enable_prefix_caching: bool = True
+    fairness: FairnessConfig = FairnessConfig()  # priority classes and tenants' shares (fairness.py)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Scheduler:
             raise ValueError("prefill_tokens_beside_decodes must be at least 1")
         self.config = config
         self.pool = pool
+        self.shares = FairShares(config.fairness)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._new_prompt_blocks: list[tuple[int, bytes]] = []  # (block id, hash) computed since the last take
@@ -122,6 +125,7 @@ class Scheduler:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are waiting already")
         self.waiting.append(seq)
+        self.shares.join(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
         for queue in (self.waiting, self.running):
@@ -133,6 +137,7 @@ class Scheduler:
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.shares.leave(seq)
         seq.finish_reason = reason
         seq.times.finished_ns = time.time_ns()
         self._release(seq)
@@ -164,16 +169,20 @@ class Scheduler:
         self._release(seq)
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self.shares.requeued(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.shares.step += 1
+        self._make_room(out)
         budget = self.config.max_batched_tokens
         # Decodes first (a stable sort keeps admission order within each kind): a prompt still being
         # chunked never takes the budget a stream's next token needs.
-        self.running.sort(key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        self.running.sort(key=self.shares.running_order_key)
         decoding = sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
         cap = self.config.prefill_tokens_beside_decodes
         prompt_budget = cap if cap is not None and decoding else budget  # prompt tokens, of `budget`
+        kv_short = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -182,39 +191,63 @@ class Scheduler:
             if num_new == 0:
                 break
             while not self._grow(seq, seq.num_computed_tokens + num_new):
-                victim = self.running.pop()  # a prompt still in chunks, else the latest admitted
+                victim = self.shares.victim(self.running[i:], self.running)  # fcfs: the latest admitted
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.num_preempted += 1
+                kv_short = True
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
+                self._schedule(out, seq, num_new)
                 budget -= num_new
                 if remaining > 1:
                     prompt_budget -= num_new
                 i += 1
         budget = min(budget, prompt_budget)
-        # No admissions in a step that had to preempt: memory is short.
-        deferred = []  # waiting for blocks another sequence is computing; they keep their place
-        while not out.num_preempted and self.waiting and len(self.running) < self.config.max_running and budget > 0:
-            seq = self.waiting[0]
+        # No admissions in a step that had to preempt for blocks: memory is short.
+        skip: set[int] = set()  # waiting for blocks another sequence is computing; they keep their place
+        while not kv_short and self.waiting and len(self.running) < self.config.max_running and budget > 0:
+            seq = self.shares.next_to_admit(self.waiting, skip)
+            if seq is None:
+                break
             if self._awaits_blocks(seq):
-                deferred.append(self.waiting.popleft())
+                skip.add(id(seq))
                 continue
             self._take_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, seq.num_computed_tokens + num_new, self._watermark if self.running else 0):
                 self._release(seq)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             if seq.times.scheduled_ns is None:
                 seq.times.scheduled_ns = time.time_ns()
             self.running.append(seq)
             self._claim_blocks(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
+            self._schedule(out, seq, num_new)
             budget -= num_new
-        self.waiting.extendleft(reversed(deferred))
         return out
+
+    def _schedule(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
+        self.shares.charge(seq, num_new)
+
+    def _make_room(self, out: SchedulerOutput) -> None:
+        """Preempt running sequences for the request next in line where it deserves their place (a
+        higher class, or a tenant under its share) and the batch is full or KV is short (fairness.py)."""
+        for _ in range(self.config.fairness.max_preemptions):
+            if not self.running or not self.waiting:
+                return
+            seq = self.shares.next_to_admit(self.waiting)
+            first_chunk = self.pool.blocks_for(min(seq.num_tokens, self.config.max_batched_tokens))
+            if len(self.running) < self.config.max_running and first_chunk <= self.pool.num_free - self._watermark:
+                return
+            victim = self.shares.victim(self.running, self.running)
+            if not self.shares.may_preempt_for(seq, victim, self.running, self.config.max_running):
+                return
+            self.running.remove(victim)
+            self._preempt(victim)
+            out.num_preempted += 1
 
     def _awaits_blocks(self, seq: Sequence) -> bool:
         """Whether a full block seq would compute is being computed by another running sequence."""
