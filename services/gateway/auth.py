@@ -1,6 +1,7 @@
 """API keys at the gateway: stored as SHA-256 hashes, one tenant per key, off when no keys are set.
 
-Keys file: one `TENANT SHA256HEX` pair per line (# comments). Make a line with
+Keys file: one `TENANT SHA256HEX [POLICY...]` line per key (# comments), where POLICY fields such as
+`priority=batch weight=2 max_concurrent=16` say what the tenant may ask (tenants.py). Make a line with
     python -m services.gateway.auth --tenant acme SECRET-KEY
 """
 
@@ -11,6 +12,8 @@ import hashlib
 from pathlib import Path
 
 import grpc
+
+from services.gateway.tenants import TenantPolicy
 
 
 class AuthError(Exception):
@@ -30,23 +33,35 @@ def bearer_token(value: str | None) -> str | None:
 
 
 class ApiKeys:
-    def __init__(self, tenants_by_hash: dict[str, str]):
+    def __init__(self, tenants_by_hash: dict[str, str], policies: dict[str, TenantPolicy] | None = None):
         self._tenants = dict(tenants_by_hash)
+        self._policies = dict(policies or {})
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> "ApiKeys":
         if not path:
             return cls({})
-        entries = {}
+        entries, policies = {}, {}
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             parts = line.split()
-            if len(parts) != 2 or len(parts[1]) != 64:
-                raise ValueError(f"{path}:{n}: expected 'TENANT SHA256HEX'")
+            if len(parts) < 2 or len(parts[1]) != 64:
+                raise ValueError(f"{path}:{n}: expected 'TENANT SHA256HEX [name=value ...]'")
             entries[parts[1].lower()] = parts[0]
-        return cls(entries)
+            policy = TenantPolicy.parse(parts[2:], f"{path}:{n}")
+            if policies.setdefault(parts[0], policy) != policy:
+                raise ValueError(f"{path}:{n}: tenant {parts[0]!r} has another policy on an earlier line")
+        return cls(entries, policies)
+
+    def policy(self, tenant: str) -> TenantPolicy:
+        """The tenant's policy (the defaults for a tenant without one, and when keys are off)."""
+        return self._policies.get(tenant, TenantPolicy())
+
+    @property
+    def tenants(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self._tenants.values())))
 
     @property
     def enabled(self) -> bool:

@@ -119,6 +119,7 @@ class _Common(_Validated):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0)
+    priority: int | None = Field(default=None, ge=0, le=UINT32_MAX)  # 0 interactive, 1 standard, 2 batch
 
 
 class ChatCompletionRequest(_Common):
@@ -339,6 +340,8 @@ class OpenAIFront:
     async def _serve(self, request: Request, body: _Common, grpc_request: gateway_pb2.GenerateRequest, chat: bool):
         self._check_model(body.model)
         grpc_request.request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if body.priority is not None:
+            grpc_request.priority = body.priority
         method = "http.chat" if chat else "http.completions"
         span_name = f"POST /v1/{'chat/completions' if chat else 'completions'}"
         parent = propagate.extract(dict(request.headers))  # a caller's traceparent continues here

@@ -37,10 +37,11 @@ class PrefixAffinity:
             n += 1
         return n
 
-    def order(self, replicas: list[Replica], hashes: list[bytes]) -> list[Replica]:
-        """Best first: healthy before suspect, then prefix held against load."""
-        return sorted(replicas, key=lambda r: (r.suspect, -(self.held_blocks(r, hashes)
-                                                            - r.outstanding * self.load_weight_blocks)))
+    def order(self, replicas: list[Replica], hashes: list[bytes], tenant: str = "") -> list[Replica]:
+        """Best first: healthy before suspect, then prefix held against load (the tenant's own calls
+        counted twice, so one tenant's load spreads over the replicas)."""
+        return sorted(replicas, key=lambda r: (r.suspect, -(self.held_blocks(r, hashes) - (
+            r.outstanding + r.by_tenant[tenant]) * self.load_weight_blocks)))
 
     def record(self, address: str, hashes: list[bytes]) -> None:
         for h in hashes:

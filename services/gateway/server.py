@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
-from services.common.errors import REQUEST_FAILED_KEY, STATUS_DETAILS_KEY, retry_later
+from services.common.errors import retry_later
 from services.common.hash_ring import HashRing
+from services.common.labels import BoundedLabels
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.choices import Answer, choice_sampling, merge_choices, replay
 from services.gateway.detokenize import DetokenizeSession, TokenizerMirror, close_stream
@@ -28,8 +29,10 @@ from services.gateway.errors import RpcError
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.response_cache import response_key
 from services.gateway.routing import PrefixAffinity
+from services.gateway.shard_calls import ShardLost, downstream_error, next_shard_message, open_shard_stream
 from services.gateway.shards import NoShardAvailable, Replica, ShardPool
 from services.gateway.stop_strings import StopStringMatcher
+from services.gateway.tenants import PRIORITY_CLASSES, PolicyError, TenantGate, TenantQueueFull
 from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
 
 log = logging.getLogger(__name__)
@@ -43,14 +46,14 @@ ITL = Histogram("llmmesh_inter_token_latency_seconds", "Gap between streamed tok
 E2E = Histogram("llmmesh_e2e_request_latency_seconds", "Whole request latency", buckets=LATENCY_BUCKETS)
 GENERATED = Counter("llmmesh_generation_tokens", "Completion tokens returned to clients")
 PROMPT = Counter("llmmesh_prompt_tokens", "Prompt tokens received")
+TENANT_TOKENS = Counter("llmmesh_tenant_generation_tokens", "Completion tokens returned, by tenant", ["tenant"])
+TENANT_WAIT = Histogram("llmmesh_tenant_gateway_queue_seconds", "Time in the tenant's line at the gateway "
+                        "(its max_concurrent)", ["tenant"], buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+TENANT_RUNNING = Gauge("llmmesh_tenant_gateway_requests_running", "Requests in flight at the gateway, by tenant",
+                       ["tenant"])
 
 CACHE_TIMEOUT_S = 0.25  # a slow cache must not cost more than this
 MAX_RESUMES = 2  # times one request may move to another replica after its shard went away
-
-# A shard that dies, drains past its grace period or loses its engine ends streams with these.
-_SHARD_LOST_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-                     grpc.StatusCode.INTERNAL)
-
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -78,15 +81,9 @@ class _ChoiceCall:
     deadline: float
     order: list[Replica] | None
     hashes: list[bytes]
-
-
-class _ShardLost(Exception):
-    """The shard serving a stream went away before finishing it."""
-
-
-def _request_failed(exc: grpc.aio.AioRpcError) -> bool:
-    """The shard failed this one request (see REQUEST_FAILED_KEY), not itself: no other replica is tried."""
-    return exc.code() == grpc.StatusCode.INTERNAL and any(k == REQUEST_FAILED_KEY for k, _ in exc.trailing_metadata() or ())
+    tenant: str
+    priority: int
+    weight: float
 
 
 @contextlib.asynccontextmanager
@@ -134,6 +131,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.vocabulary = vocabulary
         self.cache = cache
         self.shards = shards
+        self.gate = TenantGate()
+        self.tenant_label = BoundedLabels(known=(*self.api_keys.tenants, "anonymous"))
 
     # --- RPCs ---
 
@@ -179,9 +178,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 refusal = retry_later(str(exc), round(exc.retry_after_s, 3))
                 raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details, refusal.trailing_metadata,
                                retry_after_s=exc.retry_after_s) from None
-            async for chunk in self._generate(request, timeout_s, call_id, tenant):
-                last = chunk
-                yield chunk
+            policy = self.api_keys.policy(tenant)
+            try:
+                priority = policy.resolve_priority(request.priority if request.HasField("priority") else None, tenant)
+            except PolicyError as exc:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            request.priority = priority  # as resolved: the audit line reports it
+            trace.get_current_span().set_attribute("llmmesh.priority", PRIORITY_CLASSES[priority])
+            label = self.tenant_label(tenant)
+            timeout = timeout_s if timeout_s is not None else self.config.default_timeout_s
+            async with self._tenant_turn(tenant, policy, timeout) as waited:
+                TENANT_WAIT.labels(label).observe(waited)
+                TENANT_RUNNING.labels(label).inc()
+                try:
+                    async for chunk in self._generate(request, timeout - waited, call_id, tenant, priority,
+                                                      policy.weight):
+                        last = chunk
+                        yield chunk
+                finally:
+                    TENANT_RUNNING.labels(label).dec()
+                    if last is not None and last.HasField("usage") and not last.usage.from_response_cache:
+                        TENANT_TOKENS.labels(label).inc(last.usage.completion_tokens)
         except RpcError as exc:
             status = exc.code.name
             raise
@@ -196,10 +213,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self.rate_limiter.charge_tokens(tenant, last.usage.prompt_tokens + last.usage.completion_tokens)
             self._audit(request, call_id, tenant, front, status, last, time.monotonic() - start)
 
+    @contextlib.asynccontextmanager
+    async def _tenant_turn(self, tenant: str, policy, timeout_s: float):
+        """The tenant's line (its max_concurrent): yields the seconds waited in it."""
+        try:
+            async with self.gate.enter(tenant, policy, timeout_s) as waited:
+                yield waited
+        except TenantQueueFull as exc:
+            refusal = retry_later(str(exc), 1.0)
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details, refusal.trailing_metadata,
+                           retry_after_s=1.0) from None
+        except TimeoutError:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline passed while tenant {tenant!r}'s "
+                           f"{policy.max_concurrent} requests in flight ran (its max_concurrent)") from None
+
     def _audit(self, request, call_id: str, tenant: str, front: str, status: str, last, duration_s: float) -> None:
         usage = last.usage if last is not None and last.HasField("usage") else None
         fields = {
             "event": "request", "request_id": request.request_id, "call_id": call_id, "tenant": tenant, "front": front,
+            "priority": PRIORITY_CLASSES[request.priority] if request.HasField("priority") else None,
             "model": self.config.model, "status": status, "duration_ms": round(duration_s * 1000, 1),
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
@@ -212,7 +244,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         audit_log.info("request %s %s", request.request_id, status, extra={"fields": fields})
 
     async def _generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None, call_id: str,
-                        tenant: str):
+                        tenant: str, priority: int = 0, weight: float = 1.0):
         start = time.monotonic()
         deadline = start + (timeout_s if timeout_s is not None else self.config.default_timeout_s)
         span = trace.get_current_span()
@@ -255,9 +287,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         n = max(sampling.n, 1)
         hashes = PrefixAffinity.hashes(prompt_ids, info.block_size) if self.affinity is not None else []
         # One replica for every choice: it prefills the prompt once for all of them.
-        order = self.affinity.order(self.shards.replicas, hashes) if self.affinity is not None else None
+        order = (self.affinity.order(self.shards.replicas, hashes, tenant) if self.affinity is not None
+                 else self.shards.ordered(tenant))
         streams = [self._choice(_ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i),
-                                            tokenizer_version, deadline, order, hashes), list(request.sampling.stop))
+                                            tokenizer_version, deadline, order, hashes, tenant, priority, weight),
+                                list(request.sampling.stop))
                    for i in range(n)]
         answer, cached_tokens = Answer(n), []
         first = True
@@ -276,7 +310,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 answer.add(chunk)
                 yield chunk
         except grpc.aio.AioRpcError as exc:
-            raise self._downstream_error(exc, "tokenizer") from None
+            raise downstream_error(exc, "tokenizer") from None
         GENERATED.inc(answer.completion_tokens)
         E2E.observe(time.monotonic() - start, _exemplar())
         if key is not None:
@@ -292,7 +326,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         shard resumed on another replica from what was delivered. Its first message carries, in usage,
         the prompt tokens the shard had cached; its last, its finish reason."""
         shard_request = shard_pb2.ShardGenerateRequest(request_id=c.call_id, prompt_token_ids=c.prompt_ids,
-                                                       sampling=c.sampling)
+                                                       sampling=c.sampling, tenant=c.tenant, priority=c.priority,
+                                                       tenant_weight=c.weight)
         matcher = StopStringMatcher(stop)
         token_ids: list[int] = []
         finish_reason = last_shard_reason = ""
@@ -302,8 +337,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             detok = DetokenizeSession(self.tokenizer, timeout=max(c.deadline - time.monotonic(), 0.001),
                                       reply_timeout_s=self.config.tokenizer_timeout_s)
         replica, call, span = None, None, trace.get_current_span()
+        first_wait = self.config.shard_first_message_timeout_s
         try:
-            replica, call, msg = await self._open_shard_stream(shard_request, c.deadline, c.order)
+            replica, call, msg = await open_shard_stream(self.shards, shard_request, c.deadline, first_wait, c.order, c.tenant)
             if self.affinity is not None:
                 self.affinity.record(replica.address, c.hashes)
                 span.set_attribute("llmmesh.replica", replica.address)
@@ -336,8 +372,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if finish_reason:
                     break
                 try:
-                    msg = await self._next_shard_message(call)
-                except _ShardLost as lost:
+                    msg = await next_shard_message(call)
+                except ShardLost as lost:
                     # Resume on another replica from what was delivered: prompt + tokens so far, the
                     # draws a seeded generator already made skipped. The client sees one stream.
                     if resumes >= MAX_RESUMES:
@@ -349,21 +385,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                                "llmmesh.delivered_tokens": len(token_ids)})
                     self.shards.mark_down(replica)
                     await close_stream(call, cancel=True)
-                    replica.outstanding -= 1
+                    replica.end(c.tenant)
                     replica, call = None, None
-                    resume = shard_pb2.ShardGenerateRequest(request_id=c.call_id,
-                                                            prompt_token_ids=c.prompt_ids + token_ids,
-                                                            sampling=c.sampling, resume_draws=len(token_ids))
+                    resume = shard_pb2.ShardGenerateRequest()
+                    resume.CopyFrom(shard_request)
+                    resume.prompt_token_ids.extend(token_ids)
+                    resume.resume_draws = len(token_ids)
                     resume.sampling.max_tokens = c.sampling.max_tokens - len(token_ids)
                     resume.sampling.prompt_logprobs = False  # delivered with the first message
-                    replica, call, msg = await self._open_shard_stream(resume, c.deadline)
+                    replica, call, msg = await open_shard_stream(self.shards, resume, c.deadline, first_wait,
+                                                                       tenant=c.tenant)
         finally:
             if call is not None:
                 # A stop string, a client cancel or an error cancels: the shard frees the work now.
                 await close_stream(call, cancel=not last_shard_reason)
             await detok.close()
             if replica is not None:
-                replica.outstanding -= 1
+                replica.end(c.tenant)
 
     async def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs shown per token)."""
@@ -371,7 +409,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             reply = await self.tokenizer.TokenTexts(tokenizer_pb2.DecodeRequest(token_ids=token_ids),
                                                     timeout=self.config.tokenizer_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise self._downstream_error(exc, "tokenizer") from None
+            raise downstream_error(exc, "tokenizer") from None
         return list(reply.texts)
 
     async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> tuple[list[int], str]:
@@ -384,7 +422,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline:
                 raise RpcError(grpc.StatusCode.UNAVAILABLE,
                                f"the tokenizer did not answer within {self.config.tokenizer_timeout_s:g}s") from None
-            raise self._downstream_error(exc, "tokenizer") from None
+            raise downstream_error(exc, "tokenizer") from None
         if not reply.token_ids:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt encodes to no tokens")
         return list(reply.token_ids), reply.tokenizer_version
@@ -394,69 +432,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return await self.shards.info(timeout=min(5.0, max(deadline - time.monotonic(), 0.001)))
         except NoShardAvailable as exc:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-
-    async def _open_shard_stream(self, shard_request, deadline: float, order: list[Replica] | None = None):
-        """Start the shard stream and read its first message. A replica that fails before that is
-        marked down and the next one is tried: nothing was sent to the client yet."""
-        errors = []
-        for replica in order or self.shards.ordered():
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a shard answered")
-            call = replica.stub.Generate(shard_request, timeout=timeout)
-            replica.outstanding += 1
-            try:
-                async with asyncio.timeout(min(timeout, self.config.shard_first_message_timeout_s)):
-                    first = await call.read()
-            except TimeoutError:  # a hung shard: the client's deadline is not spent on it
-                replica.outstanding -= 1
-                call.cancel()
-                if time.monotonic() >= deadline:
-                    raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a shard answered") from None
-                self.shards.mark_down(replica)
-                errors.append(f"{replica.address}: no first token within {self.config.shard_first_message_timeout_s:g}s")
-                continue
-            except grpc.aio.AioRpcError as exc:
-                replica.outstanding -= 1
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise self._downstream_error(exc, "model shard") from None
-                self.shards.mark_down(replica)
-                errors.append(f"{replica.address}: {exc.details() or exc.code().name}")
-                continue
-            except BaseException:
-                replica.outstanding -= 1
-                call.cancel()
-                raise
-            if first is grpc.aio.EOF:
-                replica.outstanding -= 1
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, f"model shard {replica.address} closed the stream")
-            self.shards.mark_up(replica)
-            return replica, call, first
-        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no model shard is available ({'; '.join(errors)})")
-
-    async def _next_shard_message(self, call):
-        """The next message; _ShardLost when the shard went away mid-stream (its work is resumable)."""
-        try:
-            msg = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in _SHARD_LOST_CODES and not _request_failed(exc):
-                raise _ShardLost(f"{exc.code().name}: {exc.details()}") from None
-            raise self._downstream_error(exc, "model shard") from None
-        if msg is grpc.aio.EOF:
-            raise _ShardLost("the stream ended before it finished")
-        return msg
-
-    @staticmethod
-    def _downstream_error(exc: grpc.aio.AioRpcError, service: str) -> RpcError:
-        code = exc.code()
-        if _request_failed(exc):  # the shard is fine; this request cannot be computed
-            return RpcError(grpc.StatusCode.INTERNAL, exc.details() or "the model shard failed this request")
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-            details = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k == STATUS_DETAILS_KEY)
-            return RpcError(code, exc.details() or code.name, details)
-        log.warning("%s failed: %s %s", service, code.name, exc.details())
-        return RpcError(grpc.StatusCode.UNAVAILABLE, f"the {service} is unavailable ({code.name})")
 
     # --- response cache (best effort: a slow or absent cache never fails a request) ---
 

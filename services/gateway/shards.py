@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class Replica:
     channel: grpc.aio.Channel = field(repr=False)
     stub: shard_pb2_grpc.ModelShardStub = field(repr=False)
     outstanding: int = 0
+    by_tenant: Counter = field(default_factory=Counter, repr=False)  # outstanding calls of each tenant
     down_until: float = 0.0  # monotonic seconds; tried only as a last resort before then
     serving: bool = True  # its health status, as watched (optimistic until the first answer)
     # The shard's own account of the KV blocks it holds (index keys, see WatchPrefixIndex); None
@@ -43,6 +45,17 @@ class Replica:
     @property
     def suspect(self) -> bool:
         return not self.serving or time.monotonic() < self.down_until
+
+    def begin(self, tenant: str) -> None:
+        """A call of tenant's starts here."""
+        self.outstanding += 1
+        self.by_tenant[tenant] += 1
+
+    def end(self, tenant: str) -> None:
+        self.outstanding -= 1
+        self.by_tenant[tenant] -= 1
+        if self.by_tenant[tenant] <= 0:
+            del self.by_tenant[tenant]
 
 
 class ShardPool:
@@ -144,9 +157,10 @@ class ShardPool:
             self._report_availability()
             await asyncio.sleep(self.backoff_s)  # the stream ended (shard stopped): reconnect after a pause
 
-    def ordered(self) -> list[Replica]:
-        """Replicas to try, best first: healthy before suspect, then fewest outstanding requests."""
-        return sorted(self.replicas, key=lambda r: (r.suspect, r.outstanding))
+    def ordered(self, tenant: str = "") -> list[Replica]:
+        """Replicas to try, best first: healthy before suspect, then fewest outstanding calls of this
+        tenant (a tenant's load spreads over the replicas), then fewest of all."""
+        return sorted(self.replicas, key=lambda r: (r.suspect, r.by_tenant[tenant], r.outstanding))
 
     def mark_down(self, replica: Replica) -> None:
         replica.down_until = time.monotonic() + self.backoff_s
