@@ -66,17 +66,19 @@ def _audit_lines(mesh, request_id: str) -> list[dict]:
 def test_audit_line_names_the_request_and_its_trace(mesh, gateway):
     request_id = f"audit-{time.time_ns()}"
     secret = "my secret prompt text"
-    gateway.Generate(gateway_pb2.GenerateRequest(prompt=secret, request_id=request_id,
+    gateway.Generate(gateway_pb2.GenerateRequest(prompt=secret, request_id=request_id, priority=2,
                                                  sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=60)
     lines = wait_for(lambda: _audit_lines(mesh, request_id))
     assert len(lines) == 1
     audit = lines[0]
     assert audit["status"] == "OK" and audit["tenant"] == "anonymous" and audit["front"] == "grpc"
+    assert audit["priority"] == "batch"
     assert audit["prompt_tokens"] > 0 and audit["completion_tokens"] == 3
     assert secret not in json.dumps(audit)
     root = wait_for(lambda: next((s for s in load_spans(mesh.trace_dir)
                                    if s["attributes"].get("llmmesh.request_id") == request_id), None))
     assert root["context"]["trace_id"] == "0x" + audit["trace_id"]
+    assert root["attributes"]["llmmesh.tenant"] == "anonymous" and root["attributes"]["llmmesh.priority"] == "batch"
 
     with pytest.raises(grpc.RpcError):
         gateway.Generate(gateway_pb2.GenerateRequest(prompt="", request_id=request_id + "-bad"), timeout=30)

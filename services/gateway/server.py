@@ -231,7 +231,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         usage = last.usage if last is not None and last.HasField("usage") else None
         fields = {
             "event": "request", "request_id": request.request_id, "call_id": call_id, "tenant": tenant, "front": front,
-            "priority": PRIORITY_CLASSES[request.priority] if request.HasField("priority") else None,
+            "priority": (PRIORITY_CLASSES[request.priority] if request.priority < len(PRIORITY_CLASSES)
+                         else request.priority) if request.HasField("priority") else None,
             "model": self.config.model, "status": status, "duration_ms": round(duration_s * 1000, 1),
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,

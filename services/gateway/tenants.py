@@ -65,8 +65,8 @@ class TenantPolicy:
         if requested >= len(PRIORITY_CLASSES):
             raise PolicyError(f"priority {requested} is not a class: {_classes()}")
         if requested < self.priority:
-            raise PolicyError(f"priority {requested} ({PRIORITY_CLASSES[requested]}) is above tenant {tenant!r}'s "
-                              f"ceiling, {self.priority} ({PRIORITY_CLASSES[self.priority]})")
+            raise PolicyError(f"priority {requested} ({PRIORITY_CLASSES[requested]}) is above the ceiling of tenant "
+                              f"{tenant!r}, {self.priority} ({PRIORITY_CLASSES[self.priority]})")
         return requested
 
 
