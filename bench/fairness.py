@@ -60,8 +60,8 @@ async def _tenant_b(stub, args) -> dict:
     return {"ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
 
 
-async def _flood(stub, args, stop: asyncio.Event) -> float:
-    """A's clients until `stop`; A's tok/s over the flood."""
+async def _flood(stub, args, stop: asyncio.Event) -> dict:
+    """A's clients until `stop`: A's tok/s and inter-token latency over the flood."""
     prompts = make_prompts(args.flood * 4)
     ttfts, itls = [], []
 
@@ -74,7 +74,7 @@ async def _flood(stub, args, stop: asyncio.Event) -> float:
 
     start = time.perf_counter()
     tokens = sum(await asyncio.gather(*(client(i) for i in range(args.flood))))
-    return tokens / (time.perf_counter() - start)
+    return {"tok_s": tokens / (time.perf_counter() - start), "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
 
 
 async def _measure(address: str, args, alone: bool) -> dict:
@@ -88,20 +88,22 @@ async def _measure(address: str, args, alone: bool) -> dict:
             flood = asyncio.create_task(_flood(stub, args, stop))
             await asyncio.sleep(args.a_seconds)  # A alone for a fixed time
             stop.set()
-            out["a_tok_s"] = await flood
+            out["a"] = await flood
             return out
         stop = asyncio.Event()
         flood = asyncio.create_task(_flood(stub, args, stop))
         await asyncio.sleep(args.settle)  # the flood reaches its steady state first
         out["b"] = await _tenant_b(stub, args)
         stop.set()
-        out["a_tok_s"] = await flood
+        out["a"] = await flood
         return out
 
 
 def _run(args, policy: str, alone: bool, keys: Path) -> dict:
     ports = [free_port() for _ in range(4)]
     shard_args = ["--scheduling", policy, "--max-running", str(args.max_running), "--dtype", args.dtype,
+                  *(["--prefill-tokens-beside-decodes", str(args.prefill_beside_decodes)]
+                    if args.prefill_beside_decodes else []),
                   *(["--quantization", args.quantization] if args.quantization else [])]
     plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
                      gateway_metrics_port=0, shard_args=shard_args,
@@ -123,6 +125,8 @@ def main() -> None:
     parser.add_argument("--a-seconds", type=float, default=20.0, help="how long A floods alone")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds of flood before B starts")
     parser.add_argument("--max-running", type=int, default=32, help="the shard's batch slots")
+    parser.add_argument("--prefill-beside-decodes", type=int, help="the shard's cap on prompt tokens per step "
+                        "beside decodes (bounds a step's length, so a newcomer's wait for the running step)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -140,12 +144,13 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct {args.dtype} + {args.quantization}, 1 shard of {args.max_running} slots; A: "
           f"{args.flood} streams of {args.a_tokens} tokens; B: {args.b_requests} requests of {args.b_tokens}, "
           f"one at a time\n")
-    print(f"{'':28} {'B TTFT p50':>11} {'B TTFT p99':>11} {'B ITL p50':>10} {'B ITL p99':>10} {'A tok/s':>8}")
+    print(f"{'':28} {'B TTFT p50':>11} {'B TTFT p99':>11} {'B ITL p50':>10} {'B ITL p99':>10} {'A tok/s':>8} "
+          f"{'A ITL p99':>10}")
     for name, r in rows:
-        b = r["b"]
+        b, a = r["b"], r["a"]
         print(f"{name:28} {1000 * b['ttft_p50']:9.0f}ms {1000 * b['ttft_p99']:9.0f}ms {1000 * b['itl_p50']:8.0f}ms "
-              f"{1000 * b['itl_p99']:8.0f}ms {r['a_tok_s']:8.1f}")
-    print("\n(A's tok/s on the first row: A flooding alone)")
+              f"{1000 * b['itl_p99']:8.0f}ms {a['tok_s']:8.1f} {1000 * a['itl_p99']:8.0f}ms")
+    print("\n(A's figures on the first row: A flooding alone)")
     if args.json:
         args.json.write_text(json.dumps({name: r for name, r in rows}, indent=2))
 

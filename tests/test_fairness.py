@@ -84,6 +84,20 @@ def test_the_higher_class_goes_first_and_preempts_a_lower_one_for_its_slot():
     assert sched.waiting[0] in batch and batch[2] in sched.waiting  # the preempted one waits first among its class
 
 
+def test_a_tenant_that_becomes_active_goes_before_a_backlogged_one():
+    """It starts at the backlogged tenant's virtual time; with fewer running it goes first, and takes
+    a slot of the tenant over its share at once."""
+    sched = _sched(max_running=4)
+    for _ in range(20):
+        _keep_busy(sched, "a", 10)
+        _step(sched)
+    newcomer = _seq("b")
+    sched.add(newcomer)
+    out = sched.schedule()
+    assert newcomer in sched.running and out.num_preempted == 1
+    assert Counter(s.tenant for s in sched.running) == {"a": 3, "b": 1}
+
+
 def test_kv_pressure_preempts_the_lowest_class_first_not_the_newest():
     sched = _sched(num_blocks=7, max_running=8, max_preemptions=0)
     standard, batch, interactive = _seq("a", STANDARD, prompt=7), _seq("b", BATCH, prompt=7), _seq("c", prompt=7)

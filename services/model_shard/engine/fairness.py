@@ -93,15 +93,19 @@ class FairShares:
         """The class seq competes in while it waits (aging lifts it)."""
         return max(0, seq.priority - (self.step - seq.enqueued_step) // self.config.aging_steps)
 
-    def next_to_admit(self, waiting: Iterable[Sequence], skip: set[int] = frozenset()) -> Sequence | None:
-        """The waiting sequence to admit next (ids in `skip` are passed over)."""
-        best, best_key = None, None
+    def next_to_admit(self, waiting: Iterable[Sequence], running: list[Sequence],
+                      skip: set[int] = frozenset()) -> Sequence | None:
+        """The waiting sequence to admit next (ids in `skip` are passed over). Between equal virtual
+        times (a tenant that just became active starts at the backlogged one's), the tenant with
+        fewer running sequences per weight goes first."""
+        best, best_key, load = None, None, None
         for order, seq in enumerate(waiting):
             if id(seq) in skip:
                 continue
             if not self.fair:
                 return seq
-            key = (self.class_of(seq), self.vtime.get(seq.tenant, 0.0), order)
+            load = load if load is not None else self._running_per_weight(running)
+            key = (self.class_of(seq), self.vtime.get(seq.tenant, 0.0), load.get(seq.tenant, 0.0), order)
             if best_key is None or key < best_key:
                 best, best_key = seq, key
         return best

@@ -208,7 +208,7 @@ class Scheduler:
         # No admissions in a step that had to preempt for blocks: memory is short.
         skip: set[int] = set()  # waiting for blocks another sequence is computing; they keep their place
         while not kv_short and self.waiting and len(self.running) < self.config.max_running and budget > 0:
-            seq = self.shares.next_to_admit(self.waiting, skip)
+            seq = self.shares.next_to_admit(self.waiting, self.running, skip)
             if seq is None:
                 break
             if self._awaits_blocks(seq):
@@ -238,7 +238,7 @@ class Scheduler:
         for _ in range(self.config.fairness.max_preemptions):
             if not self.running or not self.waiting:
                 return
-            seq = self.shares.next_to_admit(self.waiting)
+            seq = self.shares.next_to_admit(self.waiting, self.running)
             first_chunk = self.pool.blocks_for(min(seq.num_tokens, self.config.max_batched_tokens))
             if len(self.running) < self.config.max_running and first_chunk <= self.pool.num_free - self._watermark:
                 return
