@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="int4")
     parser.add_argument("--flood", type=int, default=48, help="tenant A's concurrent streams")
     parser.add_argument("--a-tokens", type=int, default=64)
-    parser.add_argument("--b-requests", type=int, default=8)
+    parser.add_argument("--b-requests", type=int, default=20)
     parser.add_argument("--b-tokens", type=int, default=32)
     parser.add_argument("--a-seconds", type=float, default=20.0, help="how long A floods alone")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds of flood before B starts")
