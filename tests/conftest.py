@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def vocab_sized_tiny_model(tmp_path_factory, real_model_dir):
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     out = tmp_path_factory.mktemp("tiny-vocab-llama")
     LlamaForCausalLM(config).save_pretrained(out)
+    shutil.copy(real_model_dir / "tokenizer.json", out)  # its grammars (structured output) need the tokenizer
     return out
 
 

@@ -253,3 +253,26 @@ def test_a_client_cancel_mid_stream_frees_kv(mesh, gateway):
     # The gateway cancels the shard call; the engine frees the blocks at its next step.
     wait_for(lambda: not any(_shard_kv_used(mesh)), timeout=10, interval=0.05)
     assert _shard_kv_used(mesh) == [0.0, 0.0]
+
+
+def test_structured_output_over_grpc(gateway):
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
+              "required": ["capital"], "additionalProperties": False}
+    sampling = common_pb2.SamplingParams(max_tokens=40, structured=common_pb2.StructuredOutput(
+        json_schema=json.dumps(schema)))
+    chunks = _stream(gateway, messages=FRANCE, sampling=sampling)
+    answer = json.loads("".join(c.text for c in chunks))
+    assert set(answer) == {"capital"} and chunks[-1].finish_reason == "stop"
+    regex = common_pb2.SamplingParams(max_tokens=16, structured=common_pb2.StructuredOutput(regex="[0-9]{4}"))
+    reply = gateway.Generate(gateway_pb2.GenerateRequest(prompt="The year:", sampling=regex), timeout=60)
+    assert re.fullmatch("[0-9]{4}", reply.text)
+    for structured, fragment in ((common_pb2.StructuredOutput(json_schema="{oops"), "not JSON"),
+                                 (common_pb2.StructuredOutput(regex="[z-a]"), "regex"),
+                                 (common_pb2.StructuredOutput(choice=common_pb2.ChoiceList()), "one or more")):
+        with pytest.raises(grpc.RpcError) as err:
+            gateway.Generate(gateway_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
+                max_tokens=4, structured=structured)), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()

@@ -294,3 +294,15 @@ def test_logprobs_are_the_models_own(tiny_model_dir):
     while engine.has_work:
         outs.extend(engine.step())
     assert outs and all(o.new_logprobs is None for o in outs) and seq.finished
+
+
+def test_a_resumed_request_continues_token_for_token_with_penalties_and_min_tokens(tiny_model_dir):
+    """Failover resume sends prompt + delivered tokens with skip_draws: the delivered tokens still count as
+    generated for OpenAI's penalties, and the gateway lowers min_tokens by them."""
+    params = dict(temperature=0.9, seed=12, presence_penalty=1.5, frequency_penalty=0.8, min_tokens=10)
+    whole = _engine(tiny_model_dir).generate([PROMPTS[0]], SamplingParams(max_tokens=16, **params))[0]
+    delivered = whole[:6]
+    resumed = _engine(tiny_model_dir).generate(
+        [PROMPTS[0] + delivered],
+        SamplingParams(max_tokens=10, skip_draws=6, **{**params, "min_tokens": 4}))[0]
+    assert delivered + resumed == whole

@@ -92,9 +92,9 @@ def test_a_row_that_cannot_be_sampled_ends_only_its_request(tiny_model_dir, monk
     batches = []  # the request ids of each sampled batch, in row order
     build, sample = local.SamplingBatch.from_sequences, local.sample
 
-    def remember(seqs):
+    def remember(seqs, masks=None):
         batches.append([s.request_id for s in seqs])
-        return build(seqs)
+        return build(seqs, masks)
 
     def sample_with_nan(logits, batch):  # NaN logits for the row of "bad", once it has made two tokens
         ids = batches[-1]

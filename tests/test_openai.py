@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
-from pathlib import Path
-
-import json
 import urllib.error
 import urllib.request
+from pathlib import Path
+
 import openai
 import pytest
 
@@ -220,3 +221,42 @@ def test_logit_bias_and_openai_penalties_are_served(client, real_model_dir):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2, presence_penalty=3)
     assert err.value.status_code == 400 and "presence_penalty" in err.value.body["message"]
+
+
+def test_structured_outputs_through_the_sdk(client):
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=30)
+        country: str = Field(max_length=30)
+        population_millions: int = Field(ge=0, le=50)
+
+    question = [{"role": "user", "content": "Give me a city as JSON."}]
+    parsed = client.chat.completions.parse(model=MODEL, messages=question, response_format=City, max_tokens=120,
+                                           temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    assert parsed.choices[0].finish_reason == "stop"
+    anything = client.chat.completions.create(model=MODEL, messages=question, max_tokens=60, temperature=0,
+                                              response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    picked = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=8, temperature=0.7, seed=3,
+                                            extra_body={"guided_choice": ["Paris", "Lyon", "Nice"]})
+    assert picked.choices[0].message.content in ("Paris", "Lyon", "Nice")
+    code = client.completions.create(model=MODEL, prompt="A product code:", max_tokens=12, temperature=0,
+                                     extra_body={"structured_outputs": {"regex": "[A-Z]{3}-[0-9]{4}"}})
+    assert re.fullmatch(r"[A-Z]{3}-[0-9]{4}", code.choices[0].text)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "needs a schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}}, "send one structured output"),
+    ({"extra_body": {"guided_regex": "(unclosed"}}, "unclosed group"),
+    ({"extra_body": {"guided_json": {"type": "frobnicate"}}}, "frobnicate"),
+    ({"extra_body": {"guided_choice": []}}, "non-empty list"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+])
+def test_bad_structured_outputs_are_400_and_tools_are_refused_not_ignored(client, kwargs, fragment):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4, **kwargs)
+    assert err.value.status_code == 400 and fragment in err.value.body["message"]

@@ -7,6 +7,7 @@ all these tests need (the tokens must match an undisturbed run, not make sense).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,10 @@ def _requests() -> list[gateway_pb2.GenerateRequest]:
         max_tokens=MAX_TOKENS, temperature=0.8, top_k=40, seed=1234))
     choices = gateway_pb2.GenerateRequest(prompt="Two seeded stories", sampling=common_pb2.SamplingParams(
         max_tokens=MAX_TOKENS, temperature=0.8, seed=99, n=2))  # each choice resumes on its own
-    return [*greedy, seeded, choices]
+    constrained = gateway_pb2.GenerateRequest(prompt="Some words", sampling=common_pb2.SamplingParams(
+        max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.8, seed=7,
+        structured=common_pb2.StructuredOutput(regex="[a-z ]+")))  # resumed: its matcher is fed what was delivered
+    return [*greedy, seeded, choices, constrained]
 
 
 def _tokens(chunks) -> list[int]:
@@ -118,5 +122,6 @@ def test_killing_a_shard_mid_stream_is_invisible_to_clients(real_model_dir, voca
         for got, want in zip(results, expected):
             assert _choices(got) == _choices(want)
             assert got[-1].usage.completion_tokens == want[-1].usage.completion_tokens
+        assert re.fullmatch("[a-z ]+", _choices(results[-1])[0][1])
         log = [json.loads(line) for line in complete_lines(tmp_path / "gateway.log") if line.startswith("{")]
         assert any("resuming elsewhere" in entry["message"] for entry in log), "no stream was on the killed shard"

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmmesh.v1 import common_pb2, gateway_pb2
 from services.gateway.choices import Answer
 from services.gateway.openai_logprobs import PromptPart, Tokens, chat_logprobs, completion_logprobs
+from services.gateway.openai_structured import StructuredError, structured_output
 from services.gateway.server import REQUESTS, GatewayServicer, RpcError
 
 _tracer = trace.get_tracer(__name__)
@@ -120,6 +121,7 @@ class _Common(_Validated):
     stop_token_ids: list[int] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0)
     priority: int | None = Field(default=None, ge=0, le=UINT32_MAX)  # 0 interactive, 1 standard, 2 batch
+    response_format: dict[str, Any] | None = None  # and vLLM's structured-output fields: openai_structured.py
 
 
 class ChatCompletionRequest(_Common):
@@ -165,6 +167,12 @@ def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams
                                   ignore_eos=req.ignore_eos, stop_token_ids=_token_ids(req.stop_token_ids), n=req.n)
     if req.seed is not None:
         s.seed = req.seed
+    try:
+        structured = structured_output(req)
+    except StructuredError as exc:
+        raise OpenAIError(400, str(exc), param=exc.param) from None
+    if structured is not None:
+        s.structured.CopyFrom(structured)
     return s
 
 
@@ -194,6 +202,20 @@ async def _client_gone(request: Request) -> None:
     is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _refuse_tools(body: "ChatCompletionRequest") -> None:
+    """Tool calls are not served yet: a request that offers tools is told so, not answered as if it had not."""
+    extra = body.model_extra or {}
+    for name in ("tools", "functions"):
+        if extra.get(name):
+            raise OpenAIError(400, f"{name} are not served by this server yet; send the request without them",
+                              param=name)
+    if extra.get("tool_choice") not in (None, "none") or extra.get("function_call") not in (None, "none"):
+        raise OpenAIError(400, "tool_choice is not served by this server yet", param="tool_choice")
+    for i, m in enumerate(body.messages):
+        if m.role in ("tool", "function"):
+            raise OpenAIError(400, f"messages[{i}]: {m.role} messages are not served yet", param=f"messages.{i}.role")
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -268,6 +290,7 @@ class OpenAIFront:
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request):
+            _refuse_tools(body)
             if body.top_logprobs and not body.logprobs:
                 raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
             messages = [common_pb2.ChatMessage(role=m.role, content=m.text()) for m in body.messages]

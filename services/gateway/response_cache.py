@@ -34,6 +34,7 @@ def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams,
         "raw_logprobs": s.raw_logprobs,
         "prompt_logprobs": s.prompt_logprobs,
         "n": max(s.n, 1),
+        "structured": s.structured.SerializeToString(deterministic=True).hex() if s.HasField("structured") else None,
     }
     h = hashlib.sha256(b"llmmesh-response-v2\0")  # v2: seeded draws are counter-based (sampler.py)
     h.update(model.encode() + b"\0")

@@ -393,6 +393,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     resume.prompt_token_ids.extend(token_ids)
                     resume.resume_draws = len(token_ids)
                     resume.sampling.max_tokens = c.sampling.max_tokens - len(token_ids)
+                    resume.sampling.min_tokens = max(0, c.sampling.min_tokens - len(token_ids))
                     resume.sampling.prompt_logprobs = False  # delivered with the first message
                     replica, call, msg = await open_shard_stream(self.shards, resume, c.deadline, first_wait,
                                                                        tenant=c.tenant)

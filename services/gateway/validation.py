@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ def check_sampling(s: common_pb2.SamplingParams, limits: Limits) -> None:
         raise InvalidRequest("top_logprobs needs logprobs (or prompt_logprobs)")
     if not s.repetition_penalty >= 0 or s.repetition_penalty > 10:
         raise InvalidRequest(f"repetition_penalty must be in (0, 10] (0 = off), got {s.repetition_penalty}")
+    check_structured(s)
     if len(s.stop) > limits.max_stop_strings:
         raise InvalidRequest(f"{len(s.stop)} stop strings; at most {limits.max_stop_strings}")
     for i, stop in enumerate(s.stop):
@@ -108,3 +110,20 @@ def resolve_max_tokens(s: common_pb2.SamplingParams, prompt_tokens: int, max_mod
 
 def is_deterministic(s: common_pb2.SamplingParams) -> bool:
     return s.temperature == 0 or s.HasField("seed")
+
+
+def check_structured(s: common_pb2.SamplingParams) -> None:
+    """What can be told without compiling (the shard compiles, and refuses what does not compile)."""
+    kind = s.structured.WhichOneof("kind") if s.HasField("structured") else None
+    if kind == "json_schema":
+        try:
+            schema = json.loads(s.structured.json_schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"structured.json_schema is not JSON: {exc}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidRequest("structured.json_schema must be a JSON Schema (a JSON object)")
+    elif kind == "choice":
+        if not s.structured.choice.options or not all(s.structured.choice.options):
+            raise InvalidRequest("structured.choice needs one or more non-empty options")
+    elif kind in ("regex", "lark", "gbnf") and not getattr(s.structured, kind):
+        raise InvalidRequest(f"structured.{kind} is empty")

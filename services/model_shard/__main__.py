@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-fetch-timeout", type=float, default=0.5,
                         help="seconds a prompt waits for shared KV blocks before computing them itself")
     parser.add_argument("--retry-after", type=float, default=0.5, help="seconds a refused client is told to wait")
+    parser.add_argument("--grammar-timeout", type=float, default=10.0,
+                        help="seconds a structured-output request's grammar may take to compile; past it the "
+                             "request is refused and the shard serves on")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--tensor-parallel-size", type=int, default=int(env_default("LLMMESH_TENSOR_PARALLEL_SIZE", "1")),
                         help="split each layer's heads and MLP over this many Ray workers")
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             servicer.shared_kv = shared_ref["shared"] = shared
 
     servicer = ModelShardServicer(engine, model_name=args.model.rstrip("/").rsplit("/", 1)[-1],
-                                  retry_after_s=args.retry_after, prefix_feed=prefix_feed)
+                                  retry_after_s=args.retry_after, prefix_feed=prefix_feed,
+                                  grammar_timeout_s=args.grammar_timeout)
 
     def register(server):
         shard_pb2_grpc.add_ModelShardServicer_to_server(servicer, server)

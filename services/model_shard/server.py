@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections import Counter
@@ -19,6 +20,7 @@ from services.common.errors import REQUEST_FAILED_KEY, retry_later
 from services.common.telemetry import record_span, tracer
 from services.common.labels import BoundedLabels
 from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, RequestClass, StepReport
+from services.model_shard.engine.grammar import OutputSpec
 from services.model_shard.engine.request import FinishReason, SamplingParams
 from services.model_shard.engine.scheduler import QueueFullError
 from services.model_shard.kv_share import SharedKvBlocks
@@ -66,7 +68,27 @@ def sampling_from_proto(p, skip_draws: int = 0) -> SamplingParams:
         top_logprobs=p.top_logprobs,
         raw_logprobs=p.raw_logprobs,
         prompt_logprobs=p.prompt_logprobs,
+        structured=structured_from_proto(p),
     )
+
+
+def structured_from_proto(p) -> OutputSpec | None:
+    kind = p.structured.WhichOneof("kind") if p.HasField("structured") else None
+    if kind is None:
+        return None
+    if kind == "choice":
+        return OutputSpec("choice", json.dumps(list(p.structured.choice.options)))
+    if kind == "json_object":
+        return OutputSpec("json_object", "")
+    return OutputSpec(kind, getattr(p.structured, kind))
+
+
+def _ready_matcher(grammars, spec: OutputSpec, delivered: list[int]):
+    """A matcher with its first mask computed (that builds its lexer): the slow part of a grammar,
+    done here rather than on the engine thread."""
+    matcher = grammars.matcher(spec, delivered)
+    matcher.compute_bitmask()
+    return matcher
 
 
 def top_logprobs_to_proto(tops) -> list[common_pb2.TopLogprobs]:
@@ -86,12 +108,14 @@ class PrefixIndexFeed:
 
 class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
     def __init__(self, engine: AsyncEngine, model_name: str, retry_after_s: float = 0.5,
-                 shared_kv: SharedKvBlocks | None = None, prefix_feed: PrefixIndexFeed | None = None):
+                 shared_kv: SharedKvBlocks | None = None, prefix_feed: PrefixIndexFeed | None = None,
+                 grammar_timeout_s: float = 10.0):
         """Health follows the engine through AsyncEngine's on_health hook, not this servicer."""
         self.engine = engine
         self.shared_kv = shared_kv
         self.retry_after_s = retry_after_s
         self.model_name = model_name
+        self.grammar_timeout_s = grammar_timeout_s
         self.prefix_feed = prefix_feed or PrefixIndexFeed()  # fed by AsyncEngine's on_prefix_change
         self._calls: dict[str, set[str]] = {}  # a caller's request_id -> the engine ids of its running calls
 
@@ -105,6 +129,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         label, request_id = request.request_id, uuid.uuid4().hex
         params = sampling_from_proto(request.sampling, request.resume_draws)
         first, times, count, steps = True, None, 0, 0
+        matcher = await self._matcher(params, list(request.prompt_token_ids), context)
         if self.shared_kv is not None:
             await self._fetch_shared_prefix(list(request.prompt_token_ids))
         self._calls.setdefault(label, set()).add(request_id)
@@ -113,7 +138,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
             propagate.inject(carrier)
             request_class = RequestClass(request.tenant, request.priority, request.tenant_weight or 1.0)
             async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params, carrier,
-                                                    request_class):
+                                                    request_class, matcher):
                 last = batch[-1]
                 times = last.times
                 if last.finish_reason is FinishReason.ABORTED:
@@ -161,6 +186,24 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
             if times is not None and times.first_token_ns is not None:
                 record_span("decode", times.first_token_ns, times.finished_ns or times.first_token_ns,
                             {"llmmesh.completion_tokens": count, "llmmesh.decode_steps": max(steps - 1, 0)})
+
+    async def _matcher(self, params: SamplingParams, prompt: list[int], context):
+        """The constrained request's matcher, made off the engine thread within --grammar-timeout."""
+        if params.structured is None:
+            return None
+        engine = self.engine.engine
+        if engine is None or engine.grammars is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this shard serves no structured output "
+                                "(its model directory has no tokenizer.json)")
+        delivered = prompt[len(prompt) - params.skip_draws:] if params.skip_draws else []
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(_ready_matcher, engine.grammars, params.structured,
+                                                            delivered), self.grammar_timeout_s)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {params.structured.kind} did not compile "
+                                f"within {self.grammar_timeout_s:g}s (the shard's --grammar-timeout)")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"structured output: {exc}")
 
     async def _fetch_shared_prefix(self, prompt: list[int]) -> None:
         """Bring the prompt's leading blocks that this shard lacks from the cache service, so the

@@ -55,6 +55,7 @@ class _Add:
     params: SamplingParams
     trace_carrier: dict[str, str] | None
     request_class: RequestClass
+    matcher: object | None
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     accepted: asyncio.Future
@@ -125,7 +126,7 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        trace_carrier: dict[str, str] | None = None, request_class: RequestClass = RequestClass(),
+        trace_carrier: dict[str, str] | None = None, request_class: RequestClass = RequestClass(), matcher=None,
     ) -> AsyncIterator[list[RequestOutput]]:
         """Yields the outputs available at each wake-up (several when the reader fell behind).
 
@@ -135,7 +136,7 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDeadError(f"the engine failed: {self._error}")
         loop = asyncio.get_running_loop()
-        add = _Add(request_id, prompt_token_ids, params, trace_carrier, request_class, asyncio.Queue(), loop,
+        add = _Add(request_id, prompt_token_ids, params, trace_carrier, request_class, matcher, asyncio.Queue(), loop,
                    loop.create_future())
         self._inbox.put(add)
         finished = False
@@ -208,7 +209,7 @@ class AsyncEngine:
             try:
                 c = msg.request_class
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.trace_carrier,
-                                        c.tenant, c.priority, c.weight)
+                                        c.tenant, c.priority, c.weight, msg.matcher)
             except (ValueError, QueueFullError) as exc:
                 msg.loop.call_soon_threadsafe(_settle, msg.accepted, exc)
                 return

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from services.model_shard.engine.fairness import FairnessConfig
+from services.model_shard.engine.grammar import Grammars, Matchers
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import RequestOutput, SamplingParams, Sequence
 from services.model_shard.engine.sampler import seed_as_int64
@@ -90,6 +91,8 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {config.block_size} tokens")
         self.pool = BlockPool(num_blocks, config.block_size)
+        self.matchers = Matchers()
+        self.grammars: Grammars | None = None  # set by enable_grammars: constrained decoding (grammar.py)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_model_len=self.max_model_len,
@@ -101,6 +104,7 @@ class LLMEngine:
                 fairness=config.fairness,
             ),
             self.pool,
+            self.matchers,
         )
         if executor_factory is not None:
             self.executor = executor_factory(num_blocks)
@@ -114,6 +118,11 @@ class LLMEngine:
                           f"/l{cfg.num_layers}h{cfg.num_kv_heads}d{cfg.head_dim}/tp{tp}pp{pp}/kv1")
         log.info("engine ready: %d KV blocks of %d tokens, context %d, tensor x pipeline parallel %d x %d",
                  num_blocks, config.block_size, self.max_model_len, tp, pp)
+
+    def enable_grammars(self, tokenizer_dir: str | Path) -> None:
+        """Serve structured output with the tokenizer in tokenizer_dir (its tokenizer.json)."""
+        self.grammars = Grammars.from_model_dir(tokenizer_dir, self.model_config.vocab_size,
+                                                sorted(self.eos_token_ids))
 
     @property
     def can_transfer_blocks(self) -> bool:
@@ -129,9 +138,14 @@ class LLMEngine:
             def workers(num_blocks: int):
                 return RayExecutor(model_dir, config, num_blocks)
 
-            return cls(LlamaConfig.from_dir(model_dir), config, model_id, executor_factory=workers)
-        model = load_model(model_dir, DTYPES[config.dtype], config.quantization, native_kernels=config.native_kernels)
-        return cls(model, config, model_id)
+            engine = cls(LlamaConfig.from_dir(model_dir), config, model_id, executor_factory=workers)
+        else:
+            model = load_model(model_dir, DTYPES[config.dtype], config.quantization,
+                               native_kernels=config.native_kernels)
+            engine = cls(model, config, model_id)
+        if (Path(model_dir) / "tokenizer.json").exists():
+            engine.enable_grammars(model_dir)
+        return engine
 
     def worker_pids(self) -> list[int]:
         pids = getattr(self.executor, "worker_pids", None)
@@ -170,9 +184,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     trace_carrier: dict[str, str] | None = None, tenant: str = "", priority: int = 0,
-                    weight: float = 1.0) -> Sequence:
+                    weight: float = 1.0, matcher=None) -> Sequence:
         """trace_carrier: the request's W3C trace context, for spans recorded by parallel workers.
-        tenant, priority (0 goes first) and the tenant's weight decide its place (fairness.py)."""
+        tenant, priority (0 goes first) and the tenant's weight decide its place (fairness.py).
+        matcher: for params.structured, one made by self.grammars (made here when not given)."""
         params.validate()
         if priority < 0 or not 0 < weight < math.inf:
             raise ValueError(f"priority must be >= 0 and weight a finite number > 0, got {priority} and {weight}")
@@ -185,7 +200,18 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, seed_as_int64(seed),
                        trace_carrier=trace_carrier, tenant=tenant, priority=priority, weight=weight)
-        self.scheduler.add(seq)
+        if params.structured is not None:
+            if matcher is None:
+                if self.grammars is None:
+                    raise ValueError("this shard serves no structured output (its model has no tokenizer.json)")
+                delivered = list(prompt_token_ids[len(prompt_token_ids) - params.skip_draws:]) if params.skip_draws else []
+                matcher = self.grammars.matcher(params.structured, delivered)
+            self.matchers.add(seq, matcher)
+        try:
+            self.scheduler.add(seq)
+        except BaseException:
+            self.matchers.release(seq)
+            raise
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -200,6 +226,9 @@ class LLMEngine:
         FinishReason.ERROR and the engine goes on; ExecutorLost, and MAX_FAILED_STEPS failures in a
         row, propagate (the engine must be rebuilt, or the process restarted)."""
         out = self.scheduler.schedule()
+        for item in out.scheduled:
+            if item.sample and item.seq.params.structured is not None:
+                item.token_mask = self.matchers.mask(item.seq)
         try:
             sampled = self.executor.execute(out)
         except ExecutorLost:

@@ -33,6 +33,7 @@ class SamplingParams:
     raw_logprobs: bool = False  # of the model's own distribution; default: after penalties and bias (sampler.py)
     prompt_logprobs: bool = False  # report each prompt token's log-probability (computed, never reused)
     skip_draws: int = 0  # a resumed request: the draws its random stream already made elsewhere
+    structured: object | None = None  # an OutputSpec (grammar.py): the answer is constrained to it
 
     def validate(self) -> None:
         """Refuse what the sampler gives no meaning to (NaN fails every comparison below)."""
@@ -116,6 +117,12 @@ class Sequence:
     def append_token(self, token: int) -> None:
         self.output_token_ids.append(token)
         self.token_ids.append(token)
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        """The answer's tokens so far, those a resumed request was delivered elsewhere included (they end
+        its prompt): what OpenAI's presence and frequency penalties count."""
+        return self.token_ids[len(self.prompt_token_ids) - self.params.skip_draws:]
 
     @property
     def num_tokens(self) -> int:

@@ -7,7 +7,8 @@ What each parameter means, in the order applied (each row on its own):
    a tiny penalty makes seen tokens overwhelmingly likely instead of infinite. Then OpenAI's
    presence_penalty (subtracted once from each generated token's logit) and frequency_penalty (once per
    occurrence), then logit_bias (added), clamped again; then the end tokens held back by min_tokens
-   become -inf. Greedy rows see all of these too.
+   become -inf, and so do the tokens a constrained row's grammar does not allow next (grammar.py).
+   Greedy rows see all of these too.
 2. A temperature below TEMPERATURE_FLOOR (0 included) is greedy: the argmax of the penalised logits.
    Otherwise the logits are divided by it and soft-maxed.
 3. min_p drops tokens whose probability is below min_p times the most likely token's.
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.model_shard.engine.grammar import apply_token_masks
 from services.model_shard.engine.request import Sequence, TopLogprobs
 
 TEMPERATURE_FLOOR = 1e-5  # below this a temperature means greedy: dividing by it would overflow
@@ -100,10 +102,13 @@ class SamplingBatch:
     outputs: list[list[int]] | None = None  # the tokens each row generated, where some row has one
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, tokens, values), flat
     held_back: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tokens) that must not be picked now
+    token_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, int32 bitmasks): grammar-constrained rows
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence]) -> "SamplingBatch":
+    def from_sequences(cls, seqs: list[Sequence], masks: list | None = None) -> "SamplingBatch":
+        """masks[i]: row i's allowed tokens (grammar.py), or None where it is unconstrained."""
         params = [s.params for s in seqs]
+        constrained = [(i, m) for i, m in enumerate(masks or ()) if m is not None]
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
         penalised = bool((penalty != 1.0).any())
@@ -122,6 +127,8 @@ class SamplingBatch:
             logprob_rows=[i for i, p in enumerate(params) if p.logprobs],
             raw_logprob_rows=[j for j, p in enumerate(p for p in params if p.logprobs) if p.raw_logprobs],
             top_logprobs=[p.top_logprobs for p in params if p.logprobs],
+            token_masks=(torch.tensor([i for i, _ in constrained]), torch.stack([m for _, m in constrained]))
+            if constrained else None,
             **_additive(seqs),
         )
 
@@ -139,7 +146,7 @@ def _additive(seqs: list[Sequence]) -> dict:
     if any(p.presence_penalty or p.frequency_penalty for p in params):
         out["presence"] = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
         out["frequency"] = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
-        out["outputs"] = [s.output_token_ids if p.presence_penalty or p.frequency_penalty else []
+        out["outputs"] = [s.generated_token_ids if p.presence_penalty or p.frequency_penalty else []
                           for s, p in zip(seqs, params)]
     biased = [(i, list(p.logit_bias)) for i, p in enumerate(params) if p.logit_bias]
     if biased:
@@ -280,12 +287,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     the model's raw distribution for rows that asked, and the rows that could not be sampled."""
     raw = logits
     additive = batch.outputs is not None or batch.bias is not None or batch.held_back is not None
-    if batch.histories is not None or additive:
+    if batch.histories is not None or additive or batch.token_masks is not None:
         logits = logits.clone()
     if batch.histories is not None:
         apply_repetition_penalty(logits, batch.histories, batch.repetition_penalty)
     if additive:
         apply_additive(logits, batch)
+    if batch.token_masks is not None:
+        apply_token_masks(logits, *batch.token_masks)
     best = logits.amax(dim=-1)  # NaN anywhere in a row makes its maximum NaN
     broken = best.isnan() | (best == float("-inf"))
     tokens = torch.zeros(len(best), dtype=torch.int64)

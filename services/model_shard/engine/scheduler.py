@@ -49,6 +49,7 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens whose K/V this step computes
     sample: bool  # this step reaches the end of the sequence's tokens: sample the next one
+    token_mask: object | None = None  # a constrained sequence's allowed next tokens (grammar.py), set by the engine
 
 
 @dataclass
@@ -93,14 +94,26 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+class Constraints:
+    """What the scheduler asks of constrained decoding (grammar.py implements it): nothing by default."""
+
+    def advance(self, seq: Sequence, token: int) -> bool:
+        """Accept seq's new token; True when its grammar is complete. ValueError if it does not fit."""
+        return False
+
+    def release(self, seq: Sequence) -> None:
+        """seq is finished: forget its matcher."""
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, constraints: Constraints | None = None):
         if config.max_batched_tokens < 1:
             raise ValueError("max_batched_tokens must be at least 1")
         if config.prefill_tokens_beside_decodes is not None and config.prefill_tokens_beside_decodes < 1:
             raise ValueError("prefill_tokens_beside_decodes must be at least 1")
         self.config = config
         self.pool = pool
+        self.constraints = constraints or Constraints()
         self.shares = FairShares(config.fairness)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -138,6 +151,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.shares.leave(seq)
+        self.constraints.release(seq)
         seq.finish_reason = reason
         seq.times.finished_ns = time.time_ns()
         self._release(seq)
@@ -334,7 +348,12 @@ class Scheduler:
             if seq.times.first_token_ns is None:
                 seq.times.first_token_ns = now
             reason = None
-            if seq.ends_with(token):
+            try:
+                complete = seq.params.structured is not None and self.constraints.advance(seq, token)
+            except ValueError as exc:  # the grammar refused a token it had allowed: it cannot go on
+                results.append(self._fail(seq, f"constrained decoding failed: {exc}"))
+                continue
+            if seq.ends_with(token) or complete:
                 reason = FinishReason.STOP
             elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
                 reason = FinishReason.LENGTH

@@ -112,7 +112,8 @@ class LocalExecutor:
         if not sampling:
             return ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled), prompt_logprobs=prompt)
         logits = self.model.compute_logits(hidden[sample_index])
-        result = sample(logits, SamplingBatch.from_sequences(sampling))
+        masks = [item.token_mask for item in scheduled if item.sample]
+        result = sample(logits, SamplingBatch.from_sequences(sampling, masks))
         rows = iter(range(len(sampling)))
         index = [next(rows) if item.sample else None for item in scheduled]
 

@@ -1,0 +1,151 @@
+"""Constrained decoding: a request's structured-output spec becomes a grammar (llguidance), a matcher
+per sequence follows the tokens it accepts, and at each step a constrained row gets the bitmask of the
+tokens its grammar allows next, which the sampler applies to its logits. Rows without a grammar pay
+nothing.
+
+Specs (`OutputSpec.kind`): json_schema (a JSON Schema as text), json_object (any JSON object), regex
+(the whole answer full-matches it), lark (llguidance's Lark dialect), gbnf (llama.cpp's GBNF, turned
+into Lark), choice (exactly one of a JSON list of strings).
+
+The grammar engine is llguidance: one small wheel with no dependencies, matchers built in about a
+millisecond, masks computed lazily with its own per-step work bounds (LLParserLimits), so a
+pathological grammar fails its request instead of stalling the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+KINDS = ("json_schema", "json_object", "regex", "lark", "gbnf", "choice")
+GRAMMAR_CACHE_SIZE = 256  # compiled grammar texts kept, least recently used first out
+MASK_BITS = 32  # tokens per bitmask word: token t is bit t % 32 of word t // 32
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    kind: str
+    value: str  # the schema, regex or grammar text; for choice, a JSON list of strings
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"structured output kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def _llguidance():
+    import llguidance  # imported on first use: a shard that never constrains does not load it
+
+    return llguidance
+
+
+class Grammars:
+    """Grammars of one tokenizer: spec -> grammar text (cached), and matchers for sequences."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]):
+        ll = _llguidance()
+        self.vocab_size = vocab_size
+        self.tokenizer = ll.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        self._cache: OrderedDict[OutputSpec, str] = OrderedDict()
+        self._lock = threading.Lock()  # grammars are made on worker threads (the shard's servicer)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, vocab_size: int, eos_token_ids: list[int]) -> "Grammars":
+        return cls((Path(model_dir) / "tokenizer.json").read_text(), vocab_size, eos_token_ids)
+
+    def grammar(self, spec: OutputSpec) -> str:
+        """The spec's grammar text; ValueError saying what is wrong with the spec."""
+        with self._lock:
+            cached = self._cache.get(spec)
+            if cached is not None:
+                self._cache.move_to_end(spec)
+                return cached
+        text = _grammar_text(spec)
+        error = _llguidance().LLMatcher.validate_grammar(text, self.tokenizer)
+        if error:
+            raise ValueError(f"{spec.kind}: {error.strip()}")
+        with self._lock:
+            self._cache[spec] = text
+            while len(self._cache) > GRAMMAR_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return text
+
+    def matcher(self, spec: OutputSpec, prefix: list[int] = ()):
+        """A matcher at the start of the answer, advanced over `prefix` (tokens already delivered
+        elsewhere, for a resumed stream); ValueError if the spec or the prefix does not fit."""
+        ll = _llguidance()
+        matcher = ll.LLMatcher(self.tokenizer, self.grammar(spec), log_level=0)
+        if prefix and not matcher.consume_tokens(list(prefix)):
+            raise ValueError(f"the tokens already delivered do not match the {spec.kind}: {matcher.get_error()}")
+        return matcher
+
+
+def _grammar_text(spec: OutputSpec) -> str:
+    ll = _llguidance()
+    if spec.kind == "json_schema":
+        try:
+            schema = json.loads(spec.value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"json_schema is not JSON: {exc}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError("json_schema must be a JSON object (a schema)")
+        return ll.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    if spec.kind == "json_object":
+        return ll.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults={"whitespace_flexible": False})
+    if spec.kind == "regex":
+        return ll.LLMatcher.grammar_from_regex(spec.value)
+    if spec.kind == "lark":
+        return ll.LLMatcher.grammar_from_lark(spec.value)
+    if spec.kind == "gbnf":
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        try:
+            lark = gbnf_to_lark(spec.value)
+        except Exception as exc:  # noqa: BLE001 - the converter raises plain Exceptions, with a message that says where
+            raise ValueError(f"gbnf: {exc}") from None
+        return ll.LLMatcher.grammar_from_lark(lark)
+    options = json.loads(spec.value)
+    if not options or not all(isinstance(o, str) and o for o in options):
+        raise ValueError("choice needs a non-empty list of non-empty strings")
+    return ll.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options))
+
+
+def next_token_mask(matcher) -> torch.Tensor:
+    """int32 [vocab / 32]: the bitmask of the tokens the matcher allows next."""
+    return torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+
+
+def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> None:
+    """In place: the logits of rows `rows` outside their bitmask ([R, vocab / 32] int32) to -inf."""
+    shifts = torch.arange(MASK_BITS, dtype=torch.int32)
+    allowed = ((masks.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[-1]]
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+
+
+class Matchers:
+    """The matchers of an engine's constrained sequences: the scheduler's Constraints."""
+
+    def __init__(self):
+        self._by_seq: dict[int, object] = {}
+
+    def add(self, seq, matcher) -> None:
+        self._by_seq[id(seq)] = matcher
+
+    def mask(self, seq) -> torch.Tensor | None:
+        matcher = self._by_seq.get(id(seq))
+        return None if matcher is None else next_token_mask(matcher)
+
+    def advance(self, seq, token: int) -> bool:
+        matcher = self._by_seq.get(id(seq))
+        if matcher is None:
+            return False
+        if not matcher.consume_token(token):
+            raise ValueError(matcher.get_error() or f"token {token} does not fit the grammar")
+        return matcher.is_stopped()
+
+    def release(self, seq) -> None:
+        self._by_seq.pop(id(seq), None)
