@@ -91,7 +91,7 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {config.block_size} tokens")
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.matchers = Matchers()
+        self.matchers = Matchers(cfg.vocab_size)
         self.grammars: Grammars | None = None  # set by enable_grammars: constrained decoding (grammar.py)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -226,9 +226,10 @@ class LLMEngine:
         FinishReason.ERROR and the engine goes on; ExecutorLost, and MAX_FAILED_STEPS failures in a
         row, propagate (the engine must be rebuilt, or the process restarted)."""
         out = self.scheduler.schedule()
-        for item in out.scheduled:
-            if item.sample and item.seq.params.structured is not None:
-                item.token_mask = self.matchers.mask(item.seq)
+        constrained = [item for item in out.scheduled if item.sample and item.seq.params.structured is not None]
+        if constrained:
+            for item, mask in zip(constrained, self.matchers.masks([item.seq for item in constrained])):
+                item.token_mask = mask
         try:
             sampled = self.executor.execute(out)
         except ExecutorLost:

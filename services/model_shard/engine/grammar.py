@@ -114,11 +114,6 @@ def _grammar_text(spec: OutputSpec) -> str:
     return ll.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options))
 
 
-def next_token_mask(matcher) -> torch.Tensor:
-    """int32 [vocab / 32]: the bitmask of the tokens the matcher allows next."""
-    return torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-
-
 def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> None:
     """In place: the logits of rows `rows` outside their bitmask ([R, vocab / 32] int32) to -inf."""
     shifts = torch.arange(MASK_BITS, dtype=torch.int32)
@@ -129,15 +124,24 @@ def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Ten
 class Matchers:
     """The matchers of an engine's constrained sequences: the scheduler's Constraints."""
 
-    def __init__(self):
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
         self._by_seq: dict[int, object] = {}
+        self._executor = None  # llguidance's thread pool, made on first use
 
     def add(self, seq, matcher) -> None:
         self._by_seq[id(seq)] = matcher
 
-    def mask(self, seq) -> torch.Tensor | None:
-        matcher = self._by_seq.get(id(seq))
-        return None if matcher is None else next_token_mask(matcher)
+    def masks(self, seqs: list) -> list[torch.Tensor]:
+        """The next-token bitmasks of constrained sequences, computed in parallel (llguidance's threads,
+        outside the GIL: the model is idle while they run)."""
+        if self._executor is None:
+            self._executor = _llguidance().LLExecutor()
+        matchers = [(self._by_seq[id(seq)], i) for i, seq in enumerate(seqs)]
+        words = -(-self.vocab_size // MASK_BITS)
+        out = torch.zeros(len(seqs), words, dtype=torch.int32)
+        self._executor.unsafe_compute_mask_ptr(matchers, out.data_ptr(), words * 4, len(seqs))  # out is contiguous
+        return list(out)
 
     def advance(self, seq, token: int) -> bool:
         matcher = self._by_seq.get(id(seq))
