@@ -103,3 +103,15 @@ def test_bad_choices_and_logprobs_are_invalid_argument(gateway, sampling, fragme
     with pytest.raises(grpc.RpcError) as err:
         gateway.Generate(gateway_pb2.GenerateRequest(prompt="hello", sampling=sampling), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+
+
+def test_choices_with_a_grammar_each_follow_it(gateway):
+    import re
+
+    pattern = "(red|green|blue)( (red|green|blue)){2}"
+    sampling = common_pb2.SamplingParams(max_tokens=24, temperature=1.0, seed=11, n=3,
+                                         structured=common_pb2.StructuredOutput(regex=pattern))
+    choices = _by_choice(_stream(gateway, messages=STORY, sampling=sampling))
+    assert sorted(choices) == [0, 1, 2]
+    for _, text, reason in choices.values():
+        assert re.fullmatch(pattern, text) and reason == "stop"

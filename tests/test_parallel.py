@@ -158,3 +158,27 @@ def test_a_killed_worker_fails_its_streams_then_the_shard_rebuilds_and_serves(ti
         assert info.workers[1].pid not in [w.pid for w in rebuilt.workers]
         tokens = [t for m in stub.Generate(request, timeout=120) for t in m.token_ids]
         assert 0 < len(tokens) <= 480
+
+
+def test_a_grammar_constrains_the_rows_sampled_by_parallel_workers(vocab_sized_tiny_model, ray_cluster):
+    """The masks travel with the step to the worker that samples: the same constrained tokens as locally."""
+    import re
+
+    from services.model_shard.engine.grammar import OutputSpec
+    from services.tokenizer.text import TextTokenizer
+
+    tok = TextTokenizer(vocab_sized_tiny_model)
+    spec = OutputSpec("regex", "[a-z]{3,10}( [a-z]{3,10}){2}")
+    params = SamplingParams(max_tokens=40, temperature=0.9, seed=4, structured=spec)
+
+    def run(**parallel) -> list[int]:
+        engine = LLMEngine.from_dir(vocab_sized_tiny_model, EngineConfig(block_size=4, kv_cache_bytes=4 << 20,
+                                                                         **parallel))
+        try:
+            return engine.generate([[1, 2, 3, 4, 5]], params)[0]
+        finally:
+            engine.shutdown()
+
+    local = run()
+    assert run(tensor_parallel_size=2, pipeline_parallel_size=2) == local
+    assert re.fullmatch("[a-z]{3,10}( [a-z]{3,10}){2}", tok.decode(local))

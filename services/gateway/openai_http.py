@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmmesh.v1 import common_pb2, gateway_pb2
 from services.gateway.choices import Answer
 from services.gateway.openai_logprobs import PromptPart, Tokens, chat_logprobs, completion_logprobs
-from services.gateway.openai_structured import StructuredError, structured_output
+from services.gateway.openai_structured import StructuredError, refuse_tools, structured_output
 from services.gateway.server import REQUESTS, GatewayServicer, RpcError
 
 _tracer = trace.get_tracer(__name__)
@@ -204,20 +204,6 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-def _refuse_tools(body: "ChatCompletionRequest") -> None:
-    """Tool calls are not served yet: a request that offers tools is told so, not answered as if it had not."""
-    extra = body.model_extra or {}
-    for name in ("tools", "functions"):
-        if extra.get(name):
-            raise OpenAIError(400, f"{name} are not served by this server yet; send the request without them",
-                              param=name)
-    if extra.get("tool_choice") not in (None, "none") or extra.get("function_call") not in (None, "none"):
-        raise OpenAIError(400, "tool_choice is not served by this server yet", param="tool_choice")
-    for i, m in enumerate(body.messages):
-        if m.role in ("tool", "function"):
-            raise OpenAIError(400, f"messages[{i}]: {m.role} messages are not served yet", param=f"messages.{i}.role")
-
-
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     """OpenAI's logit_bias keys are token ids written as strings."""
     out = {}
@@ -290,7 +276,10 @@ class OpenAIFront:
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request):
-            _refuse_tools(body)
+            try:
+                refuse_tools(body)
+            except StructuredError as exc:
+                raise OpenAIError(400, str(exc), param=exc.param) from None
             if body.top_logprobs and not body.logprobs:
                 raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
             messages = [common_pb2.ChatMessage(role=m.role, content=m.text()) for m in body.messages]
