@@ -35,7 +35,10 @@ def _step(sched: Scheduler) -> Counter:
     out = sched.schedule()
     sched.update_from_output(out, ModelRunnerOutput([7 if s.sample else None for s in out.scheduled],
                                                     [None] * len(out.scheduled)))
-    return Counter({t: n for t, n in Counter(s.seq.tenant for s in out.scheduled for _ in range(s.num_new_tokens)).items()})
+    tokens: Counter = Counter()
+    for s in out.scheduled:
+        tokens[s.seq.tenant] += s.num_new_tokens
+    return tokens
 
 
 def _keep_busy(sched: Scheduler, tenant: str, queued: int, **seq) -> None:

@@ -195,10 +195,9 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         if engine is None or engine.grammars is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this shard serves no structured output "
                                 "(its model directory has no tokenizer.json)")
-        delivered = prompt[len(prompt) - params.skip_draws:] if params.skip_draws else []
         try:
             return await asyncio.wait_for(asyncio.to_thread(_ready_matcher, engine.grammars, params.structured,
-                                                            delivered), self.grammar_timeout_s)
+                                                            params.delivered_tokens(prompt)), self.grammar_timeout_s)
         except TimeoutError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {params.structured.kind} did not compile "
                                 f"within {self.grammar_timeout_s:g}s (the shard's --grammar-timeout)")

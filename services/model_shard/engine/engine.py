@@ -204,8 +204,7 @@ class LLMEngine:
             if matcher is None:
                 if self.grammars is None:
                     raise ValueError("this shard serves no structured output (its model has no tokenizer.json)")
-                delivered = list(prompt_token_ids[len(prompt_token_ids) - params.skip_draws:]) if params.skip_draws else []
-                matcher = self.grammars.matcher(params.structured, delivered)
+                matcher = self.grammars.matcher(params.structured, params.delivered_tokens(prompt_token_ids))
             self.matchers.add(seq, matcher)
         try:
             self.scheduler.add(seq)

@@ -72,6 +72,7 @@ class FairShares:
         if len(self.vtime) > MAX_TENANTS_TRACKED:
             for u in [u for u in self.vtime if not self.active[u]]:
                 del self.vtime[u]
+                self.weight.pop(u, None)
 
     def leave(self, seq: Sequence) -> None:
         self.active[seq.tenant] -= 1
@@ -125,9 +126,9 @@ class FairShares:
     def may_preempt_for(self, seq: Sequence, victim: Sequence, running: list[Sequence], slots: int) -> bool:
         """Whether waiting seq deserves victim's place: a higher class, or (same class) its tenant is
         under its weighted share of the slots and the victim's tenant is over its own."""
-        wanted = self.class_of(seq)
         if not self.fair:
             return False
+        wanted = self.class_of(seq)
         if victim.priority != wanted:
             return victim.priority > wanted
         if victim.tenant == seq.tenant:

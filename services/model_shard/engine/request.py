@@ -66,6 +66,10 @@ class SamplingParams:
         if self.skip_draws < 0:
             raise ValueError(f"skip_draws must be >= 0, got {self.skip_draws}")
 
+    def delivered_tokens(self, prompt_token_ids: list[int]) -> list[int]:
+        """A resumed request's tokens delivered elsewhere before the resume: the end of its prompt."""
+        return list(prompt_token_ids[len(prompt_token_ids) - self.skip_draws:]) if self.skip_draws else []
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an end-of-sequence token

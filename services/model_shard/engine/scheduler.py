@@ -276,7 +276,6 @@ class Scheduler:
             self._computing.setdefault(h, seq)
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
-        # A request that wants its prompt's log-probabilities computes every prompt token.
         if not self.config.enable_prefix_caching or seq.block_ids:
             return
         bs = self.pool.block_size
@@ -371,7 +370,8 @@ class Scheduler:
                     new_logprobs=None if logprob is None else [logprob],
                     new_top_logprobs=None if top is None else [top],
                     prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
-                    prompt_top_logprobs=list(seq.prompt_top_logprobs) if first and seq.params.top_logprobs else None,
+                    prompt_top_logprobs=list(seq.prompt_top_logprobs)
+                    if first and seq.params.prompt_logprobs and seq.params.top_logprobs else None,
                 )
             )
         return results
