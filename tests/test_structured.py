@@ -14,61 +14,8 @@ from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.grammar import OutputSpec
 from services.model_shard.engine.request import FinishReason, SamplingParams
 from services.tokenizer.text import Message, TextTokenizer
+from tests.json_schemas import SCHEMAS
 
-NAME = {"type": "string", "minLength": 1, "maxLength": 16}
-SCHEMAS = [
-    {"type": "object", "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-     "required": ["name", "age"], "additionalProperties": False},
-    {"type": "object", "properties": {"city": NAME, "country": NAME}, "required": ["city", "country"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 10}},
-     "required": ["score"], "additionalProperties": False},
-    {"type": "object", "properties": {"tags": {"type": "array", "items": NAME, "minItems": 1, "maxItems": 3}},
-     "required": ["tags"], "additionalProperties": False},
-    {"type": "object", "properties": {"point": {"type": "object", "properties": {
-        "x": {"type": "integer", "minimum": -100, "maximum": 100}, "y": {"type": "integer", "minimum": -100,
-                                                                          "maximum": 100}},
-        "required": ["x", "y"], "additionalProperties": False}}, "required": ["point"], "additionalProperties": False},
-    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"}},
-     "required": ["code"], "additionalProperties": False},
-    {"type": "object", "properties": {"day": {"type": "string", "format": "date"}}, "required": ["day"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"email": {"type": "string", "format": "email", "maxLength": 40}},
-     "required": ["email"], "additionalProperties": False},
-    {"type": "object", "properties": {"id": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 999},
-                                                       {"type": "string", "maxLength": 8}]}},
-     "required": ["id"], "additionalProperties": False},
-    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 4},
-    {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object", "properties": {
-        "name": NAME, "qty": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["name", "qty"],
-        "additionalProperties": False}, "minItems": 1, "maxItems": 2}}, "required": ["items"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"status": {"const": "ok"}, "count": {"type": "integer", "minimum": 0,
-                                                                           "maximum": 50}},
-     "required": ["status", "count"], "additionalProperties": False},
-    {"type": "object", "properties": {"title": NAME, "year": {"type": "integer", "minimum": 1900, "maximum": 2030},
-                                      "genre": {"enum": ["drama", "comedy", "horror"]}},
-     "required": ["title", "year", "genre"], "additionalProperties": False},
-    {"type": "string", "enum": ["yes", "no", "maybe"]},
-    {"type": "integer", "minimum": 1, "maximum": 5},
-    {"type": "object", "properties": {"ok": {"type": "boolean"}, "reason": {"type": ["string", "null"],
-                                                                            "maxLength": 20}},
-     "required": ["ok", "reason"], "additionalProperties": False},
-    {"type": "object", "properties": {"percents": {"type": "array", "items": {"type": "integer", "minimum": 0,
-                                                                              "maximum": 100},
-                                                   "minItems": 1, "maxItems": 3}},
-     "required": ["percents"], "additionalProperties": False},
-    {"type": "object", "properties": {"lang": {"enum": ["en", "zh"]}, "greeting": NAME},
-     "required": ["lang", "greeting"], "additionalProperties": False},
-    {"type": "object", "properties": {"user": {"type": "object", "properties": {"name": NAME, "admin": {
-        "type": "boolean"}}, "required": ["name", "admin"], "additionalProperties": False},
-        "roles": {"type": "array", "items": {"enum": ["read", "write"]}, "maxItems": 2}},
-     "required": ["user", "roles"], "additionalProperties": False},
-]
 QUESTION = "Answer with JSON only: describe something from everyday life."
 
 
