@@ -62,6 +62,7 @@ def plan_mesh(
     shard_args: list[str] | None = None,
     gateway_args: list[str] | None = None,
     cache_args: list[str] | None = None,
+    tokenizer_args: list[str] | None = None,
     gateway_metrics_port: int = 9400,
     tls_dir: Path | None = None,
 ) -> MeshPlan:
@@ -85,7 +86,8 @@ def plan_mesh(
         gateway=ServiceSpec("gateway", "services.gateway", f"{host}:{gateway_port}", gateway_metrics_port,
                             ["--tokenizer", addr[0], "--cache", addr[1], "--shards", ",".join(addr[2:]),
                              "--model-name", Path(model).name, *(gateway_args or [])]),
-        tokenizer=ServiceSpec("tokenizer", "services.tokenizer", addr[0], metrics_ports[0], ["--model", model]),
+        tokenizer=ServiceSpec("tokenizer", "services.tokenizer", addr[0], metrics_ports[0],
+                              ["--model", model, *(tokenizer_args or [])]),
         cache=ServiceSpec("cache", "services.cache", addr[1], metrics_ports[1], list(cache_args or [])),
         shards=shard_specs,
     )
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard (per worker when parallel)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="Ray workers per layer in each shard")
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages in each shard")
+    parser.add_argument("--chat-template", help="a Jinja chat template to use instead of the model's (e.g. one "
+                        "that renders tools)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
     args = parser.parse_args(argv)
     if args.shards < 1:
@@ -294,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "--tensor-parallel-size", str(args.tensor_parallel_size),
                                  "--pipeline-parallel-size", str(args.pipeline_parallel_size),
                                  "--quantization", args.quantization],
+                     tokenizer_args=["--chat-template", args.chat_template] if args.chat_template else None,
                      gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),
                                    *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else [])])
     mesh = Mesh(plan)

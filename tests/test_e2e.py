@@ -276,3 +276,37 @@ def test_structured_output_over_grpc(gateway):
             gateway.Generate(gateway_pb2.GenerateRequest(prompt="x", sampling=common_pb2.SamplingParams(
                 max_tokens=4, structured=structured)), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+
+
+def test_tool_calls_over_grpc(gateway):
+    import json
+
+    import jsonschema
+
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+               "required": ["city"], "additionalProperties": False}
+    request = dict(messages=[common_pb2.ChatMessage(role="user", content="What's the weather in Paris?")],
+                   tools=[common_pb2.Tool(name="get_weather", description="Weather in a city",
+                                          parameters=json.dumps(weather)), common_pb2.Tool(name="get_time")],
+                   tool_choice=common_pb2.ToolChoice(function="get_weather"),
+                   sampling=common_pb2.SamplingParams(max_tokens=60, temperature=0.7, seed=5))
+    chunks = _stream(gateway, **request)
+    calls = [call for c in chunks for call in c.tool_calls]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].id.startswith("call_")
+    jsonschema.validate(json.loads(calls[0].arguments), weather)
+    assert "".join(c.text for c in chunks) == "" and chunks[-1].finish_reason == "tool_calls"
+    # Unary: the same seeded call, whole, in tool_calls.
+    reply = gateway.Generate(gateway_pb2.GenerateRequest(**request), timeout=120)
+    assert [(c.name, c.arguments) for c in reply.tool_calls] == [(c.name, c.arguments) for c in calls]
+    assert reply.finish_reason == "tool_calls"
+    # The call and its result in the history: the model answers in text.
+    history = [*request["messages"], common_pb2.ChatMessage(role="assistant", tool_calls=calls),
+               common_pb2.ChatMessage(role="tool", tool_call_id=calls[0].id, content='{"celsius": 21}')]
+    answer = gateway.Generate(gateway_pb2.GenerateRequest(
+        messages=history, tools=request["tools"], tool_choice=common_pb2.ToolChoice(none=True),
+        sampling=common_pb2.SamplingParams(max_tokens=24)), timeout=120)
+    assert answer.text and not answer.tool_calls and answer.finish_reason in ("stop", "length")
+    with pytest.raises(grpc.RpcError) as err:
+        gateway.Generate(gateway_pb2.GenerateRequest(**{**request, "tool_choice": common_pb2.ToolChoice(
+            function="launch")}), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not among the tools" in err.value.details()

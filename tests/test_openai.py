@@ -254,9 +254,84 @@ def test_structured_outputs_through_the_sdk(client):
     ({"extra_body": {"guided_regex": "(unclosed"}}, "unclosed group"),
     ({"extra_body": {"guided_json": {"type": "frobnicate"}}}, "frobnicate"),
     ({"extra_body": {"guided_choice": []}}, "non-empty list"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}]},
+     "frobnicate"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+        "name": "g"}}}, "not among the tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}},
+     "cannot be combined"),
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"extra_body": {"functions": [{"name": "f"}]}}, "send tools"),
 ])
-def test_bad_structured_outputs_are_400_and_tools_are_refused_not_ignored(client, kwargs, fragment):
+def test_bad_structured_outputs_and_tool_requests_are_400(client, kwargs, fragment):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4, **kwargs)
     assert err.value.status_code == 400 and fragment in err.value.body["message"]
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {
+    "timezone": {"type": "string", "maxLength": 30}}, "required": ["timezone"], "additionalProperties": False}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+
+
+def _valid_call(call) -> dict:
+    import jsonschema
+
+    tool = {"get_weather": WEATHER_TOOL, "get_time": TIME_TOOL}[call.function.name]
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    return arguments
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_call_round_trip_through_the_sdk(client, tool_choice):
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    reply = client.chat.completions.create(model=MODEL, messages=WEATHER_QUESTION, tools=tools, tool_choice=tool_choice,
+                                           parallel_tool_calls=False, max_tokens=80, temperature=0)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert len(message.tool_calls) == 1 and message.tool_calls[0].type == "function"
+    call = message.tool_calls[0]
+    assert call.function.name == "get_weather" and _valid_call(call)["city"] == "Paris"
+    history = [*WEATHER_QUESTION, message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"celsius": 21, "sky": "sunny"})}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=48, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
+    for later in answer.choices[0].message.tool_calls or ():
+        _valid_call(later)
+
+
+def test_streamed_tool_calls_are_deltas_the_sdk_gathers(client):
+    kwargs = dict(model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required",
+                  max_tokens=90, temperature=0.8, seed=11)
+    with client.chat.completions.stream(**kwargs) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion()
+    whole = client.chat.completions.create(**kwargs)
+    calls = streamed.choices[0].message.tool_calls
+    assert calls and streamed.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in calls] == \
+        [(c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls]
+    for call in calls:
+        _valid_call(call)
+
+
+def test_auto_tool_choice_answers_in_text_or_in_valid_calls(client):
+    questions = [WEATHER_QUESTION, [{"role": "user", "content": "Call get_time for Europe/Paris."}],
+                 [{"role": "user", "content": "Say hello."}]]
+    for question in questions:
+        reply = client.chat.completions.create(model=MODEL, messages=question, tools=[WEATHER_TOOL, TIME_TOOL],
+                                               max_tokens=60, temperature=0)
+        choice = reply.choices[0]
+        assert (choice.finish_reason == "tool_calls") == bool(choice.message.tool_calls)
+        assert choice.message.content or choice.message.tool_calls
+        for call in choice.message.tool_calls or ():
+            _valid_call(call)

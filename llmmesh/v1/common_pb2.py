@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmmesh/v1/common.proto\x12\nllmmesh.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa6\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12=\n\nlogit_bias\x18\x0c \x03(\x0b\x32).llmmesh.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x10 \x01(\r\x12\x14\n\x0craw_logprobs\x18\x11 \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\x12 \x01(\x08\x12\t\n\x01n\x18\x13 \x01(\r\x12\x30\n\nstructured\x18\x14 \x01(\x0b\x32\x1c.llmmesh.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xa3\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x12\x0e\n\x04gbnf\x18\x05 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x06 \x01(\x0b\x32\x16.llmmesh.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07options\x18\x01 \x03(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\r\x12\x1b\n\x13\x66rom_response_cache\x18\x04 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmmesh/v1/common.proto\x12\nllmmesh.v1\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\\\n\nToolChoice\x12\x0e\n\x04none\x18\x01 \x01(\x08H\x00\x12\x0e\n\x04\x61uto\x18\x02 \x01(\x08H\x00\x12\x12\n\x08required\x18\x03 \x01(\x08H\x00\x12\x12\n\x08\x66unction\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xa6\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12=\n\nlogit_bias\x18\x0c \x03(\x0b\x32).llmmesh.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x10 \x01(\r\x12\x14\n\x0craw_logprobs\x18\x11 \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\x12 \x01(\x08\x12\t\n\x01n\x18\x13 \x01(\r\x12\x30\n\nstructured\x18\x14 \x01(\x0b\x32\x1c.llmmesh.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xa3\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x12\x0e\n\x04gbnf\x18\x05 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x06 \x01(\x0b\x32\x16.llmmesh.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07options\x18\x01 \x03(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\r\x12\x1b\n\x13\x66rom_response_cache\x18\x04 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=39
-  _globals['_CHATMESSAGE']._serialized_end=83
-  _globals['_SAMPLINGPARAMS']._serialized_start=86
-  _globals['_SAMPLINGPARAMS']._serialized_end=636
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=579
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=627
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=639
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=802
-  _globals['_CHOICELIST']._serialized_start=804
-  _globals['_CHOICELIST']._serialized_end=833
-  _globals['_TOPLOGPROBS']._serialized_start=835
-  _globals['_TOPLOGPROBS']._serialized_end=885
-  _globals['_USAGE']._serialized_start=887
-  _globals['_USAGE']._serialized_end=989
+  _globals['_CHATMESSAGE']._serialized_end=161
+  _globals['_TOOL']._serialized_start=163
+  _globals['_TOOL']._serialized_end=224
+  _globals['_TOOLCALL']._serialized_start=226
+  _globals['_TOOLCALL']._serialized_end=281
+  _globals['_TOOLCHOICE']._serialized_start=283
+  _globals['_TOOLCHOICE']._serialized_end=375
+  _globals['_SAMPLINGPARAMS']._serialized_start=378
+  _globals['_SAMPLINGPARAMS']._serialized_end=928
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=871
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=919
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=931
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1094
+  _globals['_CHOICELIST']._serialized_start=1096
+  _globals['_CHOICELIST']._serialized_end=1125
+  _globals['_TOPLOGPROBS']._serialized_start=1127
+  _globals['_TOPLOGPROBS']._serialized_end=1177
+  _globals['_USAGE']._serialized_start=1179
+  _globals['_USAGE']._serialized_end=1281
 # @@protoc_insertion_point(module_scope)

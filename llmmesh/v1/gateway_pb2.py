@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmmesh.v1 import common_pb2 as llmmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmmesh/v1/gateway.proto\x12\nllmmesh.v1\x1a\x17llmmesh/v1/common.proto\"\xb2\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.llmmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\x08priority\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_priority\"\xcf\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\x08 \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\t \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12#\n\x07\x63hoices\x18\n \x03(\x0b\x32\x12.llmmesh.v1.Choice\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\"\x90\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\"\xbf\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\r\n\x05index\x18\x07 \x01(\r\x12-\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\t \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\n \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r2\xa5\x01\n\x07Gateway\x12\x45\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.llmmesh.v1.GenerateRequest\x1a\".llmmesh.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmmesh/v1/gateway.proto\x12\nllmmesh.v1\x1a\x17llmmesh/v1/common.proto\"\xba\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.llmmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\x08priority\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05tools\x18\x06 \x03(\x0b\x32\x10.llmmesh.v1.Tool\x12+\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x16.llmmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x01\x88\x01\x01\x42\x0b\n\t_priorityB\x16\n\x14_parallel_tool_calls\"\xf9\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\x08 \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\t \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12#\n\x07\x63hoices\x18\n \x03(\x0b\x32\x12.llmmesh.v1.Choice\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12(\n\ntool_calls\x18\x0c \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\"\xba\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12(\n\ntool_calls\x18\x07 \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\"\xe9\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\r\n\x05index\x18\x07 \x01(\r\x12-\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\t \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\n \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12(\n\ntool_calls\x18\x0c \x03(\x0b\x32\x14.llmmesh.v1.ToolCall2\xa5\x01\n\x07Gateway\x12\x45\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.llmmesh.v1.GenerateRequest\x1a\".llmmesh.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmmesh.v1.gateway_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=66
-  _globals['_GENERATEREQUEST']._serialized_end=244
-  _globals['_GENERATERESPONSE']._serialized_start=247
-  _globals['_GENERATERESPONSE']._serialized_end=582
-  _globals['_CHOICE']._serialized_start=585
-  _globals['_CHOICE']._serialized_end=729
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=732
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1051
-  _globals['_GATEWAY']._serialized_start=1054
-  _globals['_GATEWAY']._serialized_end=1219
+  _globals['_GENERATEREQUEST']._serialized_end=380
+  _globals['_GENERATERESPONSE']._serialized_start=383
+  _globals['_GENERATERESPONSE']._serialized_end=760
+  _globals['_CHOICE']._serialized_start=763
+  _globals['_CHOICE']._serialized_end=949
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=952
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1313
+  _globals['_GATEWAY']._serialized_start=1316
+  _globals['_GATEWAY']._serialized_end=1481
 # @@protoc_insertion_point(module_scope)

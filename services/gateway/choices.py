@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from llmmesh.v1 import common_pb2, gateway_pb2
+from services.gateway.tools import new_call_id
 
 SEED_MASK = (1 << 64) - 1
 
@@ -71,6 +72,7 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[common_pb2.TopLogprobs] = field(default_factory=list)
+    tool_calls: list[common_pb2.ToolCall] = field(default_factory=list)
     finish_reason: str = ""
 
 
@@ -93,6 +95,7 @@ class Answer:
         choice.token_ids.extend(chunk.token_ids)
         choice.logprobs.extend(chunk.logprobs)
         choice.top_logprobs.extend(chunk.top_logprobs)
+        choice.tool_calls.extend(chunk.tool_calls)
         self.prompt_token_ids.extend(chunk.prompt_token_ids)
         self.prompt_logprobs.extend(chunk.prompt_logprobs)
         self.prompt_top_logprobs.extend(chunk.prompt_top_logprobs)
@@ -114,26 +117,28 @@ class Answer:
             text="".join(first.texts), token_ids=first.token_ids, finish_reason=first.finish_reason,
             request_id=self.request_id, logprobs=first.logprobs, top_logprobs=first.top_logprobs,
             prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs,
-            prompt_token_ids=self.prompt_token_ids)
+            prompt_token_ids=self.prompt_token_ids, tool_calls=first.tool_calls)
         if self.usage is not None:
             out.usage.CopyFrom(self.usage)
         if self.n > 1:
             out.choices.extend(
                 gateway_pb2.Choice(index=i, text="".join(c.texts), token_ids=c.token_ids, finish_reason=c.finish_reason,
-                                   logprobs=c.logprobs, top_logprobs=c.top_logprobs)
+                                   logprobs=c.logprobs, top_logprobs=c.top_logprobs, tool_calls=c.tool_calls)
                 for i, c in enumerate(self.choices))
         return out
 
 
 def replay(cached: gateway_pb2.GenerateResponse, request_id: str, usage: common_pb2.Usage):
-    """A response-cache entry as the stream that made it: one message per choice, usage on the last."""
+    """A response-cache entry as the stream that made it: one message per choice, usage on the last.
+    Tool calls get new ids: a caller keys its results by them."""
     choices = list(cached.choices) or [gateway_pb2.Choice(
         index=0, text=cached.text, token_ids=cached.token_ids, finish_reason=cached.finish_reason,
-        logprobs=cached.logprobs, top_logprobs=cached.top_logprobs)]
+        logprobs=cached.logprobs, top_logprobs=cached.top_logprobs, tool_calls=cached.tool_calls)]
     for i, c in enumerate(choices):
         chunk = gateway_pb2.GenerateStreamResponse(
             index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason, request_id=request_id,
-            logprobs=c.logprobs, top_logprobs=c.top_logprobs)
+            logprobs=c.logprobs, top_logprobs=c.top_logprobs,
+            tool_calls=[common_pb2.ToolCall(id=new_call_id(), name=t.name, arguments=t.arguments) for t in c.tool_calls])
         if i == 0:
             chunk.prompt_token_ids.extend(cached.prompt_token_ids)
             chunk.prompt_logprobs.extend(cached.prompt_logprobs)

@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import uvicorn
@@ -21,13 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import propagate, trace
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmmesh.v1 import common_pb2, gateway_pb2
 from services.gateway.choices import Answer
+from services.gateway.openai_requests import UINT32_MAX, ChatCompletionRequest, CompletionRequest, _Common
 from services.gateway.openai_logprobs import PromptPart, Tokens, chat_logprobs, completion_logprobs
-from services.gateway.openai_structured import StructuredError, refuse_tools, structured_output
+from services.gateway.openai_structured import StructuredError, structured_output
+from services.gateway.openai_tools import ToolsError, add_tools, chat_message, message_tool_calls, tool_call_deltas
 from services.gateway.server import REQUESTS, GatewayServicer, RpcError
 
 _tracer = trace.get_tracer(__name__)
@@ -43,98 +44,6 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
-
-
-UINT32_MAX = 2**32 - 1  # the gRPC contract's integer fields: larger values are refused, not wrapped
-
-
-def _surrogate_path(value: Any, path: str = "") -> str | None:
-    """Where in a JSON value a string holds a lone UTF-16 surrogate (json accepts "\\ud800"; UTF-8 and
-    protobuf cannot carry it), or None."""
-    if isinstance(value, str):
-        return path or "body" if any("\ud800" <= c <= "\udfff" for c in value) else None
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = ((str(i), v) for i, v in enumerate(value))
-    else:
-        return None
-    for key, item in items:
-        if isinstance(key, str) and _surrogate_path(key):
-            return f"{path}.{key!r}" if path else repr(key)
-        found = _surrogate_path(item, f"{path}.{key}" if path else str(key))
-        if found:
-            return found
-    return None
-
-
-class _Validated(BaseModel):
-    @model_validator(mode="before")
-    @classmethod
-    def _no_lone_surrogates(cls, data: Any) -> Any:
-        where = _surrogate_path(data)
-        if where:
-            raise ValueError(f"{where} holds a lone surrogate, which is not Unicode text")
-        return data
-
-
-class ChatContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessageIn(BaseModel):
-    role: str
-    content: str | list[ChatContentPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Common(_Validated):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
-    stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=UINT32_MAX)  # the gateway's --max-n bounds it
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
-    user: str | None = None
-    # Not in OpenAI's schema; as vLLM accepts them.
-    top_k: int | None = Field(default=None, ge=0, le=UINT32_MAX)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    min_tokens: int = Field(default=0, ge=0, le=UINT32_MAX)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    priority: int | None = Field(default=None, ge=0, le=UINT32_MAX)  # 0 interactive, 1 standard, 2 batch
-    response_format: dict[str, Any] | None = None  # and vLLM's structured-output fields: openai_structured.py
-
-
-class ChatCompletionRequest(_Common):
-    messages: list[ChatMessageIn]
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=UINT32_MAX)  # the gateway bounds it (20)
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=UINT32_MAX)  # alternatives per position (the gateway: <= 20)
-    echo: bool = False
 
 
 class OpenAIError(Exception):
@@ -276,17 +185,18 @@ class OpenAIFront:
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request):
-            try:
-                refuse_tools(body)
-            except StructuredError as exc:
-                raise OpenAIError(400, str(exc), param=exc.param) from None
             if body.top_logprobs and not body.logprobs:
                 raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-            messages = [common_pb2.ChatMessage(role=m.role, content=m.text()) for m in body.messages]
             sampling = _sampling(body, body.max_completion_tokens or body.max_tokens)
             sampling.logprobs, sampling.top_logprobs = body.logprobs, body.top_logprobs or 0
-            return await self._serve(request, body, gateway_pb2.GenerateRequest(messages=messages, sampling=sampling),
-                                     chat=True)
+            try:
+                messages = [chat_message(i, m.role, m.text(), m.tool_calls, m.tool_call_id, m.name)
+                            for i, m in enumerate(body.messages)]
+                grpc_request = gateway_pb2.GenerateRequest(messages=messages, sampling=sampling)
+                add_tools(body, grpc_request)
+            except ToolsError as exc:
+                raise OpenAIError(400, str(exc), param=exc.param) from None
+            return await self._serve(request, body, grpc_request, chat=True)
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
@@ -381,7 +291,9 @@ class OpenAIFront:
                 choice["logprobs"] = await self._logprobs(Tokens(c.token_ids, c.logprobs, c.top_logprobs), chat,
                                                           prompt if getattr(body, "echo", False) else None)
             if chat:
-                choice["message"] = {"role": "assistant", "content": text}
+                choice["message"] = {"role": "assistant", "content": text or None if c.tool_calls else text}
+                if c.tool_calls:
+                    choice["message"]["tool_calls"] = message_tool_calls(c.tool_calls)
             else:
                 choice["text"] = grpc_request.prompt + text if getattr(body, "echo", False) else text
             choices.append(choice)
@@ -420,7 +332,7 @@ class OpenAIFront:
         with _tracer.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
             try:
                 tenant = self._auth(request)
-                first, usage, started = True, None, set()
+                first, usage, started, calls_sent = True, None, set(), {}
                 echo = grpc_request.prompt if getattr(body, "echo", False) else None
                 async for chunk in self.gateway.generate(grpc_request, self._timeout(request), tenant, "http"):
                     choice: dict[str, Any] = {"index": chunk.index, "finish_reason": chunk.finish_reason or None,
@@ -429,6 +341,10 @@ class OpenAIFront:
                     started.add(chunk.index)
                     if chat:
                         choice["delta"] = {"content": chunk.text, **({"role": "assistant"} if opening else {})}
+                        if chunk.tool_calls:
+                            sent = calls_sent.get(chunk.index, 0)
+                            choice["delta"]["tool_calls"] = tool_call_deltas(chunk.tool_calls, sent)
+                            calls_sent[chunk.index] = sent + len(chunk.tool_calls)
                     else:
                         choice["text"] = echo + chunk.text if echo is not None and opening else chunk.text
                     if grpc_request.sampling.logprobs and (chunk.token_ids or chunk.prompt_token_ids):

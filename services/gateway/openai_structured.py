@@ -98,15 +98,3 @@ def _asked(body: Any) -> list[tuple[str, tuple[str, Any]]]:
             asked.append((key, (kind, value)))
     return asked
 
-
-def refuse_tools(body: Any) -> None:
-    """Tool calls are not served yet: a request that offers tools is told so, not answered as if it had not."""
-    extra = body.model_extra or {}
-    for name in ("tools", "functions"):
-        if extra.get(name):
-            raise StructuredError(f"{name} are not served by this server yet; send the request without them", name)
-    if extra.get("tool_choice") not in (None, "none") or extra.get("function_call") not in (None, "none"):
-        raise StructuredError("tool_choice is not served by this server yet", "tool_choice")
-    for i, m in enumerate(body.messages):
-        if m.role in ("tool", "function"):
-            raise StructuredError(f"messages[{i}]: {m.role} messages are not served yet", f"messages.{i}.role")

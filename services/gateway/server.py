@@ -33,6 +33,7 @@ from services.gateway.shard_calls import ShardLost, downstream_error, next_shard
 from services.gateway.shards import NoShardAvailable, Replica, ShardPool
 from services.gateway.stop_strings import StopStringMatcher
 from services.gateway.tenants import PRIORITY_CLASSES, PolicyError, TenantGate, TenantQueueFull
+from services.gateway.tools import ToolCallParser, tool_grammar, tool_mode
 from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class _ChoiceCall:
     tenant: str
     priority: int
     weight: float
+    tool_names: frozenset[str] | None  # the calls to take out of the text; None: no tools
 
 
 @contextlib.asynccontextmanager
@@ -253,6 +255,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             check_request(request, self.config.limits)
         except InvalidRequest as exc:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        calls_grammar = tool_grammar(request)
+        if calls_grammar is not None:  # part of the request from here on: the shard and the cache key see it
+            request.sampling.structured.lark = calls_grammar
+        tool_names = frozenset(t.name for t in request.tools) if tool_mode(request) != "none" else None
         request_id = request.request_id
         span.set_attribute("llmmesh.request_id", request_id)
         span.set_attribute("llmmesh.call_id", call_id)
@@ -291,7 +297,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         order = (self.affinity.order(self.shards.replicas, hashes, tenant) if self.affinity is not None
                  else self.shards.ordered(tenant))
         streams = [self._choice(_ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i),
-                                            tokenizer_version, deadline, order, hashes, tenant, priority, weight),
+                                            tokenizer_version, deadline, order, hashes, tenant, priority, weight,
+                                            tool_names),
                                 list(request.sampling.stop))
                    for i in range(n)]
         answer, cached_tokens = Answer(n), []
@@ -330,6 +337,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                                        sampling=c.sampling, tenant=c.tenant, priority=c.priority,
                                                        tenant_weight=c.weight)
         matcher = StopStringMatcher(stop)
+        calls = ToolCallParser(set(c.tool_names)) if c.tool_names is not None else None
         token_ids: list[int] = []
         finish_reason = last_shard_reason = ""
         last_at, resumes = None, 0
@@ -353,10 +361,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 finish_reason = "stop" if stopped else msg.finish_reason
                 if finish_reason and not stopped:
                     text += matcher.feed(await detok.flush())[0] + matcher.flush()
+                made = []
+                if calls is not None:
+                    text, made = calls.feed(text)
+                    if finish_reason:
+                        text += calls.flush()
+                        if calls.calls_made and finish_reason == "stop":
+                            finish_reason = "tool_calls"
                 chunk = gateway_pb2.GenerateStreamResponse(
                     text=text, token_ids=msg.token_ids, request_id=c.request_id, index=c.index, logprobs=msg.logprobs,
                     top_logprobs=msg.top_logprobs, prompt_logprobs=msg.prompt_logprobs,
-                    prompt_top_logprobs=msg.prompt_top_logprobs, finish_reason=finish_reason)
+                    prompt_top_logprobs=msg.prompt_top_logprobs, finish_reason=finish_reason, tool_calls=made)
                 if first:
                     first = False
                     chunk.usage.cached = msg.cached_tokens
@@ -416,7 +431,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> tuple[list[int], str]:
         """The prompt's token ids, and the version of the vocabulary that made them."""
-        encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages)
+        # tool_choice none: the tools are not shown, so the model does not try to call them.
+        tools = request.tools if tool_mode(request) != "none" else []
+        encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages, tools=tools)
         try:
             timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
             reply = await self.tokenizer.Encode(encode, timeout=timeout)

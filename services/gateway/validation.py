@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from llmmesh.v1 import common_pb2, gateway_pb2
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 REQUEST_ID = re.compile(r"[\x21-\x7e]+")  # visible ASCII: a label that cannot forge a log line
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as OpenAI's
 
 
 class InvalidRequest(ValueError):
@@ -29,6 +30,7 @@ class Limits:
     max_stop_token_ids: int = 64
     max_n: int = 16  # choices per request
     max_top_logprobs: int = 20  # as OpenAI's (the shard's own bound too)
+    max_tools: int = 128  # as OpenAI's
 
 
 def check_request(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
@@ -41,17 +43,67 @@ def check_request(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
         raise InvalidRequest("prompt is blank")
     if len(request.messages) > limits.max_messages:
         raise InvalidRequest(f"{len(request.messages)} messages; at most {limits.max_messages}")
-    chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+    chars = (len(request.prompt) + sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls)
+                                       for m in request.messages)
+             + sum(len(t.description) + len(t.parameters) for t in request.tools))
     if chars > limits.max_prompt_chars:
         raise InvalidRequest(f"the prompt is {chars} characters; at most {limits.max_prompt_chars}")
     for i, m in enumerate(request.messages):
-        if m.role not in CHAT_ROLES:
-            raise InvalidRequest(f"messages[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        check_message(i, m)
+    check_tools(request, limits)
     if len(request.request_id) > limits.max_request_id_chars:
         raise InvalidRequest(f"request_id is longer than {limits.max_request_id_chars} characters")
     if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
         raise InvalidRequest("request_id may hold only visible ASCII characters (no spaces or control characters)")
     check_sampling(request.sampling, limits)
+
+
+def check_message(i: int, m: common_pb2.ChatMessage) -> None:
+    if m.role not in CHAT_ROLES:
+        raise InvalidRequest(f"messages[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}")
+    if m.role == "tool" and not m.tool_call_id:
+        raise InvalidRequest(f"messages[{i}] is a tool result without tool_call_id (the id of the call it answers)")
+    if m.tool_calls and m.role != "assistant":
+        raise InvalidRequest(f"messages[{i}]: only assistant messages carry tool_calls")
+    for j, call in enumerate(m.tool_calls):
+        if not FUNCTION_NAME.fullmatch(call.name):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}].name must be 1-64 letters, digits, _ or -")
+        if not isinstance(_json(call.arguments, f"messages[{i}].tool_calls[{j}].arguments"), dict):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}].arguments must be a JSON object")
+
+
+def check_tools(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
+    choice = request.tool_choice.WhichOneof("kind") if request.HasField("tool_choice") else None
+    if not request.tools:
+        if choice not in (None, "none"):
+            raise InvalidRequest(f"tool_choice {choice} needs tools")
+        return
+    if not request.messages:
+        raise InvalidRequest("tools need a chat request (messages, not prompt)")
+    if len(request.tools) > limits.max_tools:
+        raise InvalidRequest(f"{len(request.tools)} tools; at most {limits.max_tools}")
+    names = set()
+    for i, tool in enumerate(request.tools):
+        if not FUNCTION_NAME.fullmatch(tool.name):
+            raise InvalidRequest(f"tools[{i}].name must be 1-64 letters, digits, _ or -, got {tool.name!r}")
+        if tool.name in names:
+            raise InvalidRequest(f"tools[{i}]: two tools are named {tool.name!r}")
+        names.add(tool.name)
+        if tool.parameters and not isinstance(_json(tool.parameters, f"tools[{i}].parameters"), dict):
+            raise InvalidRequest(f"tools[{i}].parameters must be a JSON Schema (a JSON object)")
+    if choice == "function" and request.tool_choice.function not in names:
+        raise InvalidRequest(f"tool_choice names {request.tool_choice.function!r}, which is not among the tools "
+                             f"({', '.join(sorted(names))})")
+    if choice != "none" and request.sampling.HasField("structured"):
+        raise InvalidRequest("tools and a structured output cannot be combined: tool calls are constrained by "
+                             "their own grammar; send tool_choice none, or no structured output")
+
+
+def _json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{what} is not JSON: {exc}") from None
 
 
 def check_sampling(s: common_pb2.SamplingParams, limits: Limits) -> None:

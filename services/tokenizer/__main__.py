@@ -18,10 +18,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.tokenizer", description="llm-mesh tokenizer service")
     add_service_args(parser, "tokenizer", "127.0.0.1:50052")
     parser.add_argument("--model", default=env_default("LLMMESH_MODEL", "models/SmolLM2-135M-Instruct"))
+    parser.add_argument("--chat-template", help="a Jinja chat template file used instead of the model's own; one "
+                        "that reads `tools` renders tool definitions itself (see services/tokenizer/tool_prompt.py)")
     args = parser.parse_args(argv)
     setup_logging("tokenizer", args.log_level, args.log_format)
     setup_tracing("tokenizer", instance_id(args.listen))
-    servicer = TokenizerServicer(TextTokenizer(args.model))
+    servicer = TokenizerServicer(TextTokenizer(args.model, args.chat_template))
 
     def register(server):
         tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 from prometheus_client import Counter
 
@@ -9,6 +11,7 @@ from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.telemetry import tracer
 from services.tokenizer.detokenizer import IncrementalDetokenizer
 from services.tokenizer.text import CHAT_ROLES, ChatTemplateError, Message, TextTokenizer
+from services.tokenizer.tool_prompt import Call, ToolDef
 
 _tracer = tracer(__name__)
 DETOKENIZE_STREAMS = Counter("llmmesh_detokenize_streams", "DetokenizeStream calls served (gateways that hold "
@@ -24,8 +27,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send either prompt or messages, not both")
         try:
             if request.messages:
-                messages = [Message(m.role, m.content) for m in request.messages]
-                ids = self.tokenizer.encode_chat(messages)
+                ids = self.tokenizer.encode_chat(chat_messages(request.messages), tool_defs(request.tools))
             else:
                 ids = self.tokenizer.encode(request.prompt)
         except ChatTemplateError as exc:
@@ -74,3 +76,28 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     def _check_ids(self, ids) -> bool:
         vocab = self.tokenizer.vocab_size
         return all(0 <= i < vocab for i in ids)
+
+
+def chat_messages(messages) -> list[Message]:
+    out = []
+    for i, m in enumerate(messages):
+        calls = tuple(Call(c.id, c.name, c.arguments) for c in m.tool_calls)
+        for c in calls:
+            _json_object(c.arguments, f"messages[{i}].tool_calls: the arguments of {c.name!r}")
+        out.append(Message(m.role, m.content, calls, m.tool_call_id, m.name))
+    return out
+
+
+def tool_defs(tools) -> list[ToolDef]:
+    return [ToolDef(t.name, t.description, _json_object(t.parameters, f"tool {t.name!r}: parameters")
+                    if t.parameters else {"type": "object"}) for t in tools]
+
+
+def _json_object(text: str, what: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ChatTemplateError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ChatTemplateError(f"{what} must be a JSON object")
+    return value

@@ -7,16 +7,22 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-CHAT_ROLES = ("system", "user", "assistant")
+from services.tokenizer.tool_prompt import Call, ToolDef, folded_messages, hf_messages
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
 class Message:
     role: str
     content: str
+    tool_calls: tuple[Call, ...] = ()  # an assistant's calls
+    tool_call_id: str = ""  # a tool message: the call it answers
+    name: str = ""  # a tool message: the function's name
 
 
 class ChatTemplateError(ValueError):
@@ -24,7 +30,8 @@ class ChatTemplateError(ValueError):
 
 
 class TextTokenizer:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, chat_template: str | Path | None = None):
+        """chat_template: a Jinja file used instead of the model's own (e.g. one that renders tools)."""
         model_dir = Path(model_dir)
         self.name = model_dir.name
         self.tokenizer_json = (model_dir / "tokenizer.json").read_text()
@@ -33,10 +40,14 @@ class TextTokenizer:
         config = _read_json(model_dir / "tokenizer_config.json")
         template_file = model_dir / "chat_template.jinja"
         template = template_file.read_text() if template_file.exists() else config.get("chat_template")
+        if chat_template is not None:
+            template = Path(chat_template).read_text()
         # Rendered like transformers does: a sandbox, blocks trimmed.
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
         self._template = env.from_string(template) if template else None
+        # A template that reads `tools` shows them itself; others get them folded in (tool_prompt.py).
+        self.renders_tools = bool(template) and "tools" in meta.find_undeclared_variables(env.parse(template))
         self._special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         eos_ids = set()
         gen_config = _read_json(model_dir / "generation_config.json")
@@ -53,21 +64,23 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
-    def render_chat(self, messages: list[Message]) -> str:
+    def render_chat(self, messages: list[Message], tools: list[ToolDef] = ()) -> str:
         if self._template is None:
             raise ChatTemplateError(f"model {self.name} has no chat template; send a prompt instead")
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise ChatTemplateError(f"messages[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}")
-        return self._template.render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=True,
-            **self._special,
-        )
+        tools = list(tools)
+        if self.renders_tools:
+            extra = {"tools": [t.as_hf() for t in tools]} if tools else {}
+            return self._template.render(messages=hf_messages(messages), add_generation_prompt=True,
+                                         **extra, **self._special)
+        return self._template.render(messages=folded_messages(messages, tools), add_generation_prompt=True,
+                                     **self._special)
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
+    def encode_chat(self, messages: list[Message], tools: list[ToolDef] = ()) -> list[int]:
         # The template writes the special tokens itself.
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self.tokenizer.encode(self.render_chat(messages, tools), add_special_tokens=False).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
