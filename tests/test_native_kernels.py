@@ -250,3 +250,28 @@ def test_quantized_weight_packing_refuses_bad_input():
         native.int8_linear(torch.randn(2, 64), native.int8_pack_weight(q), torch.ones(8), 16)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         native.int4_linear(torch.randn(2, 64, dtype=torch.float64), native.int4_pack_weight(q, d, m), 16)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("vocab", [49152, 100])
+def test_token_bitmask_matches_unpacked_bits(vocab):
+    """Each row's logits outside its bitmask become -inf, other rows and allowed tokens untouched;
+    tokens past the mask's words are blocked."""
+    torch.manual_seed(0)
+    words = -(-vocab // 32)
+    logits = torch.randn(6, vocab)
+    rows = torch.tensor([4, 0, 2])
+    masks = torch.randint(-2**31, 2**31 - 1, (3, words), dtype=torch.int32)
+    masks[1] = -1  # everything allowed
+    masks[2, : words // 2] = 0  # the first half blocked
+    expected = logits.clone()
+    bits = ((masks.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten(1)[:, :vocab]
+    for j, row in enumerate(rows.tolist()):
+        expected[row][~bits[j]] = float("-inf")
+    native.apply_token_bitmask(logits, rows, masks)
+    assert torch.equal(logits, expected)
+    short = torch.randn(1, 100)
+    native.apply_token_bitmask(short, torch.tensor([0]), torch.full((1, 3), -1, dtype=torch.int32))
+    assert torch.isinf(short[0, 96:]).all() and torch.isfinite(short[0, :96]).all()
+    with pytest.raises(RuntimeError, match="row out of range"):
+        native.apply_token_bitmask(logits, torch.tensor([6]), masks[:1])

@@ -116,6 +116,11 @@ def _grammar_text(spec: OutputSpec) -> str:
 
 def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> None:
     """In place: the logits of rows `rows` outside their bitmask ([R, vocab / 32] int32) to -inf."""
+    from services.model_shard.model import native
+
+    if native.available() and logits.dtype == torch.float32 and logits.is_contiguous():
+        native.apply_token_bitmask(logits, rows.to(torch.int64), masks.contiguous())
+        return
     shifts = torch.arange(MASK_BITS, dtype=torch.int32)
     allowed = ((masks.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[-1]]
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

@@ -283,12 +283,13 @@ def _sample_rows(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """logits: float32 [B, V], one row per request. A token for each row, its log-probability under
-    the model's raw distribution for rows that asked, and the rows that could not be sampled."""
+    """logits: float32 [B, V], one row per request, the caller's to give up: penalties, bias and
+    grammar masks are applied to it in place. A token for each row, its log-probability under the
+    model's raw distribution for rows that asked, and the rows that could not be sampled."""
     raw = logits
     additive = batch.outputs is not None or batch.bias is not None or batch.held_back is not None
-    if batch.histories is not None or additive or batch.token_masks is not None:
-        logits = logits.clone()
+    if batch.raw_logprob_rows and (batch.histories is not None or additive or batch.token_masks is not None):
+        logits = logits.clone()  # the model's own distribution is still wanted
     if batch.histories is not None:
         apply_repetition_penalty(logits, batch.histories, batch.repetition_penalty)
     if additive:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("bindings.cpp", "paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp",
-                         "silu_and_mul.cpp", "quantized_linear.cpp")]
+                         "silu_and_mul.cpp", "quantized_linear.cpp", "token_bitmask.cpp")]
 NAME = "llmmesh_kernels"
 _kernels = None  # the compiled module (csrc/bindings.cpp)
 _available: bool | None = None
@@ -117,6 +117,12 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_
     """x [M, K] @ the packed 8-bit weights' transpose times scale [N] (float32), activations
     quantized to int8 per group of 32."""
     return _kernels.int8_linear(x, packed, scale, out_features)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> None:
+    """In place: logits [B, V] float32 of rows [R] (int64) to -inf where their bitmask masks [R, V / 32]
+    (int32; token t is bit t % 32 of word t // 32) has a 0."""
+    _kernels.apply_token_bitmask(logits, rows, masks)
 
 
 if __name__ == "__main__":

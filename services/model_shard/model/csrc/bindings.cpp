@@ -19,4 +19,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_pack_weight", &llmmesh::int4_pack_weight, release());
   m.def("int8_linear", &llmmesh::int8_linear, release());
   m.def("int8_pack_weight", &llmmesh::int8_pack_weight, release());
+  m.def("apply_token_bitmask", &llmmesh::apply_token_bitmask, release());
 }

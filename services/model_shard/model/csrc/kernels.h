@@ -33,4 +33,7 @@ at::Tensor int4_pack_weight(const at::Tensor& q, const at::Tensor& d, const at::
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N);
 at::Tensor int8_pack_weight(const at::Tensor& q);
 
+// Grammar bitmasks onto the constrained rows' logits, in place (token_bitmask.cpp).
+void apply_token_bitmask(at::Tensor logits, const at::Tensor& rows, const at::Tensor& masks);
+
 }  // namespace llmmesh
