@@ -270,6 +270,13 @@ def test_bad_structured_outputs_and_tool_requests_are_400(client, kwargs, fragme
     assert err.value.status_code == 400 and fragment in err.value.body["message"]
 
 
+def test_tools_on_the_completions_endpoint_are_refused(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={"tools": [
+            {"type": "function", "function": {"name": "f"}}]})
+    assert err.value.status_code == 400 and "/v1/chat/completions" in err.value.body["message"]
+
+
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},

@@ -47,7 +47,14 @@ def _requests() -> list[gateway_pb2.GenerateRequest]:
     constrained = gateway_pb2.GenerateRequest(prompt="Some words", sampling=common_pb2.SamplingParams(
         max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.8, seed=7,
         structured=common_pb2.StructuredOutput(regex="[a-z ]+")))  # resumed: its matcher is fed what was delivered
-    return [*greedy, seeded, choices, constrained]
+    lookup = common_pb2.Tool(name="lookup", parameters=json.dumps({
+        "type": "object", "properties": {"q": {"type": "string", "maxLength": 12}}, "required": ["q"],
+        "additionalProperties": False}))
+    calls = gateway_pb2.GenerateRequest(  # resumed: the call parser keeps its place, the grammar its state
+        messages=[common_pb2.ChatMessage(role="user", content="Look things up")], tools=[lookup],
+        tool_choice=common_pb2.ToolChoice(required=True), sampling=common_pb2.SamplingParams(
+            max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.8, seed=3))
+    return [*greedy, seeded, choices, calls, constrained]
 
 
 def _tokens(chunks) -> list[int]:
@@ -123,5 +130,9 @@ def test_killing_a_shard_mid_stream_is_invisible_to_clients(real_model_dir, voca
             assert _choices(got) == _choices(want)
             assert got[-1].usage.completion_tokens == want[-1].usage.completion_tokens
         assert re.fullmatch("[a-z ]+", _choices(results[-1])[0][1])
+        calls = [[(call.name, call.arguments) for c in chunks for call in c.tool_calls] for chunks in
+                 (results[-2], expected[-2])]
+        assert calls[0] == calls[1] and len(calls[0]) > 1
+        assert all(set(json.loads(arguments)) == {"q"} for _, arguments in calls[0])
         log = [json.loads(line) for line in complete_lines(tmp_path / "gateway.log") if line.startswith("{")]
         assert any("resuming elsewhere" in entry["message"] for entry in log), "no stream was on the killed shard"

@@ -28,7 +28,8 @@ from services.gateway.choices import Answer
 from services.gateway.openai_requests import UINT32_MAX, ChatCompletionRequest, CompletionRequest, _Common
 from services.gateway.openai_logprobs import PromptPart, Tokens, chat_logprobs, completion_logprobs
 from services.gateway.openai_structured import StructuredError, structured_output
-from services.gateway.openai_tools import ToolsError, add_tools, chat_message, message_tool_calls, tool_call_deltas
+from services.gateway.openai_tools import (ToolsError, add_tools, chat_message, message_tool_calls,
+                                          refuse_tools_on_completions, tool_call_deltas)
 from services.gateway.server import REQUESTS, GatewayServicer, RpcError
 
 _tracer = trace.get_tracer(__name__)
@@ -200,6 +201,10 @@ class OpenAIFront:
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
+            try:
+                refuse_tools_on_completions(body)
+            except ToolsError as exc:
+                raise OpenAIError(400, str(exc), param=exc.param) from None
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if len(prompts) != 1:
                 raise OpenAIError(400, "send one prompt per request", param="prompt")

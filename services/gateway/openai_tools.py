@@ -47,6 +47,14 @@ def add_tools(body: Any, request: gateway_pb2.GenerateRequest) -> None:
         request.parallel_tool_calls = parallel
 
 
+def refuse_tools_on_completions(body: Any) -> None:
+    """Tools are a chat feature: /v1/completions says so rather than ignore them."""
+    extra = body.model_extra or {}
+    for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
+        if extra.get(name) is not None:
+            raise ToolsError(f"{name} is served on /v1/chat/completions, not on /v1/completions", name)
+
+
 def _tool(i: int, tool: Any) -> common_pb2.Tool:
     where = f"tools.{i}"
     if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
