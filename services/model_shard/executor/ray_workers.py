@@ -39,6 +39,27 @@ FORWARDED_ENV = ("LLMMESH_TRACE_DIR", "LLMMESH_LOG_FORMAT", "LLMMESH_LOG_LEVEL",
                  "OTEL_TRACES_SAMPLER_ARG", "OTEL_RESOURCE_ATTRIBUTES", "PYTHONPATH")
 
 
+PEER_DEATH_WAIT_S = 5.0  # how long a failed step waits to learn whether a worker died under it
+
+
+def _dead_worker(pending: list, index: dict, timeout_s: float = PEER_DEATH_WAIT_S) -> int | None:
+    """The rank of a worker among `pending` calls that died, seen within timeout_s, or None."""
+    import ray
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    if not pending:
+        return None
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except (RayActorError, WorkerCrashedError):
+            return index[ref]
+        except Exception:  # noqa: BLE001 - another failed rank; keep looking for a dead one
+            continue
+    return None
+
+
 class WorkerDiedError(ExecutorLost):
     """A parallel worker process is gone; the step cannot finish."""
 
@@ -249,6 +270,14 @@ class RayExecutor:
                     results[index[ref]] = ray.get(ref)
                 except (RayActorError, WorkerCrashedError) as exc:
                     raise WorkerDiedError(f"parallel worker {index[ref]} died: {type(exc).__name__}") from exc
+                except Exception as exc:
+                    # A rank whose peer was killed fails its collective (gloo: connection closed) before
+                    # Ray reports the death: look at the others before calling this a failed step.
+                    dead = _dead_worker(pending, index)
+                    if dead is not None:
+                        raise WorkerDiedError(f"parallel worker {dead} died (worker {index[ref]} failed with "
+                                              f"it: {type(exc).__name__})") from exc
+                    raise
         return results
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
