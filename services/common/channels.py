@@ -8,14 +8,22 @@ from services.common.telemetry import client_interceptors
 from services.common.tls import TlsFiles
 
 MAX_MESSAGE_BYTES = 64 << 20
+# A partition sends no reset: a connection whose peer went silent is found by its keepalive pings,
+# one every KEEPALIVE_S, given up KEEPALIVE_TIMEOUT_S after one goes unanswered. So a stream to a
+# cut-off shard fails (and resumes elsewhere) within KEEPALIVE_BOUND_S.
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 10, 5
+KEEPALIVE_BOUND_S = KEEPALIVE_S + KEEPALIVE_TIMEOUT_S
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Servers accept those pings on idle connections too (their default asks for 5 minutes between
+    # them, and answers more frequent ones with GOAWAY "too_many_pings").
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
     # A service back from a restart is reached again within a second, not after gRPC's default
     # backoff of up to two minutes.
     ("grpc.initial_reconnect_backoff_ms", 100),

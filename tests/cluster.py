@@ -1,0 +1,168 @@
+"""Several hosts on one machine, for tests of the mesh as a distributed system.
+
+Each host is a network namespace with its own address on one bridge (veth pairs, iproute2); the test
+process reaches them through the bridge's own address. A host runs any service with its normal command
+line. A host can be cut off (its cable pulled: packets vanish silently, as on a real partition, so only
+timeouts and keepalives can notice) and reconnected, and crash (every process in it SIGKILLed). Links
+can be shaped with tc netem (delay, jitter, loss, rate) where the kernel has it (`netem_unavailable()`).
+Everything is removed on close, also when a test failed.
+
+Needs root (CAP_NET_ADMIN); `cluster_unavailable()` says why not, for a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["ip", *(["netns", "exec", netns, "ip"] if netns else []), *args]
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def cluster_unavailable() -> str | None:
+    """Why hosts cannot be made here (no iproute2, not permitted), or None."""
+    probe = f"llmprobe{os.getpid()}"
+    try:
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "iproute2's `ip` is not installed"
+    if made.returncode != 0:
+        return f"`ip netns add` is not permitted here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def netem_unavailable() -> str | None:
+    """Why links cannot be shaped here, or None."""
+    probe = f"llmnetem{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", probe], capture_output=True)
+    try:
+        tried = subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+                                "delay", "1ms"], capture_output=True, text=True)
+        return None if tried.returncode == 0 else f"tc netem does not work here: {tried.stderr.strip()}"
+    except FileNotFoundError:
+        return "tc (iproute2) is not installed"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+
+
+@dataclass
+class Host:
+    name: str
+    netns: str
+    ip: str
+    dev: str  # its end of the veth pair, inside the namespace
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def address(self, port: int) -> str:
+        return f"{self.ip}:{port}"
+
+
+class Cluster:
+    """hosts: their names, e.g. ["gateway", "tokenizer", "shard0"]."""
+
+    def __init__(self, hosts: list[str], log_dir: Path, subnet: int = 0):
+        tag = f"lm{os.getpid() % 100000}"
+        self.bridge = f"{tag}br"
+        self.net = f"10.{200 + subnet % 50}.{os.getpid() % 250}"  # a /24 of this process
+        self.gateway_ip = f"{self.net}.254"  # the bridge's address: the test process's way in
+        self.log_dir = log_dir
+        self.hosts = {name: Host(name, f"{tag}-{name}", f"{self.net}.{i + 1}", f"{tag}v{i}")
+                      for i, name in enumerate(hosts)}
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway_ip}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i, host in enumerate(self.hosts.values()):
+            outside = f"{host.dev}b"
+            subprocess.run(["ip", "netns", "add", host.netns], check=True, capture_output=True)
+            _ip("link", "add", host.dev, "type", "veth", "peer", "name", outside)
+            _ip("link", "set", host.dev, "netns", host.netns)
+            _ip("link", "set", outside, "master", self.bridge)
+            _ip("link", "set", outside, "up")
+            _ip("addr", "add", f"{host.ip}/24", "dev", host.dev, netns=host.netns)
+            _ip("link", "set", host.dev, "up", netns=host.netns)
+            _ip("link", "set", "lo", "up", netns=host.netns)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getitem__(self, name: str) -> Host:
+        return self.hosts[name]
+
+    # --- processes ---
+
+    def start(self, host: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Run argv on the host (cwd: the repository; python: this interpreter); output to a log file."""
+        h = self.hosts[host]
+        argv = [sys.executable if a == "python" else a for a in argv]
+        log = open(self.log_dir / f"{host}-{len(h.processes)}.log", "wb")
+        proc = subprocess.Popen(["ip", "netns", "exec", h.netns, *argv], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        log.close()
+        h.processes.append(proc)
+        return proc
+
+    def crash(self, host: str) -> None:
+        """SIGKILL every process in the host, as a power cut would end them."""
+        h = self.hosts[host]
+        pids = subprocess.run(["ip", "netns", "pids", h.netns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        for proc in h.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        h.processes.clear()
+
+    # --- links ---
+
+    def shape(self, host: str, delay_ms: float = 0, jitter_ms: float = 0, loss_pct: float = 0,
+              rate: str | None = None) -> None:
+        """What leaves the host: delayed, jittered, lost, or limited (e.g. rate="100mbit")."""
+        h = self.hosts[host]
+        netem = ["delay", f"{delay_ms}ms", *([f"{jitter_ms}ms"] if jitter_ms else []),
+                 *(["loss", f"{loss_pct}%"] if loss_pct else []), *(["rate", rate] if rate else [])]
+        subprocess.run(["ip", "netns", "exec", h.netns, "tc", "qdisc", "replace", "dev", h.dev, "root", "netem",
+                        *netem], check=True, capture_output=True)
+
+    def unshape(self, host: str) -> None:
+        h = self.hosts[host]
+        subprocess.run(["ip", "netns", "exec", h.netns, "tc", "qdisc", "del", "dev", h.dev, "root"],
+                       capture_output=True)
+
+    def isolate(self, host: str) -> None:
+        """Cut the host's cable: its packets and packets to it vanish, with no reset and no error on
+        either side, as on a real partition; only timeouts and keepalives can tell."""
+        _ip("link", "set", f"{self.hosts[host].dev}b", "down")
+
+    def reconnect(self, host: str) -> None:
+        _ip("link", "set", f"{self.hosts[host].dev}b", "up")
+
+    # --- teardown ---
+
+    def close(self) -> None:
+        for name, h in self.hosts.items():
+            with contextlib.suppress(Exception):
+                self.crash(name)
+            subprocess.run(["ip", "link", "del", f"{h.dev}b"], capture_output=True)  # and its peer
+            subprocess.run(["ip", "netns", "del", h.netns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)

@@ -1,0 +1,132 @@
+"""The mesh across hosts (network namespaces on a bridge, tests/cluster.py) under real network faults: a
+host cut off mid-stream, with no reset and no error, as a partition is. What the client sees is asserted:
+status, tokens, and a bound on the time it took.
+
+gateway, tokenizer, cache and two shard replicas each run on a host of their own, with their normal
+command lines. The shards serve a tiny random model with the real vocabulary: they start at once, and
+the tests are about the network, not the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.channels import KEEPALIVE_BOUND_S
+from services.launcher import wait_healthy
+from services.trace_view import complete_lines
+
+from .cluster import Cluster, cluster_unavailable
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(cluster_unavailable()), reason=str(cluster_unavailable()))]
+PORT = 50051  # every host has its own ports
+MAX_TOKENS = 600
+
+
+@pytest.fixture(scope="module")
+def cluster(real_model_dir, vocab_sized_tiny_model, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("cluster")
+    with Cluster(["gateway", "tokenizer", "cache", "shard0", "shard1"], logs) as c:
+        at = {name: c[name].address(PORT) for name in c.hosts}
+        env = {"LLMMESH_LOG_FORMAT": "json"}
+        c.start("tokenizer", ["python", "-m", "services.tokenizer", "--listen", at["tokenizer"],
+                              "--model", str(real_model_dir)], env)
+        c.start("cache", ["python", "-m", "services.cache", "--listen", at["cache"]], env)
+        for shard in ("shard0", "shard1"):
+            c.start(shard, ["python", "-m", "services.model_shard", "--listen", at[shard], "--model",
+                            str(vocab_sized_tiny_model), "--cache", at["cache"], "--kv-cache-mb", "64", "--threads", "1"],
+                    env)
+        c.start("gateway", ["python", "-m", "services.gateway", "--listen", at["gateway"], "--tokenizer", at["tokenizer"],
+                            "--cache", at["cache"], "--shards", f"{at['shard0']},{at['shard1']}",
+                            "--no-response-cache"], env)
+        for name in ("tokenizer", "cache", "shard0", "shard1", "gateway"):
+            wait_healthy(at[name], 120, c[name].processes[0])
+        c.logs = logs
+        c.stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(at["gateway"]))
+        yield c
+
+
+@pytest.fixture
+def healed(cluster):
+    yield cluster
+    for name in cluster.hosts:
+        cluster.reconnect(name)
+
+
+def _greedy(prompt: str, max_tokens: int = MAX_TOKENS) -> gateway_pb2.GenerateRequest:
+    return gateway_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
+
+
+def _tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def _serves(stub) -> bool:
+    try:
+        return bool(stub.Generate(_greedy("ping", 2), timeout=5).token_ids)
+    except grpc.RpcError:
+        return False
+
+
+def test_a_shard_host_cut_off_mid_stream_resumes_on_the_other(healed):
+    cluster = healed
+    requests = [_greedy(f"Stream {i} across hosts") for i in range(4)]
+    expected = [_tokens(cluster.stub.GenerateStream(r, timeout=120)) for r in requests]
+    started = threading.Barrier(len(requests) + 1)
+
+    def run(request):
+        stream = cluster.stub.GenerateStream(request, timeout=120)
+        chunks = [next(stream)]
+        started.wait(timeout=60)
+        chunks.extend(stream)
+        return chunks
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(run, r) for r in requests]
+        started.wait(timeout=60)
+        cut = time.monotonic()
+        cluster.isolate("shard0")
+        results = [f.result(timeout=120) for f in futures]
+    took = time.monotonic() - cut
+    assert [_tokens(r) for r in results] == expected  # token for token, as if nothing happened
+    assert all(r[-1].finish_reason == "length" for r in results)
+    # The silent partition is noticed by keepalive, within its bound (plus the rest of the answers,
+    # about a second for this model).
+    assert took < KEEPALIVE_BOUND_S + 8, took
+    log = [json.loads(line) for line in complete_lines(cluster.logs / "gateway-0.log") if line.startswith("{")]
+    assert any("resuming elsewhere" in entry["message"] for entry in log), "no stream was on the cut-off shard"
+
+
+def test_the_tokenizer_host_cut_off_fails_fast_then_heals(healed):
+    cluster = healed
+    cluster.isolate("tokenizer")
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.stub.Generate(_greedy("Hello", 4), timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "tokenizer" in err.value.details()
+    assert time.monotonic() - start < 8  # the gateway's --tokenizer-timeout (5 s), not the deadline
+    cluster.reconnect("tokenizer")
+    deadline = time.monotonic() + 30
+    while not _serves(cluster.stub):
+        assert time.monotonic() < deadline, "not served again within 30 s of the tokenizer's return"
+
+
+def test_the_cache_host_cut_off_leaves_answers_unaffected(healed):
+    cluster = healed
+    request = _greedy("The cache host goes away", 64)
+    expected = _tokens(cluster.stub.GenerateStream(request, timeout=60))
+    cluster.isolate("cache")
+    start = time.monotonic()
+    for prompt in ("The cache host goes away", "A prompt no shard has seen"):
+        chunks = list(cluster.stub.GenerateStream(_greedy(prompt, 64), timeout=60))
+        assert chunks[-1].finish_reason == "length"
+        if prompt == "The cache host goes away":
+            assert _tokens(chunks) == expected
+    # Each request costs at most one KV fetch timeout (0.5 s) for the missing cache, not a stall.
+    assert time.monotonic() - start < 10
