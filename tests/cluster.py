@@ -71,7 +71,7 @@ class Cluster:
     """hosts: their names, e.g. ["gateway", "tokenizer", "shard0"]."""
 
     def __init__(self, hosts: list[str], log_dir: Path, subnet: int = 0):
-        tag = f"lm{os.getpid() % 100000}"
+        tag = f"lm{os.getpid() % 100000}{subnet % 10}"
         self.bridge = f"{tag}br"
         self.net = f"10.{200 + subnet % 50}.{os.getpid() % 250}"  # a /24 of this process
         self.gateway_ip = f"{self.net}.254"  # the bridge's address: the test process's way in

@@ -102,6 +102,7 @@ def test_a_killed_worker_fails_its_streams_then_the_shard_rebuilds_and_serves(ti
         stub = shard_pb2_grpc.ModelShardStub(channel)
         info = stub.Info(shard_pb2.ShardInfoRequest(), timeout=30)
         assert info.tensor_parallel_size == 2 and [w.rank for w in info.workers] == [0, 1]
+        assert all(w.node for w in info.workers)  # the Ray node each runs on
 
         # The workers' spans join the request's trace, under the shard's Generate span.
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"

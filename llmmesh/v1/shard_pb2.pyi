@@ -88,12 +88,14 @@ class ShardInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., max_running: _Optional[int] = ..., max_waiting: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[ParallelWorker, _Mapping]]] = ...) -> None: ...
 
 class ParallelWorker(_message.Message):
-    __slots__ = ("rank", "pid")
+    __slots__ = ("rank", "pid", "node")
     RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     pid: int
-    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    node: str
+    def __init__(self, rank: _Optional[int] = ..., pid: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class WatchPrefixIndexRequest(_message.Message):
     __slots__ = ()

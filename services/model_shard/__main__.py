@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
                         default=int(env_default("LLMMESH_PIPELINE_PARALLEL_SIZE", "1")),
                         help="split the layers into this many stages, one Ray worker group each")
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each parallel worker")
+    parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"],
+                        default=env_default("LLMMESH_PLACEMENT_STRATEGY", "PACK"),
+                        help="how Ray places the parallel workers: PACK on as few nodes as fit, SPREAD / "
+                             "STRICT_SPREAD over several nodes (a shard that spans hosts)")
     parser.add_argument("--no-native-kernels", action="store_true",
                         help="attention, norms, RoPE, SiLU and the int8/int4 linears on stock torch ops "
                              "instead of the native kernels (model/native.py)")
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         enable_prefix_caching=not args.no_prefix_caching,
         fairness=FairnessConfig(args.scheduling, args.priority_aging_steps, args.max_priority_preemptions),
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-        threads_per_worker=args.threads_per_worker, native_kernels=not args.no_native_kernels,
+        threads_per_worker=args.threads_per_worker, placement_strategy=args.placement_strategy,
+        native_kernels=not args.no_native_kernels,
     )
     if config.parallel:  # a split the model cannot take is refused here, before anything starts
         try:

@@ -263,13 +263,13 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         if e is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is being rebuilt")
         c = e.config
-        pids = await self.engine.worker_pids()
+        places = await self.engine.worker_places()
         return shard_pb2.ShardInfo(
             model=self.model_name, max_model_len=e.max_model_len, block_size=c.block_size,
             num_blocks=e.pool.num_blocks, dtype=c.dtype, max_running=c.max_running,
             max_waiting=c.max_waiting, eos_token_ids=sorted(e.eos_token_ids),
             tensor_parallel_size=c.tensor_parallel_size, pipeline_parallel_size=c.pipeline_parallel_size,
-            workers=[shard_pb2.ParallelWorker(rank=r, pid=p) for r, p in enumerate(pids)],
+            workers=[shard_pb2.ParallelWorker(rank=r, pid=pid, node=node) for r, (pid, node) in enumerate(places)],
         )
 
 

@@ -191,9 +191,9 @@ class AsyncEngine:
             self._on_prefix_change(added, removed)
         return engine.pool.cached_hashes()
 
-    async def worker_pids(self) -> list[int]:
-        """Process ids of the engine's parallel workers, by rank (none for a local executor)."""
-        return await self._call(lambda engine: engine.worker_pids())
+    async def worker_places(self) -> list[tuple[int, str]]:
+        """(process id, node address) of the engine's parallel workers, by rank (none for a local executor)."""
+        return await self._call(lambda engine: engine.worker_places())
 
     async def sync(self) -> None:
         """Return once the engine thread has applied everything sent to it before this call."""

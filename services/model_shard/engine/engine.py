@@ -52,6 +52,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     threads_per_worker: int = 1  # torch threads of each parallel worker process
+    # Ray placement of the workers: PACK (as few nodes as fit), SPREAD, STRICT_SPREAD (one node per
+    # worker) or STRICT_PACK (one node).
+    placement_strategy: str = "PACK"
     native_kernels: bool = True  # the native kernels where they build and the CPU has them (model/native.py)
 
     @property
@@ -147,9 +150,9 @@ class LLMEngine:
             engine.enable_grammars(model_dir)
         return engine
 
-    def worker_pids(self) -> list[int]:
-        pids = getattr(self.executor, "worker_pids", None)
-        return pids() if pids is not None else []
+    def worker_places(self) -> list[tuple[int, str]]:
+        places = getattr(self.executor, "worker_places", None)
+        return places() if places is not None else []
 
     def shutdown(self) -> None:
         """Release the executor's workers, if it has any."""

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # Passed into the workers so their spans and logs go where the shard's go.
 FORWARDED_ENV = ("LLMMESH_TRACE_DIR", "LLMMESH_LOG_FORMAT", "LLMMESH_LOG_LEVEL", "OTEL_EXPORTER_OTLP_ENDPOINT",
                  "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_BSP_SCHEDULE_DELAY", "OTEL_TRACES_SAMPLER",
-                 "OTEL_TRACES_SAMPLER_ARG", "OTEL_RESOURCE_ATTRIBUTES", "PYTHONPATH")
+                 "OTEL_TRACES_SAMPLER_ARG", "OTEL_RESOURCE_ATTRIBUTES", "PYTHONPATH",
+                 "RAY_ADDRESS")  # a worker of an existing cluster binds gloo to its node's address
 
 
 PEER_DEATH_WAIT_S = 5.0  # how long a failed step waits to learn whether a worker died under it
@@ -58,6 +59,20 @@ def _dead_worker(pending: list, index: dict, timeout_s: float = PEER_DEATH_WAIT_
         except Exception:  # noqa: BLE001 - another failed rank; keep looking for a dead one
             continue
     return None
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _interface_of(ip: str) -> str | None:
+    """The network interface that holds this address, or None."""
+    import psutil
+
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.family == socket.AF_INET and a.address == ip for a in addrs)), None)
 
 
 class WorkerDiedError(ExecutorLost):
@@ -97,12 +112,14 @@ class ModelWorker:
 
         setup_tracing("model_shard_worker", f"rank{rank}-pid{os.getpid()}")
 
-    def pid(self) -> int:
-        return os.getpid()
+    def place(self) -> tuple[int, str]:
+        """This worker's process id, and the address of the Ray node it runs on."""
+        return os.getpid(), _node_ip()
 
     def rendezvous_address(self) -> str:
-        """host:port for torch.distributed's TCP store, on this (rank 0's) node."""
-        host = socket.gethostbyname(socket.gethostname()) if os.environ.get("RAY_ADDRESS") else "127.0.0.1"
+        """host:port for torch.distributed's TCP store, on this (rank 0's) node: the address Ray knows
+        the node by (a hostname may resolve to another interface, or to loopback)."""
+        host = _node_ip() if os.environ.get("RAY_ADDRESS") else "127.0.0.1"
         with socket.socket() as s:
             s.bind((host, 0))
             return f"{host}:{s.getsockname()[1]}"
@@ -117,6 +134,10 @@ class ModelWorker:
         from services.model_shard.model.llama import LlamaConfig, Partition, load_model, stage_layers
 
         world = self.tp * self.pp
+        if os.environ.get("RAY_ADDRESS") and "GLOO_SOCKET_IFNAME" not in os.environ:
+            interface = _interface_of(_node_ip())
+            if interface:  # gloo's peers connect to the interface of Ray's node address, not the hostname's
+                os.environ["GLOO_SOCKET_IFNAME"] = interface
         dist.init_process_group("gloo", init_method=f"tcp://{rendezvous}", rank=self.rank, world_size=world,
                                 timeout=timedelta(seconds=120))
         # Every rank creates every group, in the same order (torch.distributed requires it).
@@ -226,7 +247,7 @@ class RayExecutor:
         use_gpu = torch.cuda.is_available() and bool(ray.cluster_resources().get("GPU"))
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
         self.workers: list = []
-        self._pg = placement_group([bundle] * world, strategy="PACK")
+        self._pg = placement_group([bundle] * world, strategy=config.placement_strategy)
         try:
             ray.get(self._pg.ready(), timeout=place_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -302,8 +323,8 @@ class RayExecutor:
             offset += size
         self._gather(refs)
 
-    def worker_pids(self) -> list[int]:
-        return self._gather([w.pid.remote() for w in self.workers])
+    def worker_places(self) -> list[tuple[int, str]]:
+        return [tuple(place) for place in self._gather([w.place.remote() for w in self.workers])]
 
     def shutdown(self) -> None:
         import ray
