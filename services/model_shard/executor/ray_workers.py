@@ -67,6 +67,19 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def _address_towards(address: str) -> str | None:
+    """The local IP address this host reaches HOST:PORT from, or None (another form: "auto", ray://)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in host:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port)))  # UDP: picks the route, sends nothing
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
 def _interface_of(ip: str) -> str | None:
     """The network interface that holds this address, or None."""
     import psutil
@@ -225,7 +238,11 @@ def connect_ray(ranks: int = 1) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        address = os.environ["RAY_ADDRESS"]
+        # This process's node is the one at the address that reaches the head: without it, Ray may
+        # take the head's address for its own and its workers cannot reach this driver's objects.
+        own = _address_towards(address)
+        ray.init(address=address, log_to_driver=False, **({"_node_ip_address": own} if own else {}))
     else:
         # Its CPUs are logical slots, one per rank (a rank's torch threads are threads_per_worker):
         # room for 16 ranks even on a small machine.
