@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PORT = 50051  # every host has ports of its own
+RAY = str(Path(sys.executable).with_name("ray"))
+# `ray start --head` turns token authentication on by default; these hosts are namespaces of one
+# machine, so their clusters run without it (a deployment shares the token with every node instead).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -76,6 +83,7 @@ class Cluster:
         self.net = f"10.{200 + subnet % 50}.{os.getpid() % 250}"  # a /24 of this process
         self.gateway_ip = f"{self.net}.254"  # the bridge's address: the test process's way in
         self.log_dir = log_dir
+        self.ray_temp_dirs: list[Path] = []  # start_ray's, removed on close
         self.hosts = {name: Host(name, f"{tag}-{name}", f"{self.net}.{i + 1}", f"{tag}v{i}")
                       for i, name in enumerate(hosts)}
         try:
@@ -166,3 +174,55 @@ class Cluster:
             subprocess.run(["ip", "link", "del", f"{h.dev}b"], capture_output=True)  # and its peer
             subprocess.run(["ip", "netns", "del", h.netns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        for temp in self.ray_temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def start_mesh(cluster: Cluster, model_dir: Path, shards: dict[str, list[str]], shard_model: Path | None = None,
+               gateway_args: list[str] = (), env: dict[str, str] | None = None, timeout_s: float = 240) -> str:
+    """tokenizer, cache and gateway on the hosts of those names, a shard on each host of `shards` (with
+    its extra arguments); returns the gateway's address once every service is healthy."""
+    from services.launcher import wait_healthy
+
+    at = {name: cluster[name].address(PORT) for name in ("gateway", "tokenizer", "cache", *shards)}
+    started = {"tokenizer": cluster.start("tokenizer", ["python", "-m", "services.tokenizer", "--listen",
+                                                        at["tokenizer"], "--model", str(model_dir)], env),
+               "cache": cluster.start("cache", ["python", "-m", "services.cache", "--listen", at["cache"]], env)}
+    for host, extra in shards.items():
+        started[host] = cluster.start(host, ["python", "-m", "services.model_shard", "--listen", at[host], "--model",
+                                             str(shard_model or model_dir), "--cache", at["cache"], *extra], env)
+    started["gateway"] = cluster.start("gateway", [
+        "python", "-m", "services.gateway", "--listen", at["gateway"], "--tokenizer", at["tokenizer"],
+        "--cache", at["cache"], "--shards", ",".join(at[h] for h in shards), *gateway_args], env)
+    for name, proc in started.items():
+        wait_healthy(at[name], timeout_s, proc)
+    return at["gateway"]
+
+
+def start_ray(cluster: Cluster, head: str, nodes: dict[str, int], timeout_s: float = 120) -> str:
+    """A Ray cluster, as its documented commands start one (docs/across-nodes.md): the head on `head`,
+    then a node on each other host of `nodes` (host -> CPU slots it offers; the head's own are
+    nodes.get(head, 1)); returns the head's address once every node is up."""
+    address = cluster[head].address(6379)
+    hosts = [head, *(h for h in nodes if h != head)]
+    for count, host in enumerate(hosts, 1):
+        temp = Path(f"/tmp/lmray-{cluster.bridge}-{host}")  # short: Ray's socket paths live under it
+        cluster.ray_temp_dirs.append(temp)
+        role = ["--head", "--port", "6379", "--include-dashboard=false"] if host == head else ["--address", address]
+        cluster.start(host, [RAY, "start", *role, "--node-ip-address", cluster[host].ip, "--num-cpus",
+                             str(nodes.get(host, 1)), "--temp-dir", str(temp), "--disable-usage-stats", "--block"],
+                      RAY_ENV)
+        deadline = time.monotonic() + timeout_s
+        while ray_nodes_alive(cluster, head, address) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Ray node on {host} did not join within {timeout_s:.0f}s")
+    return address
+
+
+def ray_nodes_alive(cluster: Cluster, host: str, head_address: str) -> int:
+    """Ray nodes alive, as a driver on `host` sees them (0 while it cannot connect)."""
+    code = (f"import ray; ray.init(address={head_address!r}, _node_ip_address={cluster[host].ip!r}); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
+    seen = subprocess.run(["ip", "netns", "exec", cluster[host].netns, sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **RAY_ENV})
+    return int(seen.stdout.strip() or 0) if seen.returncode == 0 else 0

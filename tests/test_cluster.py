@@ -19,13 +19,11 @@ import pytest
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import KEEPALIVE_BOUND_S
-from services.launcher import wait_healthy
 from services.trace_view import complete_lines
 
-from .cluster import Cluster, cluster_unavailable
+from .cluster import Cluster, cluster_unavailable, start_mesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(cluster_unavailable()), reason=str(cluster_unavailable()))]
-PORT = 50051  # every host has its own ports
 MAX_TOKENS = 600
 
 
@@ -33,22 +31,11 @@ MAX_TOKENS = 600
 def cluster(real_model_dir, vocab_sized_tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster")
     with Cluster(["gateway", "tokenizer", "cache", "shard0", "shard1"], logs) as c:
-        at = {name: c[name].address(PORT) for name in c.hosts}
-        env = {"LLMMESH_LOG_FORMAT": "json"}
-        c.start("tokenizer", ["python", "-m", "services.tokenizer", "--listen", at["tokenizer"],
-                              "--model", str(real_model_dir)], env)
-        c.start("cache", ["python", "-m", "services.cache", "--listen", at["cache"]], env)
-        for shard in ("shard0", "shard1"):
-            c.start(shard, ["python", "-m", "services.model_shard", "--listen", at[shard], "--model",
-                            str(vocab_sized_tiny_model), "--cache", at["cache"], "--kv-cache-mb", "64", "--threads", "1"],
-                    env)
-        c.start("gateway", ["python", "-m", "services.gateway", "--listen", at["gateway"], "--tokenizer", at["tokenizer"],
-                            "--cache", at["cache"], "--shards", f"{at['shard0']},{at['shard1']}",
-                            "--no-response-cache"], env)
-        for name in ("tokenizer", "cache", "shard0", "shard1", "gateway"):
-            wait_healthy(at[name], 120, c[name].processes[0])
+        shard = ["--kv-cache-mb", "64", "--threads", "1"]
+        gateway = start_mesh(c, real_model_dir, {"shard0": shard, "shard1": shard}, shard_model=vocab_sized_tiny_model,
+                             gateway_args=["--no-response-cache"], env={"LLMMESH_LOG_FORMAT": "json"})
         c.logs = logs
-        c.stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(at["gateway"]))
+        c.stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(gateway))
         yield c
 
 
