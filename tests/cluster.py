@@ -179,23 +179,29 @@ class Cluster:
 
 
 def start_mesh(cluster: Cluster, model_dir: Path, shards: dict[str, list[str]], shard_model: Path | None = None,
-               gateway_args: list[str] = (), env: dict[str, str] | None = None, timeout_s: float = 240) -> str:
-    """tokenizer, cache and gateway on the hosts of those names, a shard on each host of `shards` (with
-    its extra arguments); returns the gateway's address once every service is healthy."""
+               gateway_args: list[str] = (), env: dict[str, str] | None = None, timeout_s: float = 240,
+               tokenizers: tuple[str, ...] = ("tokenizer",)) -> str:
+    """A tokenizer on each host of `tokenizers`, the cache and the gateway on the hosts of those names, a
+    shard on each host of `shards` (with its extra arguments); returns the gateway's address once every
+    service is healthy."""
     from services.launcher import wait_healthy
 
-    at = {name: cluster[name].address(PORT) for name in ("gateway", "tokenizer", "cache", *shards)}
-    started = {"tokenizer": cluster.start("tokenizer", ["python", "-m", "services.tokenizer", "--listen",
-                                                        at["tokenizer"], "--model", str(model_dir)], env),
-               "cache": cluster.start("cache", ["python", "-m", "services.cache", "--listen", at["cache"]], env)}
+    at = {name: cluster[name].address(PORT) for name in ("gateway", "cache", *tokenizers, *shards)}
+    started = {host: cluster.start(host, ["python", "-m", "services.tokenizer", "--listen", at[host], "--model",
+                                          str(model_dir)], env) for host in tokenizers}
+    started["cache"] = cluster.start("cache", ["python", "-m", "services.cache", "--listen", at["cache"]], env)
     for host, extra in shards.items():
         started[host] = cluster.start(host, ["python", "-m", "services.model_shard", "--listen", at[host], "--model",
                                              str(shard_model or model_dir), "--cache", at["cache"], *extra], env)
-    started["gateway"] = cluster.start("gateway", [
-        "python", "-m", "services.gateway", "--listen", at["gateway"], "--tokenizer", at["tokenizer"],
-        "--cache", at["cache"], "--shards", ",".join(at[h] for h in shards), *gateway_args], env)
     for name, proc in started.items():
         wait_healthy(at[name], timeout_s, proc)
+    # Last: a gateway counts static shards as serving until their health answers, so one started
+    # before them could take requests while its channels still back off from refused connections.
+    gateway = cluster.start("gateway", [
+        "python", "-m", "services.gateway", "--listen", at["gateway"], "--tokenizer",
+        ",".join(at[h] for h in tokenizers), "--cache", at["cache"], "--shards", ",".join(at[h] for h in shards),
+        *gateway_args], env)
+    wait_healthy(at["gateway"], timeout_s, gateway)
     return at["gateway"]
 
 

@@ -2,7 +2,7 @@
 host cut off mid-stream, with no reset and no error, as a partition is. What the client sees is asserted:
 status, tokens, and a bound on the time it took.
 
-gateway, tokenizer, cache and two shard replicas each run on a host of their own, with their normal
+gateway, two tokenizer replicas, cache and two shard replicas each run on a host of their own, with their normal
 command lines. The shards serve a tiny random model with the real vocabulary: they start at once, and
 the tests are about the network, not the answers.
 """
@@ -30,10 +30,11 @@ MAX_TOKENS = 600
 @pytest.fixture(scope="module")
 def cluster(real_model_dir, vocab_sized_tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster")
-    with Cluster(["gateway", "tokenizer", "cache", "shard0", "shard1"], logs) as c:
+    with Cluster(["gateway", "tokenizer", "tokenizer2", "cache", "shard0", "shard1"], logs) as c:
         shard = ["--kv-cache-mb", "64", "--threads", "1"]
         gateway = start_mesh(c, real_model_dir, {"shard0": shard, "shard1": shard}, shard_model=vocab_sized_tiny_model,
-                             gateway_args=["--no-response-cache"], env={"LLMMESH_LOG_FORMAT": "json"})
+                             gateway_args=["--no-response-cache"], env={"LLMMESH_LOG_FORMAT": "json"},
+                             tokenizers=("tokenizer", "tokenizer2"))
         c.logs = logs
         c.stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(gateway))
         yield c
@@ -90,18 +91,31 @@ def test_a_shard_host_cut_off_mid_stream_resumes_on_the_other(healed):
     assert any("resuming elsewhere" in entry["message"] for entry in log), "no stream was on the cut-off shard"
 
 
-def test_the_tokenizer_host_cut_off_fails_fast_then_heals(healed):
+def test_a_tokenizer_replica_cut_off_stops_receiving_calls_within_a_probe(healed):
     cluster = healed
     cluster.isolate("tokenizer")
+    cut, in_a_row = time.monotonic(), 0
+    while in_a_row < 6:  # round robin over both replicas would fail every other request
+        assert time.monotonic() - cut < 20, "calls still go to the cut-off tokenizer replica"
+        start = time.monotonic()
+        served = _serves(cluster.stub)
+        in_a_row = in_a_row + 1 if served and time.monotonic() - start < 2 else 0
+
+
+def test_every_tokenizer_host_cut_off_fails_fast_then_heals(healed):
+    cluster = healed
+    cluster.isolate("tokenizer")
+    cluster.isolate("tokenizer2")
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         cluster.stub.Generate(_greedy("Hello", 4), timeout=60)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "tokenizer" in err.value.details()
     assert time.monotonic() - start < 8  # the gateway's --tokenizer-timeout (5 s), not the deadline
     cluster.reconnect("tokenizer")
+    cluster.reconnect("tokenizer2")
     deadline = time.monotonic() + 30
     while not _serves(cluster.stub):
-        assert time.monotonic() < deadline, "not served again within 30 s of the tokenizer's return"
+        assert time.monotonic() < deadline, "not served again within 30 s of the tokenizers' return"
 
 
 def test_the_cache_host_cut_off_leaves_answers_unaffected(healed):

@@ -1,11 +1,11 @@
-"""python -m services.gateway --tokenizer HOST:PORT --shards HOST:PORT[,HOST:PORT...] [--cache HOST:PORT]"""
+"""python -m services.gateway --tokenizer HOST:PORT[,...] --shards HOST:PORT[,HOST:PORT...] [--cache HOST:PORT]"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 
-from llmmesh.v1 import cache_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2_grpc
+from llmmesh.v1 import cache_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import make_channel
 from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
 from services.common.hash_ring import HashRing
@@ -15,7 +15,8 @@ from services.common.telemetry import setup_tracing
 from services.gateway.auth import ApiKeys, AuthenticateFirst
 from services.gateway.detokenize import TokenizerMirror
 from services.gateway.rate_limit import TenantRateLimiter
-from services.gateway.readiness import Readiness, probe_health
+from services.gateway.readiness import Readiness
+from services.gateway.tokenizers import TokenizerReplicas
 from services.gateway.server import GatewayConfig, GatewayServicer
 from services.gateway.shards import ShardPool
 from services.gateway.validation import Limits
@@ -24,7 +25,8 @@ from services.gateway.validation import Limits
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.gateway", description="llm-mesh gateway")
     add_service_args(parser, "gateway", "127.0.0.1:50051")
-    parser.add_argument("--tokenizer", default=env_default("LLMMESH_TOKENIZER_ADDR", "127.0.0.1:50052"))
+    parser.add_argument("--tokenizer", default=env_default("LLMMESH_TOKENIZER_ADDR", "127.0.0.1:50052"),
+                        help="HOST:PORT[,HOST:PORT...]: several replicas are probed, and calls go to those that serve")
     parser.add_argument("--cache", default=env_default("LLMMESH_CACHE_ADDR", "127.0.0.1:50053"),
                         help="cache service replicas (HOST:PORT, comma-separated; keys spread by consistent "
                              "hashing); empty for none")
@@ -75,8 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def run():
         # Channels belong to the running event loop: make them inside it.
-        tokenizer_channel = make_channel(args.tokenizer, tls)
-        tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
+        tokenizer = TokenizerReplicas([a.strip() for a in args.tokenizer.split(",") if a.strip()], tls)
         probes: list[asyncio.Task] = []
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
         cache = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches}) if caches else None
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             readiness = Readiness(runtime.set_dependencies_ok)
             readiness.set("model shards", shards.available)  # kubernetes discovery starts with none
             shards.on_availability = lambda available: readiness.set("model shards", available)
-            probes.append(asyncio.get_running_loop().create_task(probe_health(tokenizer_channel, "tokenizer", readiness)))
+            probes.extend(tokenizer.probes(lambda up: readiness.set("tokenizer", up)))
             await runtime.set_dependencies_ok(readiness.ready)
             await vocabulary.refresh()  # best effort: a tokenizer not up yet is asked again by the first request
             shards.start()

@@ -41,15 +41,16 @@ class Readiness:
             task.add_done_callback(self._tasks.discard)
 
 
-async def probe_health(channel: grpc.aio.Channel, name: str, readiness: Readiness, interval_s: float = 0.5,
+async def probe_health(channel: grpc.aio.Channel, report: Callable[[bool], None], interval_s: float = 0.5,
                        timeout_s: float = 1.0) -> None:
-    """Forever: Check the service's health every interval_s; down when it fails or takes over timeout_s."""
+    """Forever: Check the service's health every interval_s and report whether it serves; a check that
+    fails or takes over timeout_s reports False."""
     stub = health_pb2_grpc.HealthStub(channel)
     request = health_pb2.HealthCheckRequest()
     while True:
         try:
             reply = await stub.Check(request, timeout=timeout_s)
-            readiness.set(name, reply.status == health_pb2.HealthCheckResponse.SERVING)
+            report(reply.status == health_pb2.HealthCheckResponse.SERVING)
         except grpc.aio.AioRpcError:
-            readiness.set(name, False)
+            report(False)
         await asyncio.sleep(interval_s)

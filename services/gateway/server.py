@@ -435,8 +435,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         tools = request.tools if tool_mode(request) != "none" else []
         encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages, tools=tools)
         try:
-            timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
-            reply = await self.tokenizer.Encode(encode, timeout=timeout)
+            try:
+                timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
+                reply = await self.tokenizer.Encode(encode, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                # The call never ran (a connection that just broke, e.g. a keepalive giving up): once more,
+                # on the next replica where there are several.
+                timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
+                reply = await self.tokenizer.Encode(encode, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline:
                 raise RpcError(grpc.StatusCode.UNAVAILABLE,
