@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,30 @@ def hf_reference(model_dir: Path):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def streams_through(stub, requests: list, fault) -> list[list]:
+    """Every request's GenerateStream, each running (its first message read) when fault() is called;
+    returns each stream's messages, to the end."""
+    started = threading.Barrier(len(requests) + 1)
+
+    def run(request):
+        stream = stub.GenerateStream(request, timeout=120)
+        chunks = [next(stream)]
+        started.wait(timeout=60)
+        chunks.extend(stream)
+        return chunks
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(run, r) for r in requests]
+        started.wait(timeout=60)
+        fault()
+        return [f.result(timeout=120) for f in futures]
+
+
+def gateway_resumed(log_path: Path) -> bool:
+    """Whether the gateway's JSON log says it resumed a stream on another replica."""
+    from services.trace_view import complete_lines
+
+    return any("resuming elsewhere" in json.loads(line)["message"]
+               for line in complete_lines(log_path) if line.startswith("{"))

@@ -9,19 +9,16 @@ the tests are about the network, not the answers.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import KEEPALIVE_BOUND_S
-from services.trace_view import complete_lines
 
 from .cluster import Cluster, cluster_unavailable, start_mesh
+from .conftest import gateway_resumed, streams_through
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(cluster_unavailable()), reason=str(cluster_unavailable()))]
 MAX_TOKENS = 600
@@ -66,29 +63,20 @@ def test_a_shard_host_cut_off_mid_stream_resumes_on_the_other(healed):
     cluster = healed
     requests = [_greedy(f"Stream {i} across hosts") for i in range(4)]
     expected = [_tokens(cluster.stub.GenerateStream(r, timeout=120)) for r in requests]
-    started = threading.Barrier(len(requests) + 1)
+    cut_at = []
 
-    def run(request):
-        stream = cluster.stub.GenerateStream(request, timeout=120)
-        chunks = [next(stream)]
-        started.wait(timeout=60)
-        chunks.extend(stream)
-        return chunks
-
-    with ThreadPoolExecutor(len(requests)) as pool:
-        futures = [pool.submit(run, r) for r in requests]
-        started.wait(timeout=60)
-        cut = time.monotonic()
+    def cut():
+        cut_at.append(time.monotonic())
         cluster.isolate("shard0")
-        results = [f.result(timeout=120) for f in futures]
-    took = time.monotonic() - cut
+
+    results = streams_through(cluster.stub, requests, cut)
+    took = time.monotonic() - cut_at[0]
     assert [_tokens(r) for r in results] == expected  # token for token, as if nothing happened
     assert all(r[-1].finish_reason == "length" for r in results)
     # The silent partition is noticed by keepalive, within its bound (plus the rest of the answers,
     # about a second for this model).
     assert took < KEEPALIVE_BOUND_S + 8, took
-    log = [json.loads(line) for line in complete_lines(cluster.logs / "gateway-0.log") if line.startswith("{")]
-    assert any("resuming elsewhere" in entry["message"] for entry in log), "no stream was on the cut-off shard"
+    assert gateway_resumed(cluster.logs / "gateway-0.log"), "no stream was on the cut-off shard"
 
 
 def test_a_tokenizer_replica_cut_off_stops_receiving_calls_within_a_probe(healed):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -18,9 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.launcher import Mesh, plan_mesh
-from services.trace_view import complete_lines
 
-from .conftest import free_ports
+from .conftest import free_ports, gateway_resumed, streams_through
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 600
@@ -111,20 +108,8 @@ def test_killing_a_shard_mid_stream_is_invisible_to_clients(real_model_dir, voca
         expected = [list(stub.GenerateStream(r, timeout=120)) for r in requests]
         assert all(len(tokens) == MAX_TOKENS for e in expected for tokens, _, _ in _choices(e).values())
 
-        started = threading.Barrier(len(requests) + 1)
-
-        def run(request):
-            stream = stub.GenerateStream(request, timeout=120)
-            chunks = [next(stream)]
-            started.wait(timeout=60)
-            chunks.extend(stream)
-            return chunks
-
-        with ThreadPoolExecutor(len(requests)) as pool:
-            futures = [pool.submit(run, r) for r in requests]
-            started.wait(timeout=60)  # every stream is running, spread over both replicas
-            mesh.kill("shard-0")
-            results = [f.result(timeout=120) for f in futures]
+        # Every stream is running, spread over both replicas, when shard-0 dies.
+        results = streams_through(stub, requests, lambda: mesh.kill("shard-0"))
 
         for got, want in zip(results, expected):
             assert _choices(got) == _choices(want)
@@ -134,5 +119,4 @@ def test_killing_a_shard_mid_stream_is_invisible_to_clients(real_model_dir, voca
                  (results[-2], expected[-2])]
         assert calls[0] == calls[1] and len(calls[0]) > 1
         assert all(set(json.loads(arguments)) == {"q"} for _, arguments in calls[0])
-        log = [json.loads(line) for line in complete_lines(tmp_path / "gateway.log") if line.startswith("{")]
-        assert any("resuming elsewhere" in entry["message"] for entry in log), "no stream was on the killed shard"
+        assert gateway_resumed(tmp_path / "gateway.log"), "no stream was on the killed shard"

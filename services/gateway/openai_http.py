@@ -25,11 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmmesh.v1 import common_pb2, gateway_pb2
 from services.gateway.choices import Answer
-from services.gateway.openai_requests import UINT32_MAX, ChatCompletionRequest, CompletionRequest, _Common
+from services.gateway.openai_requests import UINT32_MAX, BadParam, ChatCompletionRequest, CompletionRequest, _Common
 from services.gateway.openai_logprobs import PromptPart, Tokens, chat_logprobs, completion_logprobs
-from services.gateway.openai_structured import StructuredError, structured_output
-from services.gateway.openai_tools import (ToolsError, add_tools, chat_message, message_tool_calls,
-                                          refuse_tools_on_completions, tool_call_deltas)
+from services.gateway.openai_structured import structured_output
+from services.gateway.openai_tools import (add_tools, chat_message, message_tool_calls, refuse_tools_on_completions,
+                                          tool_call_deltas)
 from services.gateway.server import REQUESTS, GatewayServicer, RpcError
 
 _tracer = trace.get_tracer(__name__)
@@ -77,10 +77,7 @@ def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams
                                   ignore_eos=req.ignore_eos, stop_token_ids=_token_ids(req.stop_token_ids), n=req.n)
     if req.seed is not None:
         s.seed = req.seed
-    try:
-        structured = structured_output(req)
-    except StructuredError as exc:
-        raise OpenAIError(400, str(exc), param=exc.param) from None
+    structured = structured_output(req)
     if structured is not None:
         s.structured.CopyFrom(structured)
     return s
@@ -146,6 +143,10 @@ class OpenAIFront:
         async def _openai_error(request: Request, exc: OpenAIError):
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+        @app.exception_handler(BadParam)
+        async def _bad_param(request: Request, exc: BadParam):
+            return JSONResponse(OpenAIError(400, str(exc), param=exc.param).body(), status_code=400)
+
         @app.exception_handler(RequestValidationError)
         async def _validation_error(request: Request, exc: RequestValidationError):
             first = exc.errors()[0] if exc.errors() else {}
@@ -190,21 +191,15 @@ class OpenAIFront:
                 raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
             sampling = _sampling(body, body.max_completion_tokens or body.max_tokens)
             sampling.logprobs, sampling.top_logprobs = body.logprobs, body.top_logprobs or 0
-            try:
-                messages = [chat_message(i, m.role, m.text(), m.tool_calls, m.tool_call_id, m.name)
-                            for i, m in enumerate(body.messages)]
-                grpc_request = gateway_pb2.GenerateRequest(messages=messages, sampling=sampling)
-                add_tools(body, grpc_request)
-            except ToolsError as exc:
-                raise OpenAIError(400, str(exc), param=exc.param) from None
+            messages = [chat_message(i, m.role, m.text(), m.tool_calls, m.tool_call_id, m.name)
+                        for i, m in enumerate(body.messages)]
+            grpc_request = gateway_pb2.GenerateRequest(messages=messages, sampling=sampling)
+            add_tools(body, grpc_request)
             return await self._serve(request, body, grpc_request, chat=True)
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
-            try:
-                refuse_tools_on_completions(body)
-            except ToolsError as exc:
-                raise OpenAIError(400, str(exc), param=exc.param) from None
+            refuse_tools_on_completions(body)
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if len(prompts) != 1:
                 raise OpenAIError(400, "send one prompt per request", param="prompt")

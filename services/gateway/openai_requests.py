@@ -8,6 +8,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+
+class BadParam(ValueError):
+    """A field of the body the request models let through but the mesh cannot serve as sent: a 400
+    naming that field (openai_structured.py, openai_tools.py)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
 UINT32_MAX = 2**32 - 1  # the gRPC contract's integer fields: larger values are refused, not wrapped
 
 

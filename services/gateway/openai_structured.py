@@ -17,21 +17,14 @@ import json
 from typing import Any
 
 from llmmesh.v1 import common_pb2
-
-
-class StructuredError(ValueError):
-    """A 400: message and the parameter it concerns."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
+from services.gateway.openai_requests import BadParam
 
 
 def structured_output(body: Any) -> common_pb2.StructuredOutput | None:
     """The one constraint the request asks for, or None for free text."""
     asked = _asked(body)
     if len(asked) > 1:
-        raise StructuredError(f"send one structured output, not {' and '.join(name for name, _ in asked)}",
+        raise BadParam(f"send one structured output, not {' and '.join(name for name, _ in asked)}",
                               asked[1][0])
     if not asked:
         return None
@@ -39,24 +32,24 @@ def structured_output(body: Any) -> common_pb2.StructuredOutput | None:
     out = common_pb2.StructuredOutput()
     if kind == "json_schema":
         if not isinstance(value, (dict, bool)):
-            raise StructuredError(f"{name}: the schema must be a JSON object", name)
+            raise BadParam(f"{name}: the schema must be a JSON object", name)
         out.json_schema = json.dumps(value)
     elif kind == "json_object":
         out.json_object = True
     elif kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(o, str) and o for o in value):
-            raise StructuredError(f"{name} must be a non-empty list of non-empty strings", name)
+            raise BadParam(f"{name} must be a non-empty list of non-empty strings", name)
         out.choice.options.extend(value)
     elif kind == "grammar":
         if not isinstance(value, str) or not value.strip():
-            raise StructuredError(f"{name} must be a grammar (GBNF or Lark text)", name)
+            raise BadParam(f"{name} must be a grammar (GBNF or Lark text)", name)
         if "::=" in value:
             out.gbnf = value
         else:
             out.lark = value
     else:  # regex
         if not isinstance(value, str) or not value:
-            raise StructuredError(f"{name} must be a regular expression", name)
+            raise BadParam(f"{name} must be a regular expression", name)
         out.regex = value
     return out
 
@@ -67,24 +60,24 @@ def _asked(body: Any) -> list[tuple[str, tuple[str, Any]]]:
     fmt = getattr(body, "response_format", None)
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-            raise StructuredError("response_format.type must be text, json_object or json_schema", "response_format")
+            raise BadParam("response_format.type must be text, json_object or json_schema", "response_format")
         if fmt["type"] == "json_object":
             asked.append(("response_format", ("json_object", None)))
         elif fmt["type"] == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict) or "schema" not in spec:
-                raise StructuredError("response_format.json_schema needs a schema", "response_format.json_schema")
+                raise BadParam("response_format.json_schema needs a schema", "response_format.json_schema")
             asked.append(("response_format", ("json_schema", spec["schema"])))
     structured = extra.get("structured_outputs")
     if structured is not None:
         if not isinstance(structured, dict):
-            raise StructuredError("structured_outputs must be an object", "structured_outputs")
+            raise BadParam("structured_outputs must be an object", "structured_outputs")
         for key, kind in (("json", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar")):
             if structured.get(key) is not None:
                 asked.append((f"structured_outputs.{key}", (kind, structured[key])))
         unknown = set(structured) - {"json", "regex", "choice", "grammar"}
         if unknown:
-            raise StructuredError(f"structured_outputs.{sorted(unknown)[0]} is not served (json, regex, choice, "
+            raise BadParam(f"structured_outputs.{sorted(unknown)[0]} is not served (json, regex, choice, "
                                   "grammar are)", "structured_outputs")
     for key, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                       ("guided_grammar", "grammar")):
@@ -94,7 +87,7 @@ def _asked(body: Any) -> list[tuple[str, tuple[str, Any]]]:
                 try:
                     value = json.loads(value)
                 except json.JSONDecodeError as exc:
-                    raise StructuredError(f"{key} is not JSON: {exc}", key) from None
+                    raise BadParam(f"{key} is not JSON: {exc}", key) from None
             asked.append((key, (kind, value)))
     return asked
 

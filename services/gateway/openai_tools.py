@@ -16,14 +16,7 @@ import json
 from typing import Any
 
 from llmmesh.v1 import common_pb2, gateway_pb2
-
-
-class ToolsError(ValueError):
-    """A 400: message and the parameter it concerns."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
+from services.gateway.openai_requests import BadParam
 
 
 def add_tools(body: Any, request: gateway_pb2.GenerateRequest) -> None:
@@ -31,11 +24,11 @@ def add_tools(body: Any, request: gateway_pb2.GenerateRequest) -> None:
     extra = body.model_extra or {}
     for legacy in ("functions", "function_call"):
         if extra.get(legacy) is not None:
-            raise ToolsError(f"{legacy} is the deprecated form of tools; send tools and tool_choice instead", legacy)
+            raise BadParam(f"{legacy} is the deprecated form of tools; send tools and tool_choice instead", legacy)
     tools = extra.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
-            raise ToolsError("tools must be a list", "tools")
+            raise BadParam("tools must be a list", "tools")
         request.tools.extend(_tool(i, t) for i, t in enumerate(tools))
     choice = extra.get("tool_choice")
     if choice is not None:
@@ -43,7 +36,7 @@ def add_tools(body: Any, request: gateway_pb2.GenerateRequest) -> None:
     parallel = extra.get("parallel_tool_calls")
     if parallel is not None:
         if not isinstance(parallel, bool):
-            raise ToolsError("parallel_tool_calls must be true or false", "parallel_tool_calls")
+            raise BadParam("parallel_tool_calls must be true or false", "parallel_tool_calls")
         request.parallel_tool_calls = parallel
 
 
@@ -52,22 +45,22 @@ def refuse_tools_on_completions(body: Any) -> None:
     extra = body.model_extra or {}
     for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
         if extra.get(name) is not None:
-            raise ToolsError(f"{name} is served on /v1/chat/completions, not on /v1/completions", name)
+            raise BadParam(f"{name} is served on /v1/chat/completions, not on /v1/completions", name)
 
 
 def _tool(i: int, tool: Any) -> common_pb2.Tool:
     where = f"tools.{i}"
     if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-        raise ToolsError(f'{where} must be {{"type": "function", "function": {{...}}}}', where)
+        raise BadParam(f'{where} must be {{"type": "function", "function": {{...}}}}', where)
     function = tool["function"]
     name, description = function.get("name"), function.get("description", "")
     if not isinstance(name, str):
-        raise ToolsError(f"{where}.function.name must be a string", f"{where}.function.name")
+        raise BadParam(f"{where}.function.name must be a string", f"{where}.function.name")
     if not isinstance(description, str):
-        raise ToolsError(f"{where}.function.description must be a string", f"{where}.function.description")
+        raise BadParam(f"{where}.function.description must be a string", f"{where}.function.description")
     parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
-        raise ToolsError(f"{where}.function.parameters must be a JSON Schema object", f"{where}.function.parameters")
+        raise BadParam(f"{where}.function.parameters must be a JSON Schema object", f"{where}.function.parameters")
     return common_pb2.Tool(name=name, description=description,
                            parameters=json.dumps(parameters) if parameters is not None else "")
 
@@ -78,7 +71,7 @@ def _tool_choice(choice: Any) -> common_pb2.ToolChoice:
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
             and isinstance(choice["function"].get("name"), str):
         return common_pb2.ToolChoice(function=choice["function"]["name"])
-    raise ToolsError('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+    raise BadParam('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
                      '{"name": ...}}', "tool_choice")
 
 
@@ -91,7 +84,7 @@ def chat_message(i: int, role: str, content: str, tool_calls: list | None, tool_
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
                 or not isinstance(function.get("arguments"), str):
-            raise ToolsError(f'{where} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}, '
+            raise BadParam(f'{where} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}, '
                              "arguments a JSON string", where)
         message.tool_calls.append(common_pb2.ToolCall(id=str(call.get("id") or ""), name=function["name"],
                                                       arguments=function["arguments"]))

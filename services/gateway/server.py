@@ -434,22 +434,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # tool_choice none: the tools are not shown, so the model does not try to call them.
         tools = request.tools if tool_mode(request) != "none" else []
         encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages, tools=tools)
-        try:
+        for last_try in (False, True):
             try:
                 timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
                 reply = await self.tokenizer.Encode(encode, timeout=timeout)
+                break
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                # The call never ran (a connection that just broke, e.g. a keepalive giving up): once more,
-                # on the next replica where there are several.
-                timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
-                reply = await self.tokenizer.Encode(encode, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE,
-                               f"the tokenizer did not answer within {self.config.tokenizer_timeout_s:g}s") from None
-            raise downstream_error(exc, "tokenizer") from None
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and not last_try:
+                    # The call never ran (a connection that just broke, e.g. a keepalive giving up):
+                    # once more, on the next replica where there are several.
+                    continue
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline:
+                    raise RpcError(grpc.StatusCode.UNAVAILABLE, "the tokenizer did not answer within "
+                                   f"{self.config.tokenizer_timeout_s:g}s") from None
+                raise downstream_error(exc, "tokenizer") from None
         if not reply.token_ids:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt encodes to no tokens")
         return list(reply.token_ids), reply.tokenizer_version

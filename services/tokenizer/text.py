@@ -72,11 +72,10 @@ class TextTokenizer:
                 raise ChatTemplateError(f"messages[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}")
         tools = list(tools)
         if self.renders_tools:
-            extra = {"tools": [t.as_hf() for t in tools]} if tools else {}
-            return self._template.render(messages=hf_messages(messages), add_generation_prompt=True,
-                                         **extra, **self._special)
-        return self._template.render(messages=folded_messages(messages, tools), add_generation_prompt=True,
-                                     **self._special)
+            shown = {"messages": hf_messages(messages), **({"tools": [t.as_hf() for t in tools]} if tools else {})}
+        else:
+            shown = {"messages": folded_messages(messages, tools)}
+        return self._template.render(**shown, add_generation_prompt=True, **self._special)
 
     def encode_chat(self, messages: list[Message], tools: list[ToolDef] = ()) -> list[int]:
         # The template writes the special tokens itself.
