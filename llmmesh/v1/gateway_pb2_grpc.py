@@ -45,6 +45,36 @@ class GatewayStub:
                 request_serializer=llmmesh_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_gateway__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.GetResponse = channel.unary_unary(
+                '/llmmesh.v1.Gateway/GetResponse',
+                request_serializer=llmmesh_dot_v1_dot_gateway__pb2.StoredResponseRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_gateway__pb2.StoredResponse.FromString,
+                _registered_method=True)
+        self.DeleteResponse = channel.unary_unary(
+                '/llmmesh.v1.Gateway/DeleteResponse',
+                request_serializer=llmmesh_dot_v1_dot_gateway__pb2.StoredResponseRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_gateway__pb2.Deleted.FromString,
+                _registered_method=True)
+        self.CreateConversation = channel.unary_unary(
+                '/llmmesh.v1.Gateway/CreateConversation',
+                request_serializer=llmmesh_dot_v1_dot_gateway__pb2.CreateConversationRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_gateway__pb2.Conversation.FromString,
+                _registered_method=True)
+        self.GetConversation = channel.unary_unary(
+                '/llmmesh.v1.Gateway/GetConversation',
+                request_serializer=llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_gateway__pb2.Conversation.FromString,
+                _registered_method=True)
+        self.DeleteConversation = channel.unary_unary(
+                '/llmmesh.v1.Gateway/DeleteConversation',
+                request_serializer=llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_gateway__pb2.Deleted.FromString,
+                _registered_method=True)
+        self.ListConversationItems = channel.unary_unary(
+                '/llmmesh.v1.Gateway/ListConversationItems',
+                request_serializer=llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_gateway__pb2.ConversationItems.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -64,6 +94,45 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResponse(self, request, context):
+        """Stored responses and conversations (GenerateRequest.store, previous_response_id, conversation).
+        Each belongs to the caller's tenant: another tenant's id is NOT_FOUND. A store that cannot be
+        reached answers UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateConversation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConversation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteConversation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConversationItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +145,36 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=llmmesh_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_gateway__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'GetResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResponse,
+                    request_deserializer=llmmesh_dot_v1_dot_gateway__pb2.StoredResponseRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_gateway__pb2.StoredResponse.SerializeToString,
+            ),
+            'DeleteResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteResponse,
+                    request_deserializer=llmmesh_dot_v1_dot_gateway__pb2.StoredResponseRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_gateway__pb2.Deleted.SerializeToString,
+            ),
+            'CreateConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateConversation,
+                    request_deserializer=llmmesh_dot_v1_dot_gateway__pb2.CreateConversationRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_gateway__pb2.Conversation.SerializeToString,
+            ),
+            'GetConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConversation,
+                    request_deserializer=llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_gateway__pb2.Conversation.SerializeToString,
+            ),
+            'DeleteConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteConversation,
+                    request_deserializer=llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_gateway__pb2.Deleted.SerializeToString,
+            ),
+            'ListConversationItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConversationItems,
+                    request_deserializer=llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_gateway__pb2.ConversationItems.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +232,168 @@ class Gateway:
             '/llmmesh.v1.Gateway/GenerateStream',
             llmmesh_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
             llmmesh_dot_v1_dot_gateway__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Gateway/GetResponse',
+            llmmesh_dot_v1_dot_gateway__pb2.StoredResponseRequest.SerializeToString,
+            llmmesh_dot_v1_dot_gateway__pb2.StoredResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Gateway/DeleteResponse',
+            llmmesh_dot_v1_dot_gateway__pb2.StoredResponseRequest.SerializeToString,
+            llmmesh_dot_v1_dot_gateway__pb2.Deleted.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Gateway/CreateConversation',
+            llmmesh_dot_v1_dot_gateway__pb2.CreateConversationRequest.SerializeToString,
+            llmmesh_dot_v1_dot_gateway__pb2.Conversation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Gateway/GetConversation',
+            llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.SerializeToString,
+            llmmesh_dot_v1_dot_gateway__pb2.Conversation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Gateway/DeleteConversation',
+            llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.SerializeToString,
+            llmmesh_dot_v1_dot_gateway__pb2.Deleted.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConversationItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.Gateway/ListConversationItems',
+            llmmesh_dot_v1_dot_gateway__pb2.ConversationRequest.SerializeToString,
+            llmmesh_dot_v1_dot_gateway__pb2.ConversationItems.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,22 +26,26 @@ class TokenTextsResponse(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "tools")
+    __slots__ = ("prompt", "messages", "tools", "context_token_ids")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tool]
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.Tool, _Mapping]]] = ...) -> None: ...
+    context_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.Tool, _Mapping]]] = ..., context_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("token_ids", "tokenizer_version")
+    __slots__ = ("token_ids", "tokenizer_version", "reused_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokenizer_version: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokenizer_version: _Optional[str] = ...) -> None: ...
+    reused_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokenizer_version: _Optional[str] = ..., reused_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("token_ids", "keep_special_tokens")

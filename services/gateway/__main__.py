@@ -19,6 +19,7 @@ from services.gateway.readiness import Readiness
 from services.gateway.tokenizers import TokenizerReplicas
 from services.gateway.server import GatewayConfig, GatewayServicer
 from services.gateway.shards import ShardPool
+from services.gateway.store.cli import add_store_args, open_store, purge_expired_forever
 from services.gateway.validation import Limits
 
 
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="host:port of the OpenAI-compatible HTTP API; empty for none")
     parser.add_argument("--api-keys-file", default=env_default("LLMMESH_API_KEYS_FILE", ""),
                         help="'TENANT SHA256HEX' lines; when set, every call needs 'authorization: Bearer KEY'")
+    add_store_args(parser)
+    parser.add_argument("--redact-personal-data", action="store_true",
+                        help="take e-mail addresses, phone numbers, card numbers and IBANs out of stored "
+                             "conversations and audit lines (the model still sees them)")
     args = parser.parse_args(argv)
     args.max_request_bytes = args.max_request_bytes or 4 * args.max_prompt_chars + (64 << 10)
     setup_logging("gateway", args.log_level, args.log_format)
@@ -89,14 +94,16 @@ def main(argv: list[str] | None = None) -> None:
                         max_prompt_chars=args.max_prompt_chars, max_n=args.max_n)
         config = GatewayConfig(args.model_name, limits, not args.no_response_cache,
                                shared_response_cache=args.shared_response_cache, audit_prompts=args.audit_prompts,
+                               redact_personal_data=args.redact_personal_data,
                                tokenizer_timeout_s=args.tokenizer_timeout,
                                shard_first_message_timeout_s=args.shard_first_token_timeout,
                                prefix_routing=not args.no_prefix_routing)
         api_keys = ApiKeys.from_file(args.api_keys_file)
         vocabulary = TokenizerMirror(tokenizer, timeout_s=args.tokenizer_timeout)
+        store = open_store(args)
         servicer = GatewayServicer(config,
                                    tokenizer, cache, shards, api_keys,
-                                   TenantRateLimiter(args.rate_limit_rps, args.rate_limit_tpm), vocabulary)
+                                   TenantRateLimiter(args.rate_limit_rps, args.rate_limit_tpm), vocabulary, store)
         http = {}
 
         def register(server):
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             shards.on_availability = lambda available: readiness.set("model shards", available)
             probes.extend(tokenizer.probes(lambda up: readiness.set("tokenizer", up)))
             await runtime.set_dependencies_ok(readiness.ready)
+            if store is not None and store.retention_s:
+                probes.append(asyncio.get_running_loop().create_task(purge_expired_forever(store)))
             await vocabulary.refresh()  # best effort: a tokenizer not up yet is asked again by the first request
             shards.start()
             if discovered:
@@ -123,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
                 from services.gateway.openai_http import OpenAIFront, make_http_server
 
                 host, port = args.http_listen.rsplit(":", 1)
+                from services.gateway.openai_responses import add_routes
+
                 front = OpenAIFront(servicer, args.model_name, is_serving=lambda: runtime.serving,
                                     max_body_bytes=args.max_request_bytes)
+                add_routes(front.app, front, servicer.conversations)
                 http["server"] = make_http_server(front, host, int(port), tls)
                 http["task"] = asyncio.get_running_loop().create_task(http["server"].serve())
                 while not http["server"].started:  # bound by uvicorn: it exits the task on failure
@@ -144,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
             if watcher is not None:
                 watcher.stop()
             await shards.close()
+            if store is not None:
+                await store.close()
 
         service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
         options = ServeOptions("gateway", args.listen, args.metrics_port, args.grace, tls, args.tls_client_auth,

@@ -40,6 +40,7 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
@@ -217,6 +218,21 @@ class OpenAIFront:
 
     # --- helpers ---
 
+    async def rpc(self, awaitable):
+        """awaitable's result, its RpcError as the OpenAI-shaped error."""
+        try:
+            return await awaitable
+        except RpcError as exc:
+            raise OpenAIError.from_rpc(exc) from None
+
+    @staticmethod
+    def error(exc: RpcError) -> "OpenAIError":
+        return OpenAIError.from_rpc(exc)
+
+    @staticmethod
+    def not_found(what: str) -> "OpenAIError":
+        return OpenAIError(404, f"no {what}", "not_found_error", code="not_found")
+
     def _model_card(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "llmmesh"}
 
@@ -300,13 +316,16 @@ class OpenAIFront:
         return {"id": grpc_request.request_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model, "choices": choices, "usage": _usage(answer.usage)}
 
-    async def _collect_unless_abandoned(self, request: Request, grpc_request, tenant: str):
+    async def _collect_unless_abandoned(self, request: Request, grpc_request, tenant: str, chunks=None):
         """The whole answer, gathered; a client that hangs up first cancels it (the shard stops within
-        a step, as for a cancelled stream) and gets CANCELLED."""
+        a step, as for a cancelled stream) and gets CANCELLED. chunks: the stream to gather (default:
+        the request path's for grpc_request)."""
 
         async def collect():
             answer = Answer(max(grpc_request.sampling.n, 1))
-            async for chunk in self.gateway.generate(grpc_request, self._timeout(request), tenant, "http"):
+            stream = chunks if chunks is not None else self.gateway.generate(grpc_request, self._timeout(request),
+                                                                             tenant, "http")
+            async for chunk in stream:
                 answer.add(chunk)
             return answer
 

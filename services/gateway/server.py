@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
@@ -24,9 +24,12 @@ from services.common.hash_ring import HashRing
 from services.common.labels import BoundedLabels
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.choices import Answer, choice_sampling, merge_choices, replay
+from services.gateway.conversation_rpcs import ConversationRpcs, is_stored_turn
+from services.gateway.conversations import Conversations
 from services.gateway.detokenize import DetokenizeSession, TokenizerMirror, close_stream
 from services.gateway.errors import RpcError
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
+from services.gateway.redact import redact_value
 from services.gateway.response_cache import response_key
 from services.gateway.routing import PrefixAffinity
 from services.gateway.shard_calls import ShardLost, downstream_error, next_shard_message, open_shard_stream
@@ -64,9 +67,21 @@ class GatewayConfig:
     shared_response_cache: bool = False  # one response cache for all tenants (off: each tenant its own)
     default_timeout_s: float = 600.0  # when the client sets no deadline
     audit_prompts: bool = False  # audit lines never carry prompt text unless this is set
+    redact_personal_data: bool = False  # e-mails, phones, cards, IBANs out of audit lines (redact.py)
     prefix_routing: bool = True  # prefer the replica that holds the prompt's prefix (routing.py)
     tokenizer_timeout_s: float = 5.0  # one tokenizer call (or stream reply) waits this long at most
     shard_first_message_timeout_s: float = 60.0  # queue + prefill; past it the next replica is tried
+
+
+@dataclass
+class Continuation:
+    """A stored conversation's next turn: the earlier turn's token ids go in (reused as they are),
+    the prompt as encoded comes out. Such turns bypass the response cache, so erasing them from the
+    store leaves no copy there."""
+
+    context_ids: list[int]
+    prompt_ids: list[int] = field(default_factory=list)
+    reused_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,12 +134,16 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return next((v for k, v in context.invocation_metadata() or () if k == key), None)
 
 
-class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
+    _status_of = staticmethod(_status_of)
+
     def __init__(self, config: GatewayConfig, tokenizer: tokenizer_pb2_grpc.TokenizerStub,
                  cache: HashRing[cache_pb2_grpc.CacheStub] | None, shards: ShardPool, api_keys: ApiKeys | None = None,
-                 rate_limiter: TenantRateLimiter | None = None, vocabulary: TokenizerMirror | None = None):
+                 rate_limiter: TenantRateLimiter | None = None, vocabulary: TokenizerMirror | None = None,
+                 store=None):
         """vocabulary: the tokenizer's vocabulary held here (text without a round trip per step); None:
-        every request detokenizes through the tokenizer service."""
+        every request detokenizes through the tokenizer service. store: the ConversationStore of
+        stored turns (None: the gateway keeps none)."""
         self.config = config
         self.api_keys = api_keys or ApiKeys({})
         self.rate_limiter = rate_limiter or TenantRateLimiter()
@@ -135,22 +154,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.shards = shards
         self.gate = TenantGate()
         self.tenant_label = BoundedLabels(known=(*self.api_keys.tenants, "anonymous"))
+        self.conversations = Conversations(store, self, config.model)
 
     # --- RPCs ---
 
     async def GenerateStream(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         async with _status_of("GenerateStream", context):
-            tenant = self.authenticate(_metadata(context, "authorization"))
-            async for chunk in self.generate(request, context.time_remaining(), tenant, "grpc"):
+            async for chunk in self._grpc_turn(request, context):
                 yield chunk
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        answer = Answer(max(request.sampling.n, 1))
+        answer, response_id = Answer(max(request.sampling.n, 1)), ""
         async with _status_of("Generate", context):
-            tenant = self.authenticate(_metadata(context, "authorization"))
-            async for chunk in self.generate(request, context.time_remaining(), tenant, "grpc"):
+            async for chunk in self._grpc_turn(request, context):
                 answer.add(chunk)
-        return answer.response()
+                response_id = chunk.response_id or response_id
+        response = answer.response()
+        response.response_id = response_id
+        return response
+
+    def _grpc_turn(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        tenant = self._tenant(context)
+        if is_stored_turn(request):
+            return self.stored_turn(request, context.time_remaining(), tenant)
+        return self.generate(request, context.time_remaining(), tenant, "grpc")
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return self.authenticate(_metadata(context, "authorization"))
 
     # --- the request path, shared by the gRPC and HTTP fronts ---
 
@@ -164,7 +194,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return tenant
 
     async def generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None,
-                       tenant: str = "anonymous", front: str = "grpc"):
+                       tenant: str = "anonymous", front: str = "grpc", continuation: Continuation | None = None):
         """Stream GenerateStreamResponse chunks for one request; raises RpcError for the caller.
         Writes one audit line per request, whatever its outcome."""
         start = time.monotonic()
@@ -194,7 +224,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 TENANT_RUNNING.labels(label).inc()
                 try:
                     async for chunk in self._generate(request, timeout - waited, call_id, tenant, priority,
-                                                      policy.weight):
+                                                      policy.weight, continuation):
                         last = chunk
                         yield chunk
                 finally:
@@ -243,11 +273,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             "finish_reason": last.finish_reason if last is not None and last.finish_reason else None,
         }
         if self.config.audit_prompts:
-            fields["prompt"] = request.prompt or [{"role": m.role, "content": m.content} for m in request.messages]
+            prompt = request.prompt or [{"role": m.role, "content": m.content} for m in request.messages]
+            fields["prompt"] = redact_value(prompt) if self.config.redact_personal_data else prompt
         audit_log.info("request %s %s", request.request_id, status, extra={"fields": fields})
 
     async def _generate(self, request: gateway_pb2.GenerateRequest, timeout_s: float | None, call_id: str,
-                        tenant: str, priority: int = 0, weight: float = 1.0):
+                        tenant: str, priority: int = 0, weight: float = 1.0,
+                        continuation: Continuation | None = None):
         start = time.monotonic()
         deadline = start + (timeout_s if timeout_s is not None else self.config.default_timeout_s)
         span = trace.get_current_span()
@@ -263,7 +295,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span.set_attribute("llmmesh.request_id", request_id)
         span.set_attribute("llmmesh.call_id", call_id)
 
-        prompt_ids, tokenizer_version = await self._encode(request, deadline)
+        prompt_ids, tokenizer_version = await self._encode(request, deadline, continuation)
         info = await self._shard_info(deadline)
         try:
             max_tokens = resolve_max_tokens(request.sampling, len(prompt_ids), info.max_model_len, self.config.limits)
@@ -273,7 +305,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span.set_attribute("llmmesh.prompt_tokens", len(prompt_ids))
 
         key = None
-        if self.cache is not None and self.config.response_cache and is_deterministic(request.sampling):
+        if (self.cache is not None and self.config.response_cache and is_deterministic(request.sampling)
+                and continuation is None):
             scope = "" if self.config.shared_response_cache else tenant
             key = response_key(self.config.model, prompt_ids, request.sampling, max_tokens, scope)
             cached = await self._cache_get(key)
@@ -429,11 +462,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise downstream_error(exc, "tokenizer") from None
         return list(reply.texts)
 
-    async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float) -> tuple[list[int], str]:
+    async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float,
+                      continuation: Continuation | None = None) -> tuple[list[int], str]:
         """The prompt's token ids, and the version of the vocabulary that made them."""
         # tool_choice none: the tools are not shown, so the model does not try to call them.
         tools = request.tools if tool_mode(request) != "none" else []
-        encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages, tools=tools)
+        encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages, tools=tools,
+                                             context_token_ids=continuation.context_ids if continuation else ())
         for last_try in (False, True):
             try:
                 timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
@@ -450,6 +485,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 raise downstream_error(exc, "tokenizer") from None
         if not reply.token_ids:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt encodes to no tokens")
+        if continuation is not None:
+            continuation.prompt_ids, continuation.reused_tokens = list(reply.token_ids), reply.reused_tokens
+            trace.get_current_span().set_attribute("llmmesh.reused_context_tokens", reply.reused_tokens)
         return list(reply.token_ids), reply.tokenizer_version
 
     async def _shard_info(self, deadline: float) -> shard_pb2.ShardInfo:

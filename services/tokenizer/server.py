@@ -25,14 +25,21 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
         if request.prompt and request.messages:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send either prompt or messages, not both")
+        if request.context_token_ids and not request.messages:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "context_token_ids continue messages, not a prompt")
+        if not self._check_ids(request.context_token_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "context token id outside the vocabulary")
+        reused = 0
         try:
             if request.messages:
-                ids = self.tokenizer.encode_chat(chat_messages(request.messages), tool_defs(request.tools))
+                ids, reused = self.tokenizer.encode_chat_after(list(request.context_token_ids),
+                                                               chat_messages(request.messages), tool_defs(request.tools))
             else:
                 ids = self.tokenizer.encode(request.prompt)
         except ChatTemplateError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return tokenizer_pb2.EncodeResponse(token_ids=ids, tokenizer_version=self.tokenizer.version)
+        return tokenizer_pb2.EncodeResponse(token_ids=ids, tokenizer_version=self.tokenizer.version,
+                                            reused_tokens=reused)
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest, context):
         if not self._check_ids(request.token_ids):

@@ -78,8 +78,20 @@ class TextTokenizer:
         return self._template.render(**shown, add_generation_prompt=True, **self._special)
 
     def encode_chat(self, messages: list[Message], tools: list[ToolDef] = ()) -> list[int]:
+        return self.encode_chat_after([], messages, tools)[0]
+
+    def encode_chat_after(self, context_ids: list[int], messages: list[Message],
+                          tools: list[ToolDef] = ()) -> tuple[list[int], int]:
+        """The conversation's token ids, reusing context_ids (an earlier turn's prompt and answer) as
+        they are when the rendering starts with their text: (ids, how many were reused)."""
+        rendered = self.render_chat(messages, tools)
+        if context_ids:
+            before = self.decode(context_ids, skip_special_tokens=False)
+            if before and rendered.startswith(before) and "\ufffd" not in before:
+                rest = self.tokenizer.encode(rendered[len(before):], add_special_tokens=False).ids
+                return list(context_ids) + rest, len(context_ids)
         # The template writes the special tokens itself.
-        return self.tokenizer.encode(self.render_chat(messages, tools), add_special_tokens=False).ids
+        return self.tokenizer.encode(rendered, add_special_tokens=False).ids, 0
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
