@@ -27,6 +27,10 @@ VALUE_SETS = {
                  "auth": {"enabled": True, "apiKeys": [f"acme {KEY_HASH}"]},
                  "metrics": {"serviceMonitor": {"enabled": True}},
                  "tracing": {"otlpEndpoint": "http://otel-collector.observability:4317"}},
+    "conversations-postgresql": {"conversations": {"store": "postgresql", "urlSecret": {"name": "mesh-db"},
+                                                   "encryptionKeySecret": {"name": "mesh-store-keys"},
+                                                   "redactPersonalData": True}},
+    "conversations-sqlite": {"gateway": {"replicas": 1}, "conversations": {"store": "sqlite", "sqliteClaim": "mesh-data"}},
     "kuberay": {"shards": {"ray": {"enabled": True, "workerReplicas": 2}, "gpu": {"enabled": True},
                            "tensorParallelSize": 3, "pipelineParallelSize": 2}},
 }
@@ -156,8 +160,28 @@ def test_kuberay_puts_the_workers_in_a_ray_cluster(chart):
     ({"tls": {"enabled": True}}, "/tls/existingSecret"),
     ({"auth": {"enabled": True, "apiKeys": ["acme plaintext-key"]}}, "/auth/apiKeys/0"),
     ({"tracing": {"otlpEndpoint": "collector:4317"}}, "/tracing/otlpEndpoint"),
+    ({"conversations": {"store": "postgresql"}}, "/conversations/urlSecret/name"),
+    ({"conversations": {"store": "sqlite"}}, "/gateway/replicas"),  # two replicas, two SQLite stores
+    ({"conversations": {"store": "mysql"}}, "/conversations/store"),
 ])
 def test_bad_values_are_refused_with_the_offending_key(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as err:
         chart.render(values, name="prod", namespace="serving")
     assert message in str(err.value)
+
+
+def test_conversation_store_settings_reach_the_gateway(chart):
+    shared = render(chart, VALUE_SETS["conversations-postgresql"])
+    gateway = container(find(shared, "Deployment", "prod-llm-mesh-gateway"))
+    url = next(e for e in gateway["env"] if e["name"] == "LLMMESH_CONVERSATION_STORE")
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "mesh-db", "key": "url"}
+    assert {"--store-key-file=/etc/llm-mesh/store/keys", "--redact-personal-data",
+            "--store-retention-days=30"} <= set(gateway["args"])
+    assert not any(a.startswith("--conversation-store") for a in gateway["args"])  # the Secret's URL, not a default
+    single = render(chart, VALUE_SETS["conversations-sqlite"])
+    deployment = find(single, "Deployment", "prod-llm-mesh-gateway")
+    assert "--conversation-store=sqlite:////data/conversations.sqlite3" in container(deployment)["args"]
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "data")
+    assert volume["persistentVolumeClaim"] == {"claimName": "mesh-data"}
+    default = container(find(render(chart, {}), "Deployment", "prod-llm-mesh-gateway"))
+    assert "--conversation-store=none" in default["args"]
