@@ -228,7 +228,10 @@ class Mesh:
 
     def stop(self, grace: float = 15.0) -> None:
         # The gateway first, so no new work reaches the backends while they drain.
-        order = ["gateway", *[n for n in self.processes if n.startswith("gateway-")], *[s.name for s in self.plan.backends]]
+        gateways = ["gateway", *[n for n in self.processes if n.startswith("gateway-")]]
+        # Then the plan's backends, and any extra process (start_extra) that is not a gateway.
+        order = [*gateways, *[s.name for s in self.plan.backends],
+                 *[n for n in self.processes if n not in gateways and n not in {s.name for s in self.plan.backends}]]
         for name in order:
             if name in self.processes and self.processes[name].poll() is None:
                 self.processes[name].send_signal(signal.SIGTERM)

@@ -83,11 +83,12 @@ class Conversations:
         continuation = Continuation(plan.context_ids)
         text, token_ids, held = [], [], None
         async for chunk in self.gateway.generate(request, timeout_s, plan.tenant, front, continuation):
-            if held is not None:
-                yield held
             text.append(chunk.text)
             token_ids.extend(chunk.token_ids)
-            held = chunk
+            if chunk.finish_reason:  # the last message (one choice): it waits for the save
+                held = chunk
+            else:
+                yield chunk
         if held is None:
             return
         usage = held.usage

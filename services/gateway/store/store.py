@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, literal, select
 
 from services.gateway.redact import redact_value
 from services.gateway.store.database import Database
@@ -105,23 +105,21 @@ class ConversationStore:
 
     async def response_history(self, tenant: str, response_id: str) -> History | None:
         """The items of the chain ending at response_id (its inputs and outputs, and those of every
-        response before it), with that response's token ids; None if it is not the tenant's."""
-        chain = []
+        response before it), with that response's token ids; None if it is not the tenant's. One
+        recursive query; a deleted response ends the chain (the history starts after it)."""
+        c = responses.c
+        chain = select(c.id, c.previous_response_id, literal(0).label("depth")).where(
+            c.id == response_id, c.tenant == tenant).cte("chain", recursive=True)
+        chain = chain.union_all(select(c.id, c.previous_response_id, chain.c.depth + 1).where(
+            c.id == chain.c.previous_response_id, c.tenant == tenant, chain.c.depth < MAX_CHAIN))
+        query = select(responses).join(chain, c.id == chain.c.id).order_by(chain.c.depth.desc())
         async with self.db.transaction() as conn:
-            next_id = response_id
-            while next_id is not None and len(chain) < MAX_CHAIN:
-                row = (await conn.execute(select(responses).where(responses.c.id == next_id,
-                                                                   responses.c.tenant == tenant))).first()
-                if row is None:
-                    if not chain:
-                        return None
-                    break  # an earlier response was deleted: the history starts after it
-                chain.append(self._open("responses", row))
-                next_id = row.previous_response_id
-        items = []
-        for doc in reversed(chain):
-            items += doc["input_items"] + doc["response"]["output"]
-        return History(items, chain[0]["context_ids"])
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            return None
+        docs = [self._open("responses", row) for row in rows]
+        items = [item for doc in docs for item in doc["input_items"] + doc["response"]["output"]]
+        return History(items, docs[-1]["context_ids"])
 
     # --- conversations ---
 
