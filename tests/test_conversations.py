@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -99,6 +100,12 @@ def pg_gateways(mesh, root, postgres):
         g.stop()
 
 
+def shard_metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        line = next(line for line in reply.read().decode().splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
 def full_history_reference(stub, questions: list[str]) -> tuple[list[str], list[list[int]]]:
     """Each turn's greedy answer with the whole history resent as chat messages (gRPC, which also
     returns the answer's token ids), and those ids."""
@@ -163,6 +170,8 @@ def test_ten_turns_stored_equal_full_histories(pg_gateways):
     # blocks of 16) cached on the shard: the history's token ids were reused exactly.
     for before, now in zip(usage, usage[1:]):
         assert now.input_tokens_details.cached_tokens >= (before.input_tokens + before.output_tokens - 1) // 16 * 16
+    # Those blocks wait on the shards' retained list, evicted after every other free block.
+    assert sum(shard_metric(s.metrics_port, "llmmesh_kv_blocks_retained") for s in a.mesh.plan.shards) > 0
 
 
 def test_streamed_turn_events_and_grpc_continuation(pg_gateways):

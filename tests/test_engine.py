@@ -30,6 +30,23 @@ def test_block_pool_allocates_frees_and_refuses_when_full():
         pool.free(a[:1])
 
 
+def test_retained_blocks_are_evicted_last_and_bounded():
+    pool = BlockPool(num_blocks=6, block_size=16, max_retained=2)
+    blocks = pool.allocate(6)
+    for i, b in enumerate(blocks):
+        pool.register(b, bytes([i]))
+    conversation, other = blocks[:3], blocks[3:]
+    pool.free(conversation, retain=True)  # three retained, over the bound of two: the oldest one goes back
+    pool.free(other)
+    assert pool.num_retained == 2 and pool.num_free == 6
+    fresh = pool.allocate(4)  # the ordinary free blocks (and the one past the bound) are evicted first
+    assert set(fresh) == set(other) | {conversation[2]}  # freed last-first: the tail was retained first
+    assert pool.count_cached_prefix([bytes([0]), bytes([1])]) == 2  # the conversation's head survived
+    assert pool.take_cached_prefix([bytes([0])]) == [conversation[0]] and pool.num_retained == 1
+    assert pool.allocate(1) == [conversation[1]]  # nothing else is free: retained blocks go at last
+    assert pool.count_cached_prefix([bytes([1])]) == 0
+
+
 def _ran(tokens: list[int | None]) -> ModelRunnerOutput:
     return ModelRunnerOutput(tokens, [None] * len(tokens))
 

@@ -101,6 +101,7 @@ class _ChoiceCall:
     priority: int
     weight: float
     tool_names: frozenset[str] | None  # the calls to take out of the text; None: no tools
+    retain_blocks: bool = False  # a stored conversation's turn: the shard keeps its blocks longest
 
 
 @contextlib.asynccontextmanager
@@ -331,7 +332,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
                  else self.shards.ordered(tenant))
         streams = [self._choice(_ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i),
                                             tokenizer_version, deadline, order, hashes, tenant, priority, weight,
-                                            tool_names),
+                                            tool_names, continuation is not None),
                                 list(request.sampling.stop))
                    for i in range(n)]
         answer, cached_tokens = Answer(n), []
@@ -368,7 +369,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         the prompt tokens the shard had cached; its last, its finish reason."""
         shard_request = shard_pb2.ShardGenerateRequest(request_id=c.call_id, prompt_token_ids=c.prompt_ids,
                                                        sampling=c.sampling, tenant=c.tenant, priority=c.priority,
-                                                       tenant_weight=c.weight)
+                                                       tenant_weight=c.weight, retain_blocks=c.retain_blocks)
         matcher = StopStringMatcher(stop)
         calls = ToolCallParser(set(c.tool_names)) if c.tool_names is not None else None
         token_ids: list[int] = []

@@ -136,7 +136,8 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         try:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
-            request_class = RequestClass(request.tenant, request.priority, request.tenant_weight or 1.0)
+            request_class = RequestClass(request.tenant, request.priority, request.tenant_weight or 1.0,
+                                         request.retain_blocks)
             async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params, carrier,
                                                     request_class, matcher):
                 last = batch[-1]
@@ -287,6 +288,8 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("llmmesh_requests_waiting", "Requests waiting to be scheduled", value=len(e.scheduler.waiting))
         yield GaugeMetricFamily("llmmesh_kv_blocks_used_ratio", "Share of KV blocks in use",
                                 value=e.pool.num_used / e.pool.num_blocks)
+        yield GaugeMetricFamily("llmmesh_kv_blocks_retained", "Free KV blocks of stored conversations' turns, "
+                                "evicted after all other free blocks", value=e.pool.num_retained)
         # Hit rates as counters (queries, hits), so any window's ratio can be computed from rates.
         yield CounterMetricFamily("llmmesh_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                   value=e.pool.stats.queried_tokens)

@@ -46,6 +46,7 @@ class RequestClass:
     tenant: str = ""
     priority: int = 0
     weight: float = 1.0
+    retain_blocks: bool = False  # its KV blocks are evicted last once it ends (kv_blocks.py)
 
 
 @dataclass
@@ -209,7 +210,7 @@ class AsyncEngine:
             try:
                 c = msg.request_class
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.trace_carrier,
-                                        c.tenant, c.priority, c.weight, msg.matcher)
+                                        c.tenant, c.priority, c.weight, msg.matcher, c.retain_blocks)
             except (ValueError, QueueFullError) as exc:
                 msg.loop.call_soon_threadsafe(_settle, msg.accepted, exc)
                 return

@@ -187,10 +187,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     trace_carrier: dict[str, str] | None = None, tenant: str = "", priority: int = 0,
-                    weight: float = 1.0, matcher=None) -> Sequence:
+                    weight: float = 1.0, matcher=None, retain_blocks: bool = False) -> Sequence:
         """trace_carrier: the request's W3C trace context, for spans recorded by parallel workers.
         tenant, priority (0 goes first) and the tenant's weight decide its place (fairness.py).
-        matcher: for params.structured, one made by self.grammars (made here when not given)."""
+        matcher: for params.structured, one made by self.grammars (made here when not given).
+        retain_blocks: its KV blocks are evicted after all others once it ends (kv_blocks.py)."""
         params.validate()
         if priority < 0 or not 0 < weight < math.inf:
             raise ValueError(f"priority must be >= 0 and weight a finite number > 0, got {priority} and {weight}")
@@ -202,7 +203,8 @@ class LLMEngine:
                 raise ValueError(f"{what}: token id {bad} is outside the vocabulary (size {vocab})")
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, seed_as_int64(seed),
-                       trace_carrier=trace_carrier, tenant=tenant, priority=priority, weight=weight)
+                       trace_carrier=trace_carrier, tenant=tenant, priority=priority, weight=weight,
+                       retain_blocks=retain_blocks)
         if params.structured is not None:
             if matcher is None:
                 if self.grammars is None:

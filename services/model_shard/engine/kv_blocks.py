@@ -3,6 +3,9 @@ list, and prefix caching by chained block hash.
 
 A full block keeps its hash after its sequences free it: it sits in the free list, reusable by a
 later request with the same prefix, until allocation evicts it (least recently freed first).
+Blocks freed by a sequence that asked to retain them (a stored conversation's turn) wait in a second
+list, evicted only once the first is empty; at most max_retained of them, so idle conversations
+cannot pin the whole cache (past the bound, the longest-retained go back to the ordinary list).
 The scheduler sees block ids only; the executor owns the tensors they index.
 """
 
@@ -21,13 +24,16 @@ class PrefixStats:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, max_retained: int | None = None):
+        """max_retained: blocks the retained list may hold (default: half the pool)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.max_retained = num_blocks // 2 if max_retained is None else max_retained
         self._ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front: evicted first
+        self._retained: OrderedDict[int, None] = OrderedDict()  # evicted once _free is empty
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._block_of: dict[bytes, int] = {}
         self.stats = PrefixStats()
@@ -38,11 +44,15 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._retained)
+
+    @property
+    def num_retained(self) -> int:
+        return len(self._retained)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     @property
     def num_cached(self) -> int:
@@ -53,11 +63,11 @@ class BlockPool:
 
     def allocate(self, n: int) -> list[int] | None:
         """n fresh blocks, or None (nothing taken) when fewer than n are free."""
-        if n > len(self._free):
+        if n > self.num_free:
             return None
         blocks = []
         for _ in range(n):
-            block, _ = self._free.popitem(last=False)
+            block, _ = (self._free or self._retained).popitem(last=False)
             old = self._hash_of[block]
             if old is not None:  # evict its cached content
                 del self._block_of[old]
@@ -70,14 +80,18 @@ class BlockPool:
         self.stats.allocated_blocks += n
         return blocks
 
-    def free(self, blocks: list[int]) -> None:
+    def free(self, blocks: list[int], retain: bool = False) -> None:
+        """retain: the blocks go to the retained list (evicted last), within max_retained."""
         # Last blocks first: a sequence's tail is the least likely to be shared, so it goes first.
         for block in reversed(blocks):
             if self._ref_counts[block] <= 0:
                 raise RuntimeError(f"block {block} freed twice")
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
-                self._free[block] = None
+                (self._retained if retain and self._hash_of[block] is not None else self._free)[block] = None
+        while len(self._retained) > self.max_retained:
+            block, _ = self._retained.popitem(last=False)
+            self._free[block] = None
 
     def count_cached_prefix(self, hashes: list[bytes]) -> int:
         """How many leading hashes are cached, taking nothing. Safe to call from another thread
@@ -97,7 +111,7 @@ class BlockPool:
             if block is None:
                 break
             if self._ref_counts[block] == 0:
-                del self._free[block]
+                del (self._free if block in self._free else self._retained)[block]
             self._ref_counts[block] += 1
             blocks.append(block)
         if record_stats:

@@ -113,6 +113,7 @@ class Sequence:
     tenant: str = ""  # whose request it is: tenants share the shard by weight (fairness.py)
     priority: int = 0  # its class: 0 goes first
     weight: float = 1.0  # its tenant's weight
+    retain_blocks: bool = False  # its blocks, once freed, are evicted last (a stored conversation's)
     enqueued_step: int = 0  # the scheduler step it last joined the waiting queue at
 
     def __post_init__(self) -> None:

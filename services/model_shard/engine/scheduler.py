@@ -160,7 +160,7 @@ class Scheduler:
         for h in seq.block_hashes[seq.num_registered_blocks:]:
             if self._computing.get(h) is seq:
                 del self._computing[h]
-        self.pool.free(seq.block_ids)
+        self.pool.free(seq.block_ids, retain=seq.retain_blocks)
         seq.block_ids = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
