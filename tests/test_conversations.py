@@ -4,7 +4,7 @@ SQLite across a gateway restart."""
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import sqlite3
 import subprocess
@@ -266,6 +266,27 @@ def test_erasure_and_bad_input(pg_gateways, postgres):
         client.responses.create(model=MODEL, input="x", background=True)
 
 
+def test_conversation_items_through_the_sdk(pg_gateways):
+    a, b = pg_gateways
+    conv = a.client().conversations.create(items=[{"type": "message", "role": "user", "content": "first"}],
+                                           metadata={"ticket": "1"})
+    assert b.client().conversations.update(conv.id, metadata={"ticket": "2"}).metadata == {"ticket": "2"}
+    added = b.client().conversations.items.create(conv.id, items=[
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "second"}]},
+        {"type": "message", "role": "user", "content": "third"}])
+    assert [i.content[0].text for i in added.data] == ["second", "third"]
+    assert a.client().conversations.items.retrieve(added.data[0].id, conversation_id=conv.id).content[0].text == "second"
+    a.client().conversations.items.delete(added.data[0].id, conversation_id=conv.id)
+    page = a.client().conversations.items.list(conv.id, order="asc", limit=1)
+    assert [i.content[0].text for i in page.data] == ["first"] and page.has_more
+    rest = a.client().conversations.items.list(conv.id, order="asc", after=page.data[0].id)
+    assert [i.content[0].text for i in rest.data] == ["third"] and not rest.has_more
+    with pytest.raises(openai.NotFoundError):
+        a.client().conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+    with pytest.raises(openai.BadRequestError, match="limit"):
+        a.client().conversations.items.list(conv.id, limit=1000)
+
+
 def test_store_unreachable_fails_only_what_needs_it(mesh, root):
     closed = free_ports(1)[0]
     g = Gateway(mesh, root, "pg-down", f"postgresql://postgres@127.0.0.1:{closed}/postgres").start()
@@ -284,7 +305,8 @@ def test_store_unreachable_fails_only_what_needs_it(mesh, root):
 
 def test_sqlite_store_survives_a_killed_gateway(mesh, root):
     path = root / "store.sqlite3"
-    g = Gateway(mesh, root, "sqlite", f"sqlite:///{path}", ["--redact-personal-data"]).start()
+    g = Gateway(mesh, root, "sqlite", f"sqlite:///{path}",
+                ["--redact-personal-data", "--audit-prompts", "--log-format", "json"]).start()
     try:
         events = list(g.client().responses.create(
             model=MODEL, input="My e-mail is ana@example.com and my phone +44 20 7946 0958.", max_output_tokens=12,
@@ -301,6 +323,11 @@ def test_sqlite_store_survives_a_killed_gateway(mesh, root):
         assert follow.previous_response_id == done.id
     finally:
         g.stop()
+    # The audit lines carry the prompts, redacted.
+    audit = [json.loads(line) for line in (root / "sqlite.log").read_text().splitlines()
+             if line.startswith("{") and '"llmmesh.audit"' in line]
+    assert audit and all("ana@example.com" not in json.dumps(a) for a in audit)
+    assert any("My e-mail is [EMAIL] and my phone [PHONE]." in json.dumps(a["prompt"]) for a in audit)
     # Encrypted at rest: neither the answer nor the input is in the database's files.
     raw = b"".join(p.read_bytes() for p in root.glob("store.sqlite3*"))
     assert done.output_text.encode() not in raw and b"[EMAIL]" not in raw and b"Thanks" not in raw

@@ -1,13 +1,21 @@
-"""Keys of the response cache: a deterministic request (greedy, or seeded) on the same model
-with the same tokens and sampling gets the same answer."""
+"""The response cache: its keys (a deterministic request, greedy or seeded, on the same model with
+the same tokens and sampling gets the same answer) and its calls, best effort: a slow or absent
+cache never fails a request."""
 
 from __future__ import annotations
 
 import array
 import hashlib
 import json
+import logging
 
-from llmmesh.v1 import common_pb2
+import grpc
+from opentelemetry import trace
+
+from llmmesh.v1 import cache_pb2, common_pb2, gateway_pb2
+
+log = logging.getLogger(__name__)
+CACHE_TIMEOUT_S = 0.25  # a slow cache must not cost more than this
 
 
 def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams, max_tokens: int,
@@ -42,3 +50,25 @@ def response_key(model: str, token_ids: list[int], s: common_pb2.SamplingParams,
     h.update(array.array("I", token_ids).tobytes())
     h.update(json.dumps(sampling, sort_keys=True).encode())
     return h.digest()
+
+
+async def lookup_response(caches, key: bytes) -> gateway_pb2.GenerateResponse | None:
+    """caches: a HashRing of cache stubs."""
+    with trace.get_tracer(__name__).start_as_current_span("cache.lookup") as span:
+        try:
+            reply = await caches.get(key).GetResponse(cache_pb2.GetResponseRequest(key=key), timeout=CACHE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            span.set_attribute("llmmesh.cache_error", exc.code().name)
+            return None
+        span.set_attribute("llmmesh.hit", reply.found)
+        if not reply.found:
+            return None
+        return gateway_pb2.GenerateResponse.FromString(reply.value)
+
+
+async def store_response(caches, key: bytes, value: gateway_pb2.GenerateResponse) -> None:
+    try:
+        await caches.get(key).PutResponse(cache_pb2.PutResponseRequest(key=key, value=value.SerializeToString()),
+                                          timeout=CACHE_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        log.info("response cache put failed: %s", exc.code().name)

@@ -17,7 +17,7 @@ import grpc
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
-from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
+from llmmesh.v1 import cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
 from services.common.errors import retry_later
 from services.common.hash_ring import HashRing
@@ -30,7 +30,7 @@ from services.gateway.detokenize import DetokenizeSession, TokenizerMirror, clos
 from services.gateway.errors import RpcError
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.redact import redact_value
-from services.gateway.response_cache import response_key
+from services.gateway.response_cache import lookup_response, response_key, store_response
 from services.gateway.routing import PrefixAffinity
 from services.gateway.shard_calls import ShardLost, downstream_error, next_shard_message, open_shard_stream
 from services.gateway.shards import NoShardAvailable, Replica, ShardPool
@@ -56,7 +56,6 @@ TENANT_WAIT = Histogram("llmmesh_tenant_gateway_queue_seconds", "Time in the ten
 TENANT_RUNNING = Gauge("llmmesh_tenant_gateway_requests_running", "Requests in flight at the gateway, by tenant",
                        ["tenant"])
 
-CACHE_TIMEOUT_S = 0.25  # a slow cache must not cost more than this
 MAX_RESUMES = 2  # times one request may move to another replica after its shard went away
 
 @dataclass(frozen=True)
@@ -310,7 +309,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
                 and continuation is None):
             scope = "" if self.config.shared_response_cache else tenant
             key = response_key(self.config.model, prompt_ids, request.sampling, max_tokens, scope)
-            cached = await self._cache_get(key)
+            cached = await lookup_response(self.cache, key)
             span.set_attribute("llmmesh.response_cache_hit", cached is not None)
             if cached is not None:
                 u = cached.usage
@@ -361,7 +360,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
             value = answer.response()
             value.request_id = ""
             value.usage.cached = 0
-            await self._cache_put(key, value)
+            await store_response(self.cache, key, value)
 
     async def _choice(self, c: "_ChoiceCall", stop: list[str]):
         """One choice's messages, from its shard stream: text made here, stop strings matched, a lost
@@ -496,24 +495,3 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
             return await self.shards.info(timeout=min(5.0, max(deadline - time.monotonic(), 0.001)))
         except NoShardAvailable as exc:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-
-    # --- response cache (best effort: a slow or absent cache never fails a request) ---
-
-    async def _cache_get(self, key: bytes) -> gateway_pb2.GenerateResponse | None:
-        with trace.get_tracer(__name__).start_as_current_span("cache.lookup") as span:
-            try:
-                reply = await self.cache.get(key).GetResponse(cache_pb2.GetResponseRequest(key=key), timeout=CACHE_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                span.set_attribute("llmmesh.cache_error", exc.code().name)
-                return None
-            span.set_attribute("llmmesh.hit", reply.found)
-            if not reply.found:
-                return None
-            return gateway_pb2.GenerateResponse.FromString(reply.value)
-
-    async def _cache_put(self, key: bytes, value: gateway_pb2.GenerateResponse) -> None:
-        try:
-            await self.cache.get(key).PutResponse(cache_pb2.PutResponseRequest(key=key, value=value.SerializeToString()),
-                                         timeout=CACHE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            log.info("response cache put failed: %s", exc.code().name)
