@@ -258,3 +258,33 @@ def test_turn_refusals():
         input_items([{"role": "tool", "content": "x"}])
     assert [i["role"] for i in input_items([{"role": "developer", "content": [{"type": "input_text", "text": "x"}]},
                                             "ignored" and {"role": "user", "content": "y"}])] == ["developer", "user"]
+
+
+def test_admin_commands_back_up_and_erase_a_tenant(tmp_path, capsys):
+    from services.gateway.store.__main__ import main
+
+    location = f"sqlite:///{tmp_path}/live.sqlite3"
+    turn = _turn("kept in the backup")
+
+    async def save():
+        store = ConversationStore(Database(location))
+        await store.save_turn("a", turn)
+        await store.close()
+
+    _run(save())
+    assert main(["--conversation-store", location, "backup", str(tmp_path / "copy.sqlite3")]) == 0
+
+    async def read(where: str):
+        store = ConversationStore(Database(where))
+        try:
+            return await store.get_response("a", turn.response["id"])
+        finally:
+            await store.close()
+
+    assert main(["--conversation-store", location, "delete-tenant", "a"]) == 0
+    assert "'responses': 1" in capsys.readouterr().out
+    assert _run(read(location)) is None
+    restored = _run(read(f"sqlite:///{tmp_path}/copy.sqlite3"))  # the backup opens as a store
+    assert restored["response"]["output"][0]["content"][0]["text"] == "kept in the backup"
+    assert main(["--conversation-store", location, "new-key", "k9"]) == 0
+    assert capsys.readouterr().out.startswith("k9 ")
