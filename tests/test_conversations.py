@@ -172,6 +172,8 @@ def test_ten_turns_stored_equal_full_histories(pg_gateways):
         assert now.input_tokens_details.cached_tokens >= (before.input_tokens + before.output_tokens - 1) // 16 * 16
     # Those blocks wait on the shards' retained list, evicted after every other free block.
     assert sum(shard_metric(s.metrics_port, "llmmesh_kv_blocks_retained") for s in a.mesh.plan.shards) > 0
+    # and the cache service keeps the copies it was sent last too.
+    assert shard_metric(a.mesh.plan.cache.metrics_port, 'llmmesh_cache_bytes{store="kv_retained"}') > 0
 
 
 def test_streamed_turn_events_and_grpc_continuation(pg_gateways):

@@ -99,3 +99,18 @@ def test_lru_store_keeps_to_its_budget():
     assert store.get(b"k5") is not None and store.get(b"k6") is None
     assert not store.put(b"huge", b"z" * 200) and store.get(b"huge") is None
     assert store.stats().bytes <= 100
+
+
+def test_lru_store_evicts_retained_entries_last_within_their_bound():
+    store = LRUByteStore(budget_bytes=100, retained_budget=40)  # entries of 20 bytes: 5 fit, 2 retained
+    for i in range(3):
+        assert store.put(f"c{i}".encode(), b"x" * 18, retain=True)  # the third pushes c0 to the ordinary list
+    assert store.retained_bytes == 40
+    for i in range(4):
+        store.put(f"o{i}".encode(), b"x" * 18)
+    # Five fit: the ordinary entries went first (c0 among them), the retained ones stayed.
+    assert store.get(b"c1") and store.get(b"c2") and store.get(b"c0") is None and store.get(b"o0") is None
+    store.put(b"c1", b"y" * 18)  # refreshed: still retained
+    assert store.retained_bytes == 40
+    store.put(b"big", b"z" * 77)  # 80 bytes: everything ordinary goes, then the oldest retained
+    assert store.get(b"c2") is None and store.get(b"c1") == b"y" * 18 and store.stats().bytes == 100

@@ -52,9 +52,9 @@ async def _collect(chunks):
 
 def test_blocks_larger_than_a_chunk_cross_the_wire_intact():
     blocks = [(b"h1", os.urandom(CHUNK_BYTES * 2 + 17)), (b"h2", b"small"), (b"h3", b"")]
-    chunks = list(to_chunks("layout-a", blocks))
+    chunks = list(to_chunks("layout-a", blocks, retained={b"h1"}))
     assert max(len(c.data) for c in chunks) <= CHUNK_BYTES
-    assert asyncio.run(_collect(chunks)) == [("layout-a", h, v) for h, v in blocks]
+    assert asyncio.run(_collect(chunks)) == [("layout-a", h, v, h == b"h1") for h, v in blocks]
     cut = chunks[:2]  # the first block without its last chunk
     with pytest.raises(MalformedStream, match="ended inside a block"):
         asyncio.run(_collect(cut))
@@ -72,7 +72,7 @@ def test_blocks_exported_by_one_engine_serve_another_with_identical_tokens(tiny_
     try:
         assert a.kv_layout == b.kv_layout and "tiny-llama" in a.kv_layout
         shared: dict[bytes, bytes] = {}
-        a.prompt_block_listener = lambda hashes, data: shared.update(
+        a.prompt_block_listener = lambda hashes, data, retain: shared.update(
             (h, data[i].numpy().tobytes()) for i, h in enumerate(hashes))
         prefix = [(7 * i) % 250 + 3 for i in range(40)]  # 10 blocks
         params = SamplingParams(max_tokens=12)
@@ -121,7 +121,7 @@ def test_the_kv_store_streams_leading_runs_and_stays_under_its_budget():
                 hashes = [h for h, _ in blocks[:3]] + [b"missing" * 2] + [blocks[4][0]]
                 got = [item async for item in from_chunks(stub.GetKvBlocks(
                     cache_pb2.GetKvBlocksRequest(layout="L", block_hashes=hashes)))]
-                assert [(h, v) for _, h, v in got] == blocks[:3]  # stops at the first gap
+                assert [(b.block_hash, b.value) for b in got] == blocks[:3]  # stops at the first gap
                 other = [item async for item in from_chunks(stub.GetKvBlocks(
                     cache_pb2.GetKvBlocksRequest(layout="M", block_hashes=hashes[:1])))]
                 assert other == []  # another layout sees nothing

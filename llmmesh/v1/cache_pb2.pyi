@@ -35,16 +35,18 @@ class PutResponseReply(_message.Message):
     def __init__(self, stored: _Optional[bool] = ...) -> None: ...
 
 class KvBlockChunk(_message.Message):
-    __slots__ = ("layout", "block_hash", "data", "last")
+    __slots__ = ("layout", "block_hash", "data", "last", "retain")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_FIELD_NUMBER: _ClassVar[int]
     layout: str
     block_hash: bytes
     data: bytes
     last: bool
-    def __init__(self, layout: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+    retain: bool
+    def __init__(self, layout: _Optional[str] = ..., block_hash: _Optional[bytes] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., retain: _Optional[bool] = ...) -> None: ...
 
 class PutKvBlocksReply(_message.Message):
     __slots__ = ("stored", "refused")

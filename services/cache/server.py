@@ -49,10 +49,10 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     async def PutKvBlocks(self, request_iterator, context: grpc.aio.ServicerContext):
         stored = refused = 0
         try:
-            async for layout, block_hash, value in from_chunks(request_iterator):
+            async for layout, block_hash, value, retain in from_chunks(request_iterator):
                 self._check_block_name(layout, block_hash)
                 before = self.kv_blocks.stats().evictions
-                if self.kv_blocks.put(kv_key(layout, block_hash), value):
+                if self.kv_blocks.put(kv_key(layout, block_hash), value, retain):
                     stored += 1
                 else:
                     refused += 1
@@ -60,6 +60,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         except MalformedStream as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         CACHE_BYTES.labels("kv").set(self.kv_blocks.stats().bytes)
+        CACHE_BYTES.labels("kv_retained").set(self.kv_blocks.retained_bytes)  # stored conversations' (within kv)
         return cache_pb2.PutKvBlocksReply(stored=stored, refused=refused)
 
     async def GetKvBlocks(self, request: cache_pb2.GetKvBlocksRequest, context: grpc.aio.ServicerContext):

@@ -6,7 +6,8 @@ block_hash, the final chunk marked `last`; the layout travels on each block's fi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Container, Iterable, Iterator
+from typing import NamedTuple
 
 from llmmesh.v1 import cache_pb2
 
@@ -18,24 +19,33 @@ class MalformedStream(ValueError):
     pass
 
 
-def to_chunks(layout: str, blocks: Iterable[tuple[bytes, bytes]]) -> Iterator[cache_pb2.KvBlockChunk]:
-    """blocks: (block_hash, value) pairs, in order."""
+class Block(NamedTuple):
+    layout: str
+    block_hash: bytes
+    value: bytes
+    retain: bool  # a stored conversation's block: kept longest
+
+
+def to_chunks(layout: str, blocks: Iterable[tuple[bytes, bytes]],
+              retained: Container[bytes] = frozenset()) -> Iterator[cache_pb2.KvBlockChunk]:
+    """blocks: (block_hash, value) pairs, in order; retained: the hashes of those to keep longest."""
     for block_hash, value in blocks:
         view = memoryview(value)
         for offset in range(0, max(len(view), 1), CHUNK_BYTES):
             piece = view[offset : offset + CHUNK_BYTES]
             yield cache_pb2.KvBlockChunk(layout=layout if offset == 0 else "", block_hash=block_hash,
-                                         data=bytes(piece), last=offset + CHUNK_BYTES >= len(view))
+                                         data=bytes(piece), last=offset + CHUNK_BYTES >= len(view),
+                                         retain=offset == 0 and block_hash in retained)
 
 
-async def from_chunks(chunks: AsyncIterable[cache_pb2.KvBlockChunk]) -> AsyncIterator[tuple[str, bytes, bytes]]:
-    """(layout, block_hash, value) for each complete block; MalformedStream on a broken sequence."""
-    layout, block_hash, parts, size = "", None, [], 0
+async def from_chunks(chunks: AsyncIterable[cache_pb2.KvBlockChunk]) -> AsyncIterator[Block]:
+    """Each complete block; MalformedStream on a broken sequence."""
+    layout, block_hash, parts, size, retain = "", None, [], 0, False
     async for chunk in chunks:
         if block_hash is None:
             if not chunk.block_hash:
                 raise MalformedStream("a chunk has no block_hash")
-            block_hash, layout = chunk.block_hash, chunk.layout or layout
+            block_hash, layout, retain = chunk.block_hash, chunk.layout or layout, chunk.retain
             if not layout:
                 raise MalformedStream("the first chunk of a block has no layout")
         elif chunk.block_hash != block_hash:
@@ -45,7 +55,7 @@ async def from_chunks(chunks: AsyncIterable[cache_pb2.KvBlockChunk]) -> AsyncIte
         if size > MAX_BLOCK_BYTES:
             raise MalformedStream(f"a block exceeds {MAX_BLOCK_BYTES} bytes")
         if chunk.last:
-            yield layout, block_hash, b"".join(parts)
+            yield Block(layout, block_hash, b"".join(parts), retain)
             block_hash, parts, size = None, [], 0
     if block_hash is not None:
         raise MalformedStream("the stream ended inside a block")

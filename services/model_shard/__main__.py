@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     runtime_ref = {}
     shared_ref: dict[str, SharedKvBlocks] = {}
 
-    def offer_blocks(hashes, data) -> None:  # engine thread -> the uploader on the event loop
+    def offer_blocks(hashes, data, retain) -> None:  # engine thread -> the uploader on the event loop
         shared, loop = shared_ref.get("shared"), runtime_ref.get("loop")
         if shared is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(shared.offer, hashes, data)
+            loop.call_soon_threadsafe(shared.offer, hashes, data, retain)
 
     def build_engine() -> LLMEngine:  # runs on the engine thread (first build and rebuilds)
         if args.threads:

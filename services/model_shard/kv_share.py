@@ -102,7 +102,7 @@ class SharedKvBlocks:
         try:
             request = cache_pb2.GetKvBlocksRequest(layout=self.layout, block_hashes=hashes)
             stream = self.ring.node(owner).GetKvBlocks(request, timeout=self.fetch_timeout_s)
-            async for _, block_hash, value in from_chunks(stream):
+            async for _, block_hash, value, _ in from_chunks(stream):
                 if len(values) >= len(hashes) or block_hash != hashes[len(values)]:
                     raise MalformedStream("the cache sent a block that was not asked for next")
                 values.append(value)
@@ -118,9 +118,10 @@ class SharedKvBlocks:
 
     # --- upload ---
 
-    def offer(self, block_hashes: list[bytes], data: torch.Tensor) -> None:
-        """Queue new prompt blocks for upload (event-loop thread). data: uint8 [n, bytes per block].
-        Beyond the backlog budget blocks are dropped: the cache is an optimisation."""
+    def offer(self, block_hashes: list[bytes], data: torch.Tensor, retain: list[bool] | None = None) -> None:
+        """Queue new prompt blocks for upload (event-loop thread). data: uint8 [n, bytes per block];
+        retain: which are a stored conversation's (kept longest by the cache). Beyond the backlog
+        budget blocks are dropped: the cache is an optimisation."""
         for i, block_hash in enumerate(block_hashes):
             if block_hash in self._known:
                 continue
@@ -129,7 +130,7 @@ class SharedKvBlocks:
                 KV_UPLOAD_DROPPED.inc()
                 continue
             self._backlog_bytes += len(value)
-            self._backlog.put_nowait((block_hash, value))
+            self._backlog.put_nowait((block_hash, value, bool(retain and retain[i])))
         KV_UPLOAD_BACKLOG.set(self._backlog_bytes)
 
     def start(self) -> None:
@@ -156,20 +157,22 @@ class SharedKvBlocks:
             except Exception:  # noqa: BLE001 - the uploader must outlive any one failure
                 log.exception("KV block upload failed")
             finally:
-                self._backlog_bytes -= sum(len(v) for _, v in batch)
+                self._backlog_bytes -= sum(len(v) for _, v, _ in batch)
                 KV_UPLOAD_BACKLOG.set(self._backlog_bytes)
                 for _ in batch:
                     self._backlog.task_done()
 
-    async def _upload(self, batch: list[tuple[bytes, bytes]]) -> None:
-        groups = self.ring.group(h for h, _ in batch)
+    async def _upload(self, batch: list[tuple[bytes, bytes, bool]]) -> None:
+        groups = self.ring.group(h for h, _, _ in batch)
+        retained = {h for h, _, retain in batch if retain}
 
         async def put(owner: str, blocks: list[tuple[bytes, bytes]]) -> None:
             if time.monotonic() < self._down_until.get(owner, 0.0):
                 KV_UPLOAD_DROPPED.inc(len(blocks))
                 return
             try:
-                await self.ring.node(owner).PutKvBlocks(to_chunks(self.layout, blocks), timeout=self.upload_timeout_s)
+                await self.ring.node(owner).PutKvBlocks(to_chunks(self.layout, blocks, retained),
+                                                        timeout=self.upload_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 self._mark_down(owner, exc)
                 KV_UPLOAD_DROPPED.inc(len(blocks))
@@ -179,7 +182,7 @@ class SharedKvBlocks:
             KV_UPLOADED_BLOCKS.inc(len(blocks))
             KV_UPLOADED_BYTES.inc(sum(len(v) for _, v in blocks))
 
-        await asyncio.gather(*(put(owner, [batch[i] for i in idx]) for owner, idx in groups.items()))
+        await asyncio.gather(*(put(owner, [batch[i][:2] for i in idx]) for owner, idx in groups.items()))
 
     def _mark_down(self, owner: str, exc: grpc.aio.AioRpcError) -> None:
         if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):

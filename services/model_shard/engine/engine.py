@@ -72,7 +72,8 @@ class EngineStats:
 
 # Called on the engine thread with the hashes of newly computed prompt blocks and a copy of their
 # KV bytes (uint8 [n, bytes per block]): the hook that lets a shared cache learn them.
-PromptBlockListener = Callable[[list[bytes], torch.Tensor], None]
+# (hashes, data: uint8 [n, bytes per block], retain: which are a stored conversation's)
+PromptBlockListener = Callable[[list[bytes], torch.Tensor, list[bool]], None]
 
 
 class LLMEngine:
@@ -253,8 +254,8 @@ class LLMEngine:
         outputs = self.scheduler.update_from_output(out, sampled)
         new_blocks = self.scheduler.take_new_prompt_blocks()
         if new_blocks and self.prompt_block_listener is not None and self.can_transfer_blocks:
-            ids, hashes = zip(*new_blocks)
-            self.prompt_block_listener(list(hashes), self.executor.export_blocks(list(ids)))
+            ids, hashes, retain = zip(*new_blocks)
+            self.prompt_block_listener(list(hashes), self.executor.export_blocks(list(ids)), list(retain))
         return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

@@ -117,7 +117,8 @@ class Scheduler:
         self.shares = FairShares(config.fairness)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._new_prompt_blocks: list[tuple[int, bytes]] = []  # (block id, hash) computed since the last take
+        # (block id, hash, retain) computed since the last take; retain: a stored conversation's block
+        self._new_prompt_blocks: list[tuple[int, bytes, bool]] = []
         self._computing: dict[bytes, Sequence] = {}  # hash of a full block being computed -> the sequence computing it
         # Admission keeps a few blocks free so running sequences can grow without preempting at once.
         self._watermark = max(1, pool.num_blocks // 100)
@@ -301,10 +302,10 @@ class Scheduler:
             if self._computing.get(seq.block_hashes[j]) is seq:
                 del self._computing[seq.block_hashes[j]]
             if j < prompt_blocks:
-                self._new_prompt_blocks.append((seq.block_ids[j], seq.block_hashes[j]))
+                self._new_prompt_blocks.append((seq.block_ids[j], seq.block_hashes[j], seq.retain_blocks))
         seq.num_registered_blocks = full
 
-    def take_new_prompt_blocks(self) -> list[tuple[int, bytes]]:
+    def take_new_prompt_blocks(self) -> list[tuple[int, bytes, bool]]:
         """Full prompt blocks computed (not reused) since the last call, as (block id, hash): what a
         shared cache does not have from this shard yet. Valid until the next step allocates."""
         blocks, self._new_prompt_blocks = self._new_prompt_blocks, []
