@@ -223,7 +223,7 @@ def test_streamed_turn_events_and_grpc_continuation(pg_gateways):
 def test_tenants_see_only_their_own(pg_gateways):
     a, _ = pg_gateways
     mine = a.client(KEY_A).responses.create(model=MODEL, input="My card is 4111 1111 1111 1111.", max_output_tokens=4,
-                                            temperature=0)
+                                            temperature=0, metadata={"case": "42"})
     conv = a.client(KEY_A).conversations.create(items=[{"type": "message", "role": "user", "content": "secret"}])
     other = a.client(KEY_B)
     for call in (lambda: other.responses.retrieve(mine.id), lambda: other.responses.delete(mine.id),
@@ -233,7 +233,8 @@ def test_tenants_see_only_their_own(pg_gateways):
                  lambda: other.responses.create(model=MODEL, input="x", conversation=conv.id)):
         with pytest.raises(openai.NotFoundError):
             call()
-    assert a.client(KEY_A).responses.retrieve(mine.id).id == mine.id  # untouched by the attempts
+    kept = a.client(KEY_A).responses.retrieve(mine.id)  # untouched by the attempts
+    assert kept.id == mine.id and kept.metadata == {"case": "42"} and kept.output_text == mine.output_text
 
 
 def test_erasure_and_bad_input(pg_gateways, postgres):

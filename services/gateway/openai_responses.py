@@ -92,7 +92,8 @@ def add_routes(app: FastAPI, front, conversations: Conversations) -> None:
         body.check_served()
         tenant = front._auth(request)
         options = {"temperature": 1.0 if body.temperature is None else body.temperature,
-                   "top_p": body.top_p or 1.0, "max_output_tokens": body.max_output_tokens, "user": body.user}
+                   "top_p": body.top_p or 1.0, "max_output_tokens": body.max_output_tokens, "user": body.user,
+                   "metadata": body.metadata or {}}
         plan = await front.rpc(conversations.plan(
             tenant, input_items(body.input), instructions=body.instructions,
             previous_response_id=body.previous_response_id, conversation_id=body.conversation_id(),
@@ -106,10 +107,7 @@ def add_routes(app: FastAPI, front, conversations: Conversations) -> None:
             first = await anext(events)  # a refusal before the first token keeps its HTTP status
             return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
         await front.rpc(front._collect_unless_abandoned(request, grpc_request, tenant, chunks))
-        response = plan.response
-        if body.metadata:
-            response["metadata"] = body.metadata
-        return response
+        return plan.response
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):
