@@ -29,6 +29,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from bench.mesh_metrics import messages_per_token, scrape  # noqa: E402
 from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
 from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
@@ -145,12 +146,15 @@ def main() -> None:
     prompt_ids = tok.encode_chat([Message("user", QUESTION)])
 
     ports = [free_port() for _ in range(7)]
-    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0], gateway_metrics_port=0,
+    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
+                     gateway_metrics_port=ports[4],
                      shard_args=shard_args, gateway_args=["--no-response-cache"])
     with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
         mesh.start()
         with grpc.insecure_channel(mesh.gateway_address) as channel:
+            before = scrape(ports[4])
             mesh_rows = mesh_runs(gateway_pb2_grpc.GatewayStub(channel), args.runs, args.max_tokens)
+            per_token = messages_per_token(before, scrape(ports[4]))
     results = [summarize("mesh (gRPC, 4 services)", mesh_rows)]
     results.append(summarize("engine (in-process)", engine_runs(args.model, prompt_ids, args.runs, args.max_tokens,
                                                                 args.dtype, args.quantization)))
@@ -170,7 +174,9 @@ def main() -> None:
     mesh, engine = results[0], results[1]
     overhead = mesh["ttft_ms_p50"] - engine["ttft_ms_p50"]
     print(f"\nmesh overhead on TTFT vs the in-process engine: {overhead:+.1f} ms; "
-          f"throughput ratio mesh/engine: {mesh['tokens_per_s'] / engine['tokens_per_s']:.2f}")
+          f"throughput ratio mesh/engine: {mesh['tokens_per_s'] / engine['tokens_per_s']:.2f}; "
+          f"gRPC messages between the gateway and its backends per generated token: {per_token:.2f}")
+    mesh["internal_messages_per_token"] = per_token
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -30,6 +30,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from bench.mesh_metrics import messages_per_token, scrape  # noqa: E402
 from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
 from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
@@ -97,13 +98,7 @@ async def drive(address: str, n: int, rounds: int, max_tokens: int, mode: str = 
 
 
 def _blocks_allocated(metrics_port: int) -> float:
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "llmmesh_kv_blocks_allocated_total")
+    return scrape(metrics_port)["llmmesh_kv_blocks_allocated_total"]
 
 
 async def drive_choices(address: str, metrics_port: int, n: int, max_tokens: int, as_choices: bool) -> dict:
@@ -254,9 +249,9 @@ def main() -> None:
                     if args.prefill_beside_decodes else []),
                   *(["--cache", ""] if args.no_kv_sharing else []),
                   *(["--no-native-kernels"] if args.no_native_kernels else [])]
-    shard_metrics = free_port()
+    shard_metrics, gateway_metrics = free_port(), free_port()
     plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, shard_metrics],
-                     gateway_metrics_port=0,
+                     gateway_metrics_port=gateway_metrics,
                      shard_args=shard_args, gateway_args=["--no-response-cache"])
     rows = []
     with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
@@ -267,7 +262,9 @@ def main() -> None:
         asyncio.run(drive(mesh.gateway_address, max(concurrency), args.rounds, 1))
         for n in concurrency:
             for mode in args.sampling.split(","):
+                before = scrape(gateway_metrics)
                 rows.append(asyncio.run(drive(mesh.gateway_address, n, args.rounds, args.max_tokens, mode)))
+                rows[-1]["messages_per_token"] = messages_per_token(before, scrape(gateway_metrics))
                 print(f"  measured {rows[-1]['name']}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
         choice_rows = [asyncio.run(drive_choices(mesh.gateway_address, shard_metrics, args.choices, args.max_tokens,
                                                  as_choices)) for as_choices in (True, False)] if args.choices else []
@@ -289,13 +286,15 @@ def main() -> None:
         (", stock torch ops" if args.no_native_kernels else "")
     print(f"\nSmolLM2-135M-Instruct {label}, max {args.max_tokens} new tokens, {args.rounds} requests per "
           f"client; baselines: {args.baseline_n} requests arriving together\n")
-    print(f"{'':30} {'reqs':>5} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    print(f"{'':30} {'reqs':>5} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
+          f" {'msgs/tok':>8}")
     for r in rows:
         if "tok_s" not in r:
             print(f"{r['name']:30}")
             continue
         print(f"{r['name']:30} {r['requests']:5d} {r['tokens']:7d} {r['tok_s']:8.1f} {1000 * r['ttft_p50']:7.0f}ms "
-              f"{1000 * r['ttft_p99']:7.0f}ms {1000 * r['itl_p50']:6.0f}ms {1000 * r['itl_p99']:6.0f}ms")
+              f"{1000 * r['ttft_p99']:7.0f}ms {1000 * r['itl_p50']:6.0f}ms {1000 * r['itl_p99']:6.0f}ms"
+              + (f" {r['messages_per_token']:8.2f}" if "messages_per_token" in r else ""))
     if choice_rows:
         block = 16  # the shard's default --block-size
         p = choice_rows[0]["prompt_tokens"]

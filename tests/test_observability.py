@@ -39,6 +39,13 @@ def test_metrics_move_with_requests(mesh, gateway):
     assert moved("llmmesh_e2e_request_latency_seconds_count") == n
     assert moved("llmmesh_generation_tokens_total") == completion_tokens > 0
     assert moved("llmmesh_inter_token_latency_seconds_count") > 0
+    # The messages behind them: one Encode each, one shard call each with a message per step (one or
+    # more tokens), a response-cache lookup and store each; nothing per token to the tokenizer.
+    messages = {(peer, d): moved("llmmesh_internal_messages_total", peer=peer, direction=d)
+                for peer in ("tokenizer", "shard", "cache") for d in ("sent", "received")}
+    assert messages["tokenizer", "sent"] == messages["tokenizer", "received"] == n
+    assert messages["shard", "sent"] == n and n <= messages["shard", "received"] <= completion_tokens
+    assert messages["cache", "sent"] == messages["cache", "received"] == 2 * n
     queued = sum(moved("llmmesh_queue_time_seconds_count", b, a) for b, a in zip(shards_before, shards_after))
     assert queued == n
     steps = sum(moved("llmmesh_batch_size_count", b, a) for b, a in zip(shards_before, shards_after))

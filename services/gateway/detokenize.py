@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.telemetry import record_span
+from services.gateway import message_counts
 from services.gateway.errors import RpcError
 from services.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -45,6 +46,7 @@ class DetokenizeSession:
 
     async def _iterate(self):
         while (request := await self._requests.get()) is not None:
+            message_counts.sent("tokenizer")
             yield request
 
     async def _reply(self) -> str:
@@ -56,6 +58,7 @@ class DetokenizeSession:
                            f"the tokenizer did not answer within {self._reply_timeout_s:g}s") from None
         if reply is grpc.aio.EOF:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the tokenizer closed the detokenize stream")
+        message_counts.received("tokenizer")
         return reply.text
 
     async def push(self, token_ids) -> str:

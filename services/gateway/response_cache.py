@@ -13,6 +13,7 @@ import grpc
 from opentelemetry import trace
 
 from llmmesh.v1 import cache_pb2, common_pb2, gateway_pb2
+from services.gateway import message_counts
 
 log = logging.getLogger(__name__)
 CACHE_TIMEOUT_S = 0.25  # a slow cache must not cost more than this
@@ -57,6 +58,7 @@ async def lookup_response(caches, key: bytes) -> gateway_pb2.GenerateResponse | 
     with trace.get_tracer(__name__).start_as_current_span("cache.lookup") as span:
         try:
             reply = await caches.get(key).GetResponse(cache_pb2.GetResponseRequest(key=key), timeout=CACHE_TIMEOUT_S)
+            message_counts.round_trip("cache")
         except grpc.aio.AioRpcError as exc:
             span.set_attribute("llmmesh.cache_error", exc.code().name)
             return None
@@ -70,5 +72,6 @@ async def store_response(caches, key: bytes, value: gateway_pb2.GenerateResponse
     try:
         await caches.get(key).PutResponse(cache_pb2.PutResponseRequest(key=key, value=value.SerializeToString()),
                                           timeout=CACHE_TIMEOUT_S)
+        message_counts.round_trip("cache")
     except grpc.aio.AioRpcError as exc:
         log.info("response cache put failed: %s", exc.code().name)

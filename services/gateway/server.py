@@ -22,6 +22,7 @@ from llmmesh.v1 import tokenizer_pb2_grpc
 from services.common.errors import retry_later
 from services.common.hash_ring import HashRing
 from services.common.labels import BoundedLabels
+from services.gateway import message_counts
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.choices import Answer, choice_sampling, merge_choices, replay
 from services.gateway.conversation_rpcs import ConversationRpcs, is_stored_turn
@@ -458,6 +459,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         try:
             reply = await self.tokenizer.TokenTexts(tokenizer_pb2.DecodeRequest(token_ids=token_ids),
                                                     timeout=self.config.tokenizer_timeout_s)
+            message_counts.round_trip("tokenizer")
         except grpc.aio.AioRpcError as exc:
             raise downstream_error(exc, "tokenizer") from None
         return list(reply.texts)
@@ -473,6 +475,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
             try:
                 timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
                 reply = await self.tokenizer.Encode(encode, timeout=timeout)
+                message_counts.round_trip("tokenizer")
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and not last_try:

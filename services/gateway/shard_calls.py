@@ -10,6 +10,7 @@ import time
 import grpc
 
 from services.common.errors import REQUEST_FAILED_KEY, STATUS_DETAILS_KEY
+from services.gateway import message_counts
 from services.gateway.errors import RpcError
 from services.gateway.shards import Replica, ShardPool
 
@@ -39,6 +40,7 @@ async def open_shard_stream(shards: ShardPool, shard_request, deadline: float, f
         if timeout <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a shard answered")
         call = replica.stub.Generate(shard_request, timeout=timeout)
+        message_counts.sent("shard")
         replica.begin(tenant)
         try:
             async with asyncio.timeout(min(timeout, first_message_timeout_s)):
@@ -66,6 +68,7 @@ async def open_shard_stream(shards: ShardPool, shard_request, deadline: float, f
             replica.end(tenant)
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"model shard {replica.address} closed the stream")
         shards.mark_up(replica)
+        message_counts.received("shard")
         return replica, call, first
     raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no model shard is available ({'; '.join(errors)})")
 
@@ -79,6 +82,7 @@ async def next_shard_message(call):
         raise downstream_error(exc, "model shard") from None
     if msg is grpc.aio.EOF:
         raise ShardLost("the stream ended before it finished")
+    message_counts.received("shard")
     return msg
 
 def downstream_error(exc: grpc.aio.AioRpcError, service: str) -> RpcError:
