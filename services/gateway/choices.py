@@ -146,3 +146,25 @@ def replay(cached: gateway_pb2.GenerateResponse, request_id: str, usage: common_
         if i == len(choices) - 1:
             chunk.usage.CopyFrom(usage)
         yield chunk
+
+
+class UsageTally:
+    """A request's messages passing out, with its usage put on the very last one: the prompt's tokens,
+    every choice's completion tokens, and the prompt tokens the shard had cached (the least any choice
+    found; each choice's first message reports its own, which is taken off). Gathers the answer too."""
+
+    def __init__(self, n: int, prompt_tokens: int):
+        self.answer = Answer(n)
+        self.prompt_tokens = prompt_tokens
+        self._cached: list[int] = []
+
+    def add(self, chunk: gateway_pb2.GenerateStreamResponse) -> gateway_pb2.GenerateStreamResponse:
+        if chunk.HasField("usage"):
+            self._cached.append(chunk.usage.cached)
+            chunk.ClearField("usage")
+        if chunk.finish_reason and self.answer.finished == self.answer.n - 1:
+            chunk.usage.CopyFrom(common_pb2.Usage(
+                prompt_tokens=self.prompt_tokens, cached=min(self._cached, default=0),
+                completion_tokens=self.answer.completion_tokens + len(chunk.token_ids)))
+        self.answer.add(chunk)
+        return chunk

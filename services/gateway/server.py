@@ -23,8 +23,9 @@ from services.common.errors import retry_later
 from services.common.hash_ring import HashRing
 from services.common.labels import BoundedLabels
 from services.gateway import message_counts
+from services.gateway.answer_text import AnswerText
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
-from services.gateway.choices import Answer, choice_sampling, merge_choices, replay
+from services.gateway.choices import Answer, UsageTally, choice_sampling, merge_choices, replay
 from services.gateway.conversation_rpcs import ConversationRpcs, is_stored_turn
 from services.gateway.conversations import Conversations
 from services.gateway.detokenize import DetokenizeSession, TokenizerMirror, close_stream
@@ -35,9 +36,8 @@ from services.gateway.response_cache import lookup_response, response_key, store
 from services.gateway.routing import PrefixAffinity
 from services.gateway.shard_calls import ShardLost, downstream_error, next_shard_message, open_shard_stream
 from services.gateway.shards import NoShardAvailable, Replica, ShardPool
-from services.gateway.stop_strings import StopStringMatcher
 from services.gateway.tenants import PRIORITY_CLASSES, PolicyError, TenantGate, TenantQueueFull
-from services.gateway.tools import ToolCallParser, tool_grammar, tool_mode
+from services.gateway.tools import tool_grammar, tool_mode
 from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
 
 log = logging.getLogger(__name__)
@@ -335,22 +335,14 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
                                             tool_names, continuation is not None),
                                 list(request.sampling.stop))
                    for i in range(n)]
-        answer, cached_tokens = Answer(n), []
-        first = True
+        tally, first = UsageTally(n, len(prompt_ids)), True
+        answer = tally.answer
         try:
             async for chunk in streams[0] if n == 1 else merge_choices(streams):
-                if chunk.HasField("usage"):  # a choice's cached prompt tokens, passed up
-                    cached_tokens.append(chunk.usage.cached)
-                    chunk.ClearField("usage")
                 if first and (chunk.text or chunk.finish_reason):
                     first = False
                     TTFT.observe(time.monotonic() - start, _exemplar())
-                if chunk.finish_reason and answer.finished == n - 1:  # the request's last message
-                    chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(prompt_ids),
-                                                          completion_tokens=answer.completion_tokens + len(chunk.token_ids),
-                                                          cached=min(cached_tokens, default=0)))
-                answer.add(chunk)
-                yield chunk
+                yield tally.add(chunk)
         except grpc.aio.AioRpcError as exc:
             raise downstream_error(exc, "tokenizer") from None
         GENERATED.inc(answer.completion_tokens)
@@ -370,8 +362,6 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         shard_request = shard_pb2.ShardGenerateRequest(request_id=c.call_id, prompt_token_ids=c.prompt_ids,
                                                        sampling=c.sampling, tenant=c.tenant, priority=c.priority,
                                                        tenant_weight=c.weight, retain_blocks=c.retain_blocks)
-        matcher = StopStringMatcher(stop)
-        calls = ToolCallParser(set(c.tool_names)) if c.tool_names is not None else None
         token_ids: list[int] = []
         finish_reason = last_shard_reason = ""
         last_at, resumes = None, 0
@@ -379,6 +369,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         if detok is None:  # the vocabulary of this request's Encode is not held here (yet)
             detok = DetokenizeSession(self.tokenizer, timeout=max(c.deadline - time.monotonic(), 0.001),
                                       reply_timeout_s=self.config.tokenizer_timeout_s)
+        answer = AnswerText(detok, stop, c.tool_names)
         replica, call, span = None, None, trace.get_current_span()
         first_wait = self.config.shard_first_message_timeout_s
         try:
@@ -389,23 +380,14 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
             first = True
             while True:  # ends at a finish reason; a lost shard resumes elsewhere or raises
                 token_ids.extend(msg.token_ids)
-                text = await detok.push(msg.token_ids) if msg.token_ids else ""
-                text, stopped = matcher.feed(text)
                 last_shard_reason = msg.finish_reason
-                finish_reason = "stop" if stopped else msg.finish_reason
-                if finish_reason and not stopped:
-                    text += matcher.feed(await detok.flush())[0] + matcher.flush()
-                made = []
-                if calls is not None:
-                    text, made = calls.feed(text)
-                    if finish_reason:
-                        text += calls.flush()
-                        if calls.calls_made and finish_reason == "stop":
-                            finish_reason = "tool_calls"
+                piece = await answer.feed(msg.token_ids, msg.finish_reason)
+                finish_reason = piece.finish_reason
                 chunk = gateway_pb2.GenerateStreamResponse(
-                    text=text, token_ids=msg.token_ids, request_id=c.request_id, index=c.index, logprobs=msg.logprobs,
-                    top_logprobs=msg.top_logprobs, prompt_logprobs=msg.prompt_logprobs,
-                    prompt_top_logprobs=msg.prompt_top_logprobs, finish_reason=finish_reason, tool_calls=made)
+                    text=piece.text, token_ids=msg.token_ids, request_id=c.request_id, index=c.index,
+                    logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, prompt_logprobs=msg.prompt_logprobs,
+                    prompt_top_logprobs=msg.prompt_top_logprobs, finish_reason=finish_reason,
+                    tool_calls=piece.tool_calls)
                 if first:
                     first = False
                     chunk.usage.cached = msg.cached_tokens

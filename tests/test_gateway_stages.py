@@ -1,0 +1,73 @@
+"""Stages of the gateway's request path, in-process, without a network: a choice's text (the real
+vocabulary, stop strings, tool calls, finish reasons) and a request's usage over its choices."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmmesh.v1 import gateway_pb2
+from services.gateway.answer_text import AnswerText
+from services.gateway.choices import UsageTally
+from services.gateway.detokenize import LocalDetokenizeSession, _Vocabulary
+from services.tokenizer.text import TextTokenizer
+
+from .conftest import REAL_MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer(REAL_MODEL_DIR)
+
+
+def run_text(tokenizer, text: str, stop: list[str], step: int, tools=None, shard_reason: str = "stop"):
+    """Feed text's tokens `step` at a time, the last message with the shard's finish reason."""
+    ids = tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+    stage = AnswerText(LocalDetokenizeSession(_Vocabulary(tokenizer.tokenizer_json)), stop, tools)
+
+    async def go():
+        pieces = []
+        for i in range(0, len(ids), step):
+            last = i + step >= len(ids)
+            pieces.append(await stage.feed(ids[i:i + step], shard_reason if last else ""))
+            if pieces[-1].finish_reason:
+                break
+        return pieces
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_text_stage_joins_to_the_decode_and_stops_at_a_stop_string(tokenizer, step):
+    text = "Le café coûte 3€. 東京は晴れ 🌤️ today. END and more after it."
+    pieces = run_text(tokenizer, text, [], step)
+    assert "".join(p.text for p in pieces) == text and "\ufffd" not in "".join(p.text for p in pieces)
+    assert [p.finish_reason for p in pieces][-1] == "stop" and not any(p.finish_reason for p in pieces[:-1])
+    stopped = run_text(tokenizer, text, ["END"], step, shard_reason="length")
+    assert "".join(p.text for p in stopped) == "Le café coûte 3€. 東京は晴れ 🌤️ today. "
+    assert stopped[-1].finish_reason == "stop"  # the stop string's, not the shard's "length"
+
+
+def test_text_stage_takes_tool_calls_out(tokenizer):
+    text = 'Checking. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    pieces = run_text(tokenizer, text, [], 3, tools=frozenset({"get_weather"}))
+    calls = [c for p in pieces for c in p.tool_calls]
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Paris"}')]
+    assert "".join(p.text for p in pieces) == "Checking."
+    assert pieces[-1].finish_reason == "tool_calls"
+
+
+def test_usage_goes_on_the_requests_last_message_only():
+    tally = UsageTally(n=2, prompt_tokens=10)
+    messages = [gateway_pb2.GenerateStreamResponse(index=0, token_ids=[1]),
+                gateway_pb2.GenerateStreamResponse(index=1, token_ids=[2, 3]),
+                gateway_pb2.GenerateStreamResponse(index=0, token_ids=[4], finish_reason="length"),
+                gateway_pb2.GenerateStreamResponse(index=1, token_ids=[5], finish_reason="stop")]
+    messages[0].usage.cached = 8  # each choice's first message: what its shard had cached
+    messages[1].usage.cached = 4
+    out = [tally.add(m) for m in messages]
+    assert [m.HasField("usage") for m in out] == [False, False, False, True]
+    usage = out[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached) == (10, 5, 4)
+    assert tally.answer.finished == 2 and tally.answer.choices[1].token_ids == [2, 3, 5]
