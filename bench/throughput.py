@@ -101,6 +101,35 @@ def _blocks_allocated(metrics_port: int) -> float:
     return scrape(metrics_port)["llmmesh_kv_blocks_allocated_total"]
 
 
+def engine_row(args, n: int, rounds: int, max_tokens: int) -> dict:
+    """The same load on the engine in-process, stepped directly (no gRPC, no gateway): n clients, each
+    sending its next prompt when its last answer ends, greedy. The mesh rows' reference."""
+    from services.model_shard.engine.engine import EngineConfig, LLMEngine
+    from services.model_shard.engine.request import SamplingParams
+    from services.tokenizer.text import Message, TextTokenizer
+
+    tok = TextTokenizer(args.model)
+    prompts = [tok.encode_chat([Message("user", t)]) for t in make_prompts(n * rounds)]
+    engine = LLMEngine.from_dir(args.model, EngineConfig(
+        dtype=args.dtype, quantization=args.quantization, kv_cache_bytes=1024 << 20, max_running=128,
+        max_batched_tokens=args.max_batched_tokens, prefill_tokens_beside_decodes=args.prefill_beside_decodes))
+    engine.generate(prompts, SamplingParams(max_tokens=1))  # prefilled once, as the mesh rows' warm-up does
+    start, tokens = time.perf_counter(), 0
+    running = [(engine.add_request(f"c{client}-0", prompts[client * rounds], SamplingParams(max_tokens=max_tokens)),
+                client, 0) for client in range(n)]  # (sequence, client, its request number)
+    while engine.has_work:
+        engine.step()
+        for item in [item for item in running if item[0].finish_reason is not None]:
+            seq, client, r = item
+            running.remove(item)
+            tokens += len(seq.output_token_ids)
+            if r + 1 < rounds:
+                running.append((engine.add_request(f"c{client}-{r + 1}", prompts[client * rounds + r + 1],
+                                                   SamplingParams(max_tokens=max_tokens)), client, r + 1))
+    elapsed = time.perf_counter() - start
+    return {"name": f"engine in-process N={n}", "requests": n * rounds, "tokens": tokens, "tok_s": tokens / elapsed}
+
+
 async def drive_choices(address: str, metrics_port: int, n: int, max_tokens: int, as_choices: bool) -> dict:
     """One request with n choices, or n requests with one prompt, all at once (t=1.0, seeded, every
     answer max_tokens long): tok/s, TTFT, and the KV blocks the shard handed out for them."""
@@ -237,6 +266,8 @@ def main() -> None:
     parser.add_argument("--no-native-kernels", action="store_true",
                         help="the shard runs on stock torch ops instead of the native kernels (model/native.py)")
     parser.add_argument("--choices", type=int, default=4, help="n of the choices rows (0: none)")
+    parser.add_argument("--engine-rows", action="store_true",
+                        help="also run each concurrency on the engine in-process (greedy), for mesh/engine ratios")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -269,6 +300,13 @@ def main() -> None:
         choice_rows = [asyncio.run(drive_choices(mesh.gateway_address, shard_metrics, args.choices, args.max_tokens,
                                                  as_choices)) for as_choices in (True, False)] if args.choices else []
 
+    if args.engine_rows:  # after the mesh is gone: the same cores, nothing else running
+        for n in [int(x) for x in args.concurrency.split(",")]:
+            rows.append(engine_row(args, n, args.rounds, args.max_tokens))
+            mesh_row = next(r for r in rows if r["name"] == f"mesh N={n}")
+            rows[-1]["mesh_over_engine"] = mesh_row["tok_s"] / rows[-1]["tok_s"]
+            print(f"  measured {rows[-1]['name']}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+
     if not args.no_baselines:
         from services.tokenizer.text import Message, TextTokenizer
 
@@ -291,6 +329,10 @@ def main() -> None:
     for r in rows:
         if "tok_s" not in r:
             print(f"{r['name']:30}")
+            continue
+        if "ttft_p50" not in r:  # an in-process engine row
+            print(f"{r['name']:30} {r['requests']:5d} {r['tokens']:7d} {r['tok_s']:8.1f}   "
+                  f"(mesh/engine {r['mesh_over_engine']:.2f})")
             continue
         print(f"{r['name']:30} {r['requests']:5d} {r['tokens']:7d} {r['tok_s']:8.1f} {1000 * r['ttft_p50']:7.0f}ms "
               f"{1000 * r['ttft_p99']:7.0f}ms {1000 * r['itl_p50']:6.0f}ms {1000 * r['itl_p99']:6.0f}ms"
