@@ -71,3 +71,18 @@ def test_usage_goes_on_the_requests_last_message_only():
     usage = out[-1].usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.cached) == (10, 5, 4)
     assert tally.answer.finished == 2 and tally.answer.choices[1].token_ids == [2, 3, 5]
+
+
+def test_a_resumed_call_continues_from_what_was_delivered():
+    from llmmesh.v1 import common_pb2, shard_pb2
+    from services.gateway.choice_stream import resume_request
+
+    first = shard_pb2.ShardGenerateRequest(
+        request_id="call-1", prompt_token_ids=[1, 2, 3], tenant="t", retain_blocks=True,
+        sampling=common_pb2.SamplingParams(max_tokens=10, min_tokens=4, seed=7, prompt_logprobs=True))
+    resumed = resume_request(first, [9, 8, 7])
+    assert list(resumed.prompt_token_ids) == [1, 2, 3, 9, 8, 7] and resumed.resume_draws == 3
+    assert (resumed.sampling.max_tokens, resumed.sampling.min_tokens) == (7, 1)
+    assert not resumed.sampling.prompt_logprobs and resumed.sampling.seed == 7
+    assert (resumed.request_id, resumed.tenant, resumed.retain_blocks) == ("call-1", "t", True)
+    assert list(first.prompt_token_ids) == [1, 2, 3]  # the first call's request is left as it was

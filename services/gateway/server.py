@@ -23,19 +23,19 @@ from services.common.errors import retry_later
 from services.common.hash_ring import HashRing
 from services.common.labels import BoundedLabels
 from services.gateway import message_counts
-from services.gateway.answer_text import AnswerText
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
+from services.gateway.choice_stream import ChoiceCall, ChoiceStreams
 from services.gateway.choices import Answer, UsageTally, choice_sampling, merge_choices, replay
 from services.gateway.conversation_rpcs import ConversationRpcs, is_stored_turn
 from services.gateway.conversations import Conversations
-from services.gateway.detokenize import DetokenizeSession, TokenizerMirror, close_stream
+from services.gateway.detokenize import TokenizerMirror
 from services.gateway.errors import RpcError
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.gateway.redact import redact_value
 from services.gateway.response_cache import lookup_response, response_key, store_response
 from services.gateway.routing import PrefixAffinity
-from services.gateway.shard_calls import ShardLost, downstream_error, next_shard_message, open_shard_stream
-from services.gateway.shards import NoShardAvailable, Replica, ShardPool
+from services.gateway.shard_calls import downstream_error
+from services.gateway.shards import NoShardAvailable, ShardPool
 from services.gateway.tenants import PRIORITY_CLASSES, PolicyError, TenantGate, TenantQueueFull
 from services.gateway.tools import tool_grammar, tool_mode
 from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
@@ -46,8 +46,6 @@ audit_log = logging.getLogger("llmmesh.audit")
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 REQUESTS = Counter("llmmesh_requests", "Finished requests by gRPC status", ["method", "code"])
 TTFT = Histogram("llmmesh_time_to_first_token_seconds", "Time to the first streamed text", buckets=LATENCY_BUCKETS)
-ITL = Histogram("llmmesh_inter_token_latency_seconds", "Gap between streamed tokens (a message's gap shared by its tokens)",
-                buckets=(0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5))
 E2E = Histogram("llmmesh_e2e_request_latency_seconds", "Whole request latency", buckets=LATENCY_BUCKETS)
 GENERATED = Counter("llmmesh_generation_tokens", "Completion tokens returned to clients")
 PROMPT = Counter("llmmesh_prompt_tokens", "Prompt tokens received")
@@ -57,7 +55,6 @@ TENANT_WAIT = Histogram("llmmesh_tenant_gateway_queue_seconds", "Time in the ten
 TENANT_RUNNING = Gauge("llmmesh_tenant_gateway_requests_running", "Requests in flight at the gateway, by tenant",
                        ["tenant"])
 
-MAX_RESUMES = 2  # times one request may move to another replica after its shard went away
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -82,26 +79,6 @@ class Continuation:
     context_ids: list[int]
     prompt_ids: list[int] = field(default_factory=list)
     reused_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class _ChoiceCall:
-    """What one choice's shard call needs (see GatewayServicer._choice)."""
-
-    index: int
-    request_id: str
-    call_id: str
-    prompt_ids: list[int]
-    sampling: common_pb2.SamplingParams
-    tokenizer_version: str
-    deadline: float
-    order: list[Replica] | None
-    hashes: list[bytes]
-    tenant: str
-    priority: int
-    weight: float
-    tool_names: frozenset[str] | None  # the calls to take out of the text; None: no tools
-    retain_blocks: bool = False  # a stored conversation's turn: the shard keeps its blocks longest
 
 
 @contextlib.asynccontextmanager
@@ -156,6 +133,8 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         self.gate = TenantGate()
         self.tenant_label = BoundedLabels(known=(*self.api_keys.tenants, "anonymous"))
         self.conversations = Conversations(store, self, config.model)
+        self.choice_streams = ChoiceStreams(shards, self.affinity, vocabulary, tokenizer, config.tokenizer_timeout_s,
+                                            config.shard_first_message_timeout_s)
 
     # --- RPCs ---
 
@@ -330,7 +309,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         # One replica for every choice: it prefills the prompt once for all of them.
         order = (self.affinity.order(self.shards.replicas, hashes, tenant) if self.affinity is not None
                  else self.shards.ordered(tenant))
-        streams = [self._choice(_ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i),
+        streams = [self.choice_streams.stream(ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i),
                                             tokenizer_version, deadline, order, hashes, tenant, priority, weight,
                                             tool_names, continuation is not None),
                                 list(request.sampling.stop))
@@ -354,87 +333,6 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
             value.request_id = ""
             value.usage.cached = 0
             await store_response(self.cache, key, value)
-
-    async def _choice(self, c: "_ChoiceCall", stop: list[str]):
-        """One choice's messages, from its shard stream: text made here, stop strings matched, a lost
-        shard resumed on another replica from what was delivered. Its first message carries, in usage,
-        the prompt tokens the shard had cached; its last, its finish reason."""
-        shard_request = shard_pb2.ShardGenerateRequest(request_id=c.call_id, prompt_token_ids=c.prompt_ids,
-                                                       sampling=c.sampling, tenant=c.tenant, priority=c.priority,
-                                                       tenant_weight=c.weight, retain_blocks=c.retain_blocks)
-        token_ids: list[int] = []
-        finish_reason = last_shard_reason = ""
-        last_at, resumes = None, 0
-        detok = self.vocabulary.session(c.tokenizer_version) if self.vocabulary is not None else None
-        if detok is None:  # the vocabulary of this request's Encode is not held here (yet)
-            detok = DetokenizeSession(self.tokenizer, timeout=max(c.deadline - time.monotonic(), 0.001),
-                                      reply_timeout_s=self.config.tokenizer_timeout_s)
-        answer = AnswerText(detok, stop, c.tool_names)
-        replica, call, span = None, None, trace.get_current_span()
-        first_wait = self.config.shard_first_message_timeout_s
-        try:
-            replica, call, msg = await open_shard_stream(self.shards, shard_request, c.deadline, first_wait, c.order, c.tenant)
-            if self.affinity is not None:
-                self.affinity.record(replica.address, c.hashes)
-                span.set_attribute("llmmesh.replica", replica.address)
-            first = True
-            while True:  # ends at a finish reason; a lost shard resumes elsewhere or raises
-                token_ids.extend(msg.token_ids)
-                last_shard_reason = msg.finish_reason
-                piece = await answer.feed(msg.token_ids, msg.finish_reason)
-                finish_reason = piece.finish_reason
-                chunk = gateway_pb2.GenerateStreamResponse(
-                    text=piece.text, token_ids=msg.token_ids, request_id=c.request_id, index=c.index,
-                    logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, prompt_logprobs=msg.prompt_logprobs,
-                    prompt_top_logprobs=msg.prompt_top_logprobs, finish_reason=finish_reason,
-                    tool_calls=piece.tool_calls)
-                if first:
-                    first = False
-                    chunk.usage.cached = msg.cached_tokens
-                    if c.sampling.prompt_logprobs:
-                        chunk.prompt_token_ids.extend(c.prompt_ids)
-                now = time.monotonic()
-                if msg.token_ids and last_at is not None:
-                    gap = (now - last_at) / len(msg.token_ids)
-                    for _ in msg.token_ids:
-                        ITL.observe(gap)
-                if msg.token_ids:
-                    last_at = now
-                yield chunk
-                if finish_reason:
-                    break
-                try:
-                    msg = await next_shard_message(call)
-                except ShardLost as lost:
-                    # Resume on another replica from what was delivered: prompt + tokens so far, the
-                    # draws a seeded generator already made skipped. The client sees one stream.
-                    if resumes >= MAX_RESUMES:
-                        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"{lost}; no replica could take over") from None
-                    resumes += 1
-                    log.warning("shard %s lost request %s (choice %d) after %d tokens (%s); resuming elsewhere",
-                                replica.address, c.request_id, c.index, len(token_ids), lost)
-                    span.add_event("resumed", {"llmmesh.from_replica": replica.address, "llmmesh.choice": c.index,
-                                               "llmmesh.delivered_tokens": len(token_ids)})
-                    self.shards.mark_down(replica)
-                    await close_stream(call, cancel=True)
-                    replica.end(c.tenant)
-                    replica, call = None, None
-                    resume = shard_pb2.ShardGenerateRequest()
-                    resume.CopyFrom(shard_request)
-                    resume.prompt_token_ids.extend(token_ids)
-                    resume.resume_draws = len(token_ids)
-                    resume.sampling.max_tokens = c.sampling.max_tokens - len(token_ids)
-                    resume.sampling.min_tokens = max(0, c.sampling.min_tokens - len(token_ids))
-                    resume.sampling.prompt_logprobs = False  # delivered with the first message
-                    replica, call, msg = await open_shard_stream(self.shards, resume, c.deadline, first_wait,
-                                                                       tenant=c.tenant)
-        finally:
-            if call is not None:
-                # A stop string, a client cancel or an error cancels: the shard frees the work now.
-                await close_stream(call, cancel=not last_shard_reason)
-            await detok.close()
-            if replica is not None:
-                replica.end(c.tenant)
 
     async def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (for logprobs shown per token)."""
