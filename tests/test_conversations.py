@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,7 @@ from services.gateway.store.sealing import new_key_line
 from services.launcher import wait_healthy
 from services.tokenizer.text import Message, TextTokenizer
 
-from .conftest import REAL_MODEL_DIR, free_ports
+from .conftest import REAL_MODEL_DIR, free_ports, metric
 from .postgres import PostgresServer, postgres_bin
 
 pytestmark = [pytest.mark.e2e,
@@ -100,12 +99,6 @@ def pg_gateways(mesh, root, postgres):
         g.stop()
 
 
-def shard_metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        line = next(line for line in reply.read().decode().splitlines() if line.startswith(name + " "))
-    return float(line.split()[1])
-
-
 def full_history_reference(stub, questions: list[str]) -> tuple[list[str], list[list[int]]]:
     """Each turn's greedy answer with the whole history resent as chat messages (gRPC, which also
     returns the answer's token ids), and those ids."""
@@ -171,9 +164,9 @@ def test_ten_turns_stored_equal_full_histories(pg_gateways):
     for before, now in zip(usage, usage[1:]):
         assert now.input_tokens_details.cached_tokens >= (before.input_tokens + before.output_tokens - 1) // 16 * 16
     # Those blocks wait on the shards' retained list, evicted after every other free block.
-    assert sum(shard_metric(s.metrics_port, "llmmesh_kv_blocks_retained") for s in a.mesh.plan.shards) > 0
+    assert sum(metric(s.metrics_port, "llmmesh_kv_blocks_retained") for s in a.mesh.plan.shards) > 0
     # and the cache service keeps the copies it was sent last too.
-    assert shard_metric(a.mesh.plan.cache.metrics_port, 'llmmesh_cache_bytes{store="kv_retained"}') > 0
+    assert metric(a.mesh.plan.cache.metrics_port, "llmmesh_cache_bytes", store="kv_retained") > 0
 
 
 def test_streamed_turn_events_and_grpc_continuation(pg_gateways):

@@ -83,4 +83,5 @@ class LRUByteStore:
         return self._retained_bytes
 
     def stats(self) -> StoreStats:
-        return StoreStats(len(self._items) + len(self._retained), self._stats.bytes, self._stats.lookups, self._stats.hits, self._stats.evictions)
+        s = self._stats
+        return StoreStats(len(self._items) + len(self._retained), s.bytes, s.lookups, s.hits, s.evictions)

@@ -25,10 +25,7 @@ class ConversationRpcs:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "tools are not served with stored turns yet")
         if request.sampling.n > 1:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "a stored turn has one answer; send n = 1")
-        try:
-            items = message_items(request.messages)
-        except BadParam as exc:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        items = _items(request.messages)
         store = request.store if request.HasField("store") else True
         plan = await self.conversations.plan(
             tenant, items, previous_response_id=request.previous_response_id or None,
@@ -39,7 +36,8 @@ class ConversationRpcs:
     async def GetResponse(self, request: gateway_pb2.StoredResponseRequest, context):
         async with self._status_of("GetResponse", context):
             tenant = self._tenant(context)
-            doc = await self._found(lambda s: s.get_response(tenant, request.id), f"response {request.id!r}")
+            doc = await self.conversations.found(lambda s: s.get_response(tenant, request.id),
+                                                 f"response {request.id!r}")
             r = doc["response"]
             u = r["usage"]
             return gateway_pb2.StoredResponse(
@@ -52,44 +50,44 @@ class ConversationRpcs:
     async def DeleteResponse(self, request: gateway_pb2.StoredResponseRequest, context):
         async with self._status_of("DeleteResponse", context):
             tenant = self._tenant(context)
-            await self._found(lambda s: s.delete_response(tenant, request.id), f"response {request.id!r}")
+            await self.conversations.found(lambda s: s.delete_response(tenant, request.id), f"response {request.id!r}")
             return gateway_pb2.Deleted(id=request.id, deleted=True)
 
     async def CreateConversation(self, request: gateway_pb2.CreateConversationRequest, context):
         async with self._status_of("CreateConversation", context):
             tenant = self._tenant(context)
-            try:
-                items = message_items(request.messages)
-            except BadParam as exc:
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            items = _items(request.messages)
             made = await self.conversations.call(lambda s: s.create_conversation(tenant, dict(request.metadata), items))
             return _conversation(made)
 
     async def GetConversation(self, request: gateway_pb2.ConversationRequest, context):
         async with self._status_of("GetConversation", context):
             tenant = self._tenant(context)
-            return _conversation(await self._found(lambda s: s.get_conversation(tenant, request.id),
+            return _conversation(await self.conversations.found(lambda s: s.get_conversation(tenant, request.id),
                                                    f"conversation {request.id!r}"))
 
     async def DeleteConversation(self, request: gateway_pb2.ConversationRequest, context):
         async with self._status_of("DeleteConversation", context):
             tenant = self._tenant(context)
-            await self._found(lambda s: s.delete_conversation(tenant, request.id), f"conversation {request.id!r}")
+            await self.conversations.found(lambda s: s.delete_conversation(tenant, request.id),
+                                           f"conversation {request.id!r}")
             return gateway_pb2.Deleted(id=request.id, deleted=True)
 
     async def ListConversationItems(self, request: gateway_pb2.ConversationRequest, context):
         async with self._status_of("ListConversationItems", context):
             tenant = self._tenant(context)
-            history = await self._found(lambda s: s.conversation_history(tenant, request.id),
+            history = await self.conversations.found(lambda s: s.conversation_history(tenant, request.id),
                                         f"conversation {request.id!r}")
             return gateway_pb2.ConversationItems(messages=item_messages(history.items))
-
-    async def _found(self, operation, what: str):
-        found = await self.conversations.call(operation)
-        if found is None or found is False:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no {what}")
-        return found
 
 
 def _conversation(c: dict) -> gateway_pb2.Conversation:
     return gateway_pb2.Conversation(id=c["id"], created_at=c["created_at"], metadata=c.get("metadata") or {})
+
+
+def _items(messages) -> list[dict]:
+    """gRPC chat messages as stored items; what cannot be stored is INVALID_ARGUMENT."""
+    try:
+        return message_items(messages)
+    except BadParam as exc:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None

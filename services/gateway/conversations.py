@@ -57,13 +57,11 @@ class Conversations:
                            "send previous_response_id or conversation, not both")
         history = History()
         if previous_response_id:
-            history = await self._call(self._store().response_history(tenant, previous_response_id))
-            if history is None:
-                raise RpcError(grpc.StatusCode.NOT_FOUND, f"no response {previous_response_id!r}")
+            history = await self.found(lambda s: s.response_history(tenant, previous_response_id),
+                                       f"response {previous_response_id!r}")
         elif conversation_id:
-            history = await self._call(self._store().conversation_history(tenant, conversation_id))
-            if history is None:
-                raise RpcError(grpc.StatusCode.NOT_FOUND, f"no conversation {conversation_id!r}")
+            history = await self.found(lambda s: s.conversation_history(tenant, conversation_id),
+                                       f"conversation {conversation_id!r}")
         if store or conversation_id:
             self._store()  # refused now, not after the answer was made
         system = [common_pb2.ChatMessage(role="system", content=instructions)] if instructions else []
@@ -135,6 +133,14 @@ class Conversations:
     async def call(self, operation):
         """operation(store), a store call for a front (get, delete, list, ...), its faults as RpcError."""
         return await self._call(operation(self._store()))
+
+    async def found(self, operation, what: str):
+        """call(operation)'s result; NOT_FOUND naming `what` when the store found nothing (None or
+        False: absent, or another tenant's)."""
+        result = await self.call(operation)
+        if result is None or result is False:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no {what}")
+        return result
 
     @staticmethod
     async def _call(operation):

@@ -229,10 +229,6 @@ class OpenAIFront:
     def error(exc: RpcError) -> "OpenAIError":
         return OpenAIError.from_rpc(exc)
 
-    @staticmethod
-    def not_found(what: str) -> "OpenAIError":
-        return OpenAIError(404, f"no {what}", "not_found_error", code="not_found")
-
     def _model_card(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "llmmesh"}
 

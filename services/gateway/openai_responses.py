@@ -80,11 +80,8 @@ class ItemsCreate(_Validated):
 def add_routes(app: FastAPI, front, conversations: Conversations) -> None:
     """front: the OpenAIFront (auth, model check, timeouts, error mapping)."""
 
-    async def store_call(operation, missing: str):
-        found = await front.rpc(conversations.call(operation))
-        if found is None or found is False:
-            raise front.not_found(missing)
-        return found
+    async def store_call(operation, what: str):
+        return await front.rpc(conversations.found(operation, what))
 
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request):
@@ -126,11 +123,11 @@ def add_routes(app: FastAPI, front, conversations: Conversations) -> None:
                                    order: Literal["asc", "desc"] = "desc"):
         tenant = front._auth(request)
         doc = await store_call(lambda s: s.get_response(tenant, response_id), f"response {response_id!r}")
-        items = doc["input_items"][::-1] if order == "desc" else doc["input_items"]
+        items, limit = doc["input_items"][::-1] if order == "desc" else doc["input_items"], _limit(limit)
         if after is not None:
             ids = [i["id"] for i in items]
             items = items[ids.index(after) + 1:] if after in ids else items
-        return _page(items[:_limit(limit)], len(items) > _limit(limit))
+        return _page(items[:limit], len(items) > limit)
 
     @app.post("/v1/conversations")
     async def create_conversation(body: ConversationCreate, request: Request):

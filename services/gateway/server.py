@@ -78,7 +78,6 @@ class Continuation:
 
     context_ids: list[int]
     prompt_ids: list[int] = field(default_factory=list)
-    reused_tokens: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -309,11 +308,10 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         # One replica for every choice: it prefills the prompt once for all of them.
         order = (self.affinity.order(self.shards.replicas, hashes, tenant) if self.affinity is not None
                  else self.shards.ordered(tenant))
-        streams = [self.choice_streams.stream(ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i),
-                                            tokenizer_version, deadline, order, hashes, tenant, priority, weight,
-                                            tool_names, continuation is not None),
-                                list(request.sampling.stop))
-                   for i in range(n)]
+        calls = [ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i), tokenizer_version,
+                            deadline, order, hashes, tenant, priority, weight, tool_names, continuation is not None)
+                 for i in range(n)]
+        streams = [self.choice_streams.stream(c, list(request.sampling.stop)) for c in calls]
         tally, first = UsageTally(n, len(prompt_ids)), True
         answer = tally.answer
         try:
@@ -369,7 +367,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         if not reply.token_ids:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt encodes to no tokens")
         if continuation is not None:
-            continuation.prompt_ids, continuation.reused_tokens = list(reply.token_ids), reply.reused_tokens
+            continuation.prompt_ids = list(reply.token_ids)
             trace.get_current_span().set_attribute("llmmesh.reused_context_tokens", reply.reused_tokens)
         return list(reply.token_ids), reply.tokenizer_version
 

@@ -32,8 +32,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         reused = 0
         try:
             if request.messages:
-                ids, reused = self.tokenizer.encode_chat_after(list(request.context_token_ids),
-                                                               chat_messages(request.messages), tool_defs(request.tools))
+                ids, reused = self.tokenizer.encode_chat_after(
+                    list(request.context_token_ids), chat_messages(request.messages), tool_defs(request.tools))
             else:
                 ids = self.tokenizer.encode(request.prompt)
         except ChatTemplateError as exc:
