@@ -2,8 +2,10 @@
 namespaces, tests/cluster.py) with 0, 1 and 5 ms one-way delay on every link, and with one shard split
 TP=3 over two Ray hosts. Printed side by side in one run: TTFT and inter-token p50/p99 at 1 and 16 streams.
 
-One shard replica each, the real model with the shard's defaults, the response cache off. Delays need
-tc netem; where the kernel lacks it those rows say so. Needs root (network namespaces).
+One shard replica each, the real model with the shard's defaults, the response cache off. The delays
+are made by tests/cluster.py's user-space wire on what every host sends to the others (the client's own
+link to the gateway stays on the bridge). Below the table: round trips before the first token, as the
+delayed rows' extra TTFT over one round trip. Needs root (network namespaces).
 
     .venv/bin/python bench/network.py [--concurrency 1,16] [--rounds 3] [--max-tokens 64] [--json out.json]
 """
@@ -27,7 +29,7 @@ from throughput import pct  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
-from tests.cluster import RAY_ENV, Cluster, cluster_unavailable, netem_unavailable, start_mesh, start_ray  # noqa: E402
+from tests.cluster import RAY_ENV, Cluster, cluster_unavailable, start_mesh, start_ray  # noqa: E402
 
 QUESTION = "Tell me about the rivers of Europe."
 MESH_HOSTS = ["gateway", "tokenizer", "cache", "shard0"]
@@ -65,7 +67,7 @@ def _measure(name: str, address: str, args) -> list[dict]:
     asyncio.run(_load(address, 2, 1, 8))  # warm-up: connections, kernels, the prompt's prefix
     rows = []
     for streams in (int(x) for x in args.concurrency.split(",")):
-        rows.append({"name": f"{name}, {streams} streams", **asyncio.run(_load(address, streams, args.rounds,
+        rows.append({"name": f"{name}, {streams} streams", "streams": streams, **asyncio.run(_load(address, streams, args.rounds,
                                                                                args.max_tokens))})
         print(f"  measured {rows[-1]['name']}", flush=True)
     return rows
@@ -86,11 +88,17 @@ def hosts(args, logs: Path, delays_ms: list[float]) -> list[dict]:
         gateway = start_mesh(cluster, args.model, {"shard0": []}, gateway_args=["--no-response-cache"])
         rows = []
         for delay in delays_ms:
-            if delay:
-                for host in MESH_HOSTS:
-                    cluster.shape(host, delay_ms=delay)
-            rows += _measure(f"hosts, {delay:g} ms one way", gateway, args)
+            for host in MESH_HOSTS:
+                cluster.shape(host, delay_ms=delay)
+            rows += [{**row, "delay_ms": delay} for row in _measure(f"hosts, {delay:g} ms one way", gateway, args)]
         return rows
+
+
+def round_trips(rows: list[dict]) -> list[str]:
+    """Each delayed row's extra TTFT p50 over the 0 ms row of its concurrency, in round trips."""
+    base = {r["streams"]: r["ttft_p50"] for r in rows if r.get("delay_ms") == 0}
+    return [f"{r['name']}: {(r['ttft_p50'] - base[r['streams']]) / (2 * r['delay_ms'] / 1000):.1f} round trips "
+            "before the first token" for r in rows if r.get("delay_ms")]
 
 
 def split_over_ray_hosts(args, logs: Path) -> list[dict]:
@@ -114,17 +122,15 @@ def main() -> None:
     args = parser.parse_args()
     if cluster_unavailable():
         sys.exit(f"simulated hosts are not available here: {cluster_unavailable()}")
-    no_netem = netem_unavailable()
     logs = Path(tempfile.mkdtemp(prefix="llmmesh-network-"))
-    rows = loopback(args, logs) + hosts(args, logs, [0] if no_netem else [0, 1, 5]) + split_over_ray_hosts(args, logs)
+    rows = loopback(args, logs) + hosts(args, logs, [0, 1, 5]) + split_over_ray_hosts(args, logs)
     print(f"\nSmolLM2-135M-Instruct (the shard's defaults), greedy, {args.max_tokens} new tokens, {args.rounds} "
           f"requests per stream; logs in {logs}\n")
     print(f"{'':38} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
     for r in rows:
         print(f"{r['name']:38} {1000 * r['ttft_p50']:7.1f}ms {1000 * r['ttft_p99']:7.1f}ms "
               f"{1000 * r['itl_p50']:6.1f}ms {1000 * r['itl_p99']:6.1f}ms")
-    if no_netem:
-        print(f"\n1 and 5 ms rows not measured: {no_netem}")
+    print("", *round_trips(rows), sep="\n")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -3,9 +3,12 @@
 Each host is a network namespace with its own address on one bridge (veth pairs, iproute2); the test
 process reaches them through the bridge's own address. A host runs any service with its normal command
 line. A host can be cut off (its cable pulled: packets vanish silently, as on a real partition, so only
-timeouts and keepalives can notice) and reconnected, and crash (every process in it SIGKILLed). Links
-can be shaped with tc netem (delay, jitter, loss, rate) where the kernel has it (`netem_unavailable()`).
-Everything is removed on close, also when a test failed.
+timeouts and keepalives can notice) and reconnected, one host's packets to another dropped (a one-way
+partition), and a host can crash (every process in it SIGKILLed). What a host sends to the other hosts
+can be delayed, jittered, lost and rate-limited: those packets go through a user-space wire
+(tests/link_forwarder.py), since tc netem is missing from kernels built without sch_netem; the test
+process's own traffic with the hosts stays on the bridge. Everything is removed on close, also when a
+test failed.
 
 Needs root (CAP_NET_ADMIN); `cluster_unavailable()` says why not, for a skip.
 """
@@ -13,6 +16,7 @@ Needs root (CAP_NET_ADMIN); `cluster_unavailable()` says why not, for a skip.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -48,26 +52,13 @@ def cluster_unavailable() -> str | None:
     return None
 
 
-def netem_unavailable() -> str | None:
-    """Why links cannot be shaped here, or None."""
-    probe = f"llmnetem{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", probe], capture_output=True)
-    try:
-        tried = subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
-                                "delay", "1ms"], capture_output=True, text=True)
-        return None if tried.returncode == 0 else f"tc netem does not work here: {tried.stderr.strip()}"
-    except FileNotFoundError:
-        return "tc (iproute2) is not installed"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-
-
 @dataclass
 class Host:
     name: str
     netns: str
     ip: str
     dev: str  # its end of the veth pair, inside the namespace
+    tun: str  # its device on the user-space wire, once Cluster.links() runs
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def address(self, port: int) -> str:
@@ -84,8 +75,9 @@ class Cluster:
         self.gateway_ip = f"{self.net}.254"  # the bridge's address: the test process's way in
         self.log_dir = log_dir
         self.ray_temp_dirs: list[Path] = []  # start_ray's, removed on close
-        self.hosts = {name: Host(name, f"{tag}-{name}", f"{self.net}.{i + 1}", f"{tag}v{i}")
+        self.hosts = {name: Host(name, f"{tag}-{name}", f"{self.net}.{i + 1}", f"{tag}v{i}", f"{tag}t{i}")
                       for i, name in enumerate(hosts)}
+        self._wire: subprocess.Popen | None = None
         try:
             self._build()
         except BaseException:
@@ -143,31 +135,84 @@ class Cluster:
 
     # --- links ---
 
-    def shape(self, host: str, delay_ms: float = 0, jitter_ms: float = 0, loss_pct: float = 0,
-              rate: str | None = None) -> None:
-        """What leaves the host: delayed, jittered, lost, or limited (e.g. rate="100mbit")."""
+    def links(self) -> subprocess.Popen:
+        """The user-space wire (tests/link_forwarder.py), started on first use: a TUN in every host."""
+        if self._wire is None:
+            hosts = {h.ip: [h.netns, h.tun] for h in self.hosts.values()}
+            self._wire = subprocess.Popen([sys.executable, "-m", "tests.link_forwarder", json.dumps(hosts)], cwd=ROOT,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            if self._wire.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the link forwarder did not start (exit {self._wire.wait(10)})")
+            for h in self.hosts.values():
+                _ip("link", "set", h.tun, "up", netns=h.netns)
+        return self._wire
+
+    def _tell_wire(self, **change) -> None:
+        self.links().stdin.write(json.dumps(change) + "\n")
+        self._wire.stdin.flush()
+
+    def _route_via_wire(self, host: str, destinations: list[str], on: bool) -> None:
         h = self.hosts[host]
-        netem = ["delay", f"{delay_ms}ms", *([f"{jitter_ms}ms"] if jitter_ms else []),
-                 *(["loss", f"{loss_pct}%"] if loss_pct else []), *(["rate", rate] if rate else [])]
-        subprocess.run(["ip", "netns", "exec", h.netns, "tc", "qdisc", "replace", "dev", h.dev, "root", "netem",
-                        *netem], check=True, capture_output=True)
+        for dest in destinations:
+            if on:
+                _ip("route", "replace", dest, "dev", h.tun, "src", h.ip, netns=h.netns)
+            else:
+                _ip("route", "del", dest, "dev", h.tun, netns=h.netns, check=False)
+
+    def shape(self, host: str, delay_ms: float = 0, jitter_ms: float = 0, loss_pct: float = 0,
+              rate_mbit: float = 0) -> None:
+        """What the host sends to the other hosts: delayed by delay_ms (± jitter_ms, in order), each
+        packet lost with loss_pct % chance, paced to rate_mbit (0: unlimited)."""
+        self._tell_wire(**{"from": self.hosts[host].ip}, delay_ms=delay_ms, jitter_ms=jitter_ms, loss_pct=loss_pct,
+                        rate_mbit=rate_mbit)
+        # Two halves of the /24 are more specific than the bridge's own route; the test process's
+        # address keeps its /32 on the bridge.
+        self._route_via_wire(host, [f"{self.net}.0/25", f"{self.net}.128/25"], True)
+        h = self.hosts[host]
+        _ip("route", "replace", f"{self.gateway_ip}/32", "dev", h.dev, "src", h.ip, netns=h.netns)
 
     def unshape(self, host: str) -> None:
-        h = self.hosts[host]
-        subprocess.run(["ip", "netns", "exec", h.netns, "tc", "qdisc", "del", "dev", h.dev, "root"],
-                       capture_output=True)
+        if self._wire is None:
+            return
+        self._route_via_wire(host, [f"{self.net}.0/25", f"{self.net}.128/25"], False)
+        self._tell_wire(**{"from": self.hosts[host].ip})
+
+    def partition(self, a: str, b: str, both_ways: bool = True) -> None:
+        """a's packets to b vanish (and b's to a, both_ways); each keeps every other link."""
+        for src, dst in [(a, b), (b, a)][:2 if both_ways else 1]:
+            self._tell_wire(cut=[self.hosts[src].ip, self.hosts[dst].ip], on=True)
+            self._route_via_wire(src, [f"{self.hosts[dst].ip}/32"], True)
+
+    def heal(self, a: str, b: str) -> None:
+        for src, dst in [(a, b), (b, a)]:
+            if self._wire is not None:
+                self._tell_wire(cut=[self.hosts[src].ip, self.hosts[dst].ip], on=False)
+            self._route_via_wire(src, [f"{self.hosts[dst].ip}/32"], False)
 
     def isolate(self, host: str) -> None:
         """Cut the host's cable: its packets and packets to it vanish, with no reset and no error on
         either side, as on a real partition; only timeouts and keepalives can tell."""
         _ip("link", "set", f"{self.hosts[host].dev}b", "down")
+        if self._wire is not None:  # shaped hosts' packets go by the wire, not the cable
+            for other in self.hosts.values():
+                self._tell_wire(cut=[self.hosts[host].ip, other.ip], on=True)
+                self._tell_wire(cut=[other.ip, self.hosts[host].ip], on=True)
 
     def reconnect(self, host: str) -> None:
         _ip("link", "set", f"{self.hosts[host].dev}b", "up")
+        if self._wire is not None:
+            for other in self.hosts.values():
+                self._tell_wire(cut=[self.hosts[host].ip, other.ip], on=False)
+                self._tell_wire(cut=[other.ip, self.hosts[host].ip], on=False)
 
     # --- teardown ---
 
     def close(self) -> None:
+        if self._wire is not None:  # its TUNs, and the routes through them, go with it
+            with contextlib.suppress(Exception):
+                self._wire.stdin.close()
+                self._wire.wait(10)
+            self._wire.kill()
         for name, h in self.hosts.items():
             with contextlib.suppress(Exception):
                 self.crash(name)

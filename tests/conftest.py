@@ -77,13 +77,13 @@ def wait_for(condition, timeout: float = 20.0, interval: float = 0.1):
         time.sleep(interval)
 
 
-def scrape_metrics(port: int) -> dict[tuple[str, tuple], float]:
+def scrape_metrics(port: int, host: str = "127.0.0.1") -> dict[tuple[str, tuple], float]:
     """Every sample a process's /metrics shows, by (sample name, sorted labels)."""
     from urllib.request import urlopen
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -92,9 +92,9 @@ def sample_value(samples: dict[tuple[str, tuple], float], name: str, **labels) -
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def metric(port: int, name: str, **labels) -> float:
+def metric(port: int, name: str, host: str = "127.0.0.1", **labels) -> float:
     """One sample of a process's /metrics (0 when absent), e.g. metric(p, "llmmesh_step_tokens_sum")."""
-    return sample_value(scrape_metrics(port), name, **labels)
+    return sample_value(scrape_metrics(port, host), name, **labels)
 
 
 @contextlib.contextmanager

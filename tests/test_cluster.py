@@ -1,6 +1,7 @@
 """The mesh across hosts (network namespaces on a bridge, tests/cluster.py) under real network faults: a
-host cut off mid-stream, with no reset and no error, as a partition is. What the client sees is asserted:
-status, tokens, and a bound on the time it took.
+host cut off mid-stream, with no reset and no error, as a partition is; delay and packet loss on every
+link between the hosts. What the client sees is asserted: status, tokens, and a bound on the time it
+took; and that nothing leaked: no request left on a shard or the gateway, no KV block held.
 
 gateway, two tokenizer replicas, cache and two shard replicas each run on a host of their own, with their normal
 command lines. The shards serve a tiny random model with the real vocabulary: they start at once, and
@@ -9,6 +10,7 @@ the tests are about the network, not the answers.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -18,21 +20,24 @@ from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import KEEPALIVE_BOUND_S
 
 from .cluster import Cluster, cluster_unavailable, start_mesh
-from .conftest import gateway_resumed, streams_through
+from .conftest import gateway_resumed, sample_value, scrape_metrics, streams_through, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(cluster_unavailable()), reason=str(cluster_unavailable()))]
 MAX_TOKENS = 600
+METRICS_PORT = 9100  # every host has ports of its own
+SHARDS = ("shard0", "shard1")
 
 
 @pytest.fixture(scope="module")
 def cluster(real_model_dir, vocab_sized_tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster")
     with Cluster(["gateway", "tokenizer", "tokenizer2", "cache", "shard0", "shard1"], logs) as c:
-        shard = ["--kv-cache-mb", "64", "--threads", "1"]
+        shard = ["--kv-cache-mb", "64", "--threads", "1", "--metrics-port", str(METRICS_PORT)]
         gateway = start_mesh(c, real_model_dir, {"shard0": shard, "shard1": shard}, shard_model=vocab_sized_tiny_model,
-                             gateway_args=["--no-response-cache"], env={"LLMMESH_LOG_FORMAT": "json"},
+                             gateway_args=["--no-response-cache", "--metrics-port", str(METRICS_PORT)],
+                             env={"LLMMESH_LOG_FORMAT": "json"},
                              tokenizers=("tokenizer", "tokenizer2"))
-        c.logs = logs
+        c.logs, c.address = logs, gateway
         c.stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(gateway))
         yield c
 
@@ -42,6 +47,39 @@ def healed(cluster):
     yield cluster
     for name in cluster.hosts:
         cluster.reconnect(name)
+        cluster.unshape(name)
+
+
+def _settled(cluster) -> bool:
+    """Nothing left in flight: no request running or waiting on a shard, no KV block held by one, no
+    request open at the gateway."""
+    for host in SHARDS:
+        shard = scrape_metrics(METRICS_PORT, cluster[host].ip)
+        if any(sample_value(shard, name) for name in ("llmmesh_requests_running", "llmmesh_requests_waiting",
+                                                       "llmmesh_kv_blocks_used_ratio")):
+            return False
+    gateway = scrape_metrics(METRICS_PORT, cluster["gateway"].ip)
+    return not any(value for (name, _), value in gateway.items() if name == "llmmesh_tenant_gateway_requests_running")
+
+
+def _assert_nothing_leaked(cluster) -> None:
+    assert wait_for(lambda: _settled(cluster), timeout=15), "a request or its KV blocks outlived its stream"
+
+
+async def _timed_streams(address: str, requests: list) -> list[tuple[list[int], str, float, float]]:
+    """Every request's GenerateStream at once: (tokens, finish reason, TTFT, total seconds) each."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+
+        async def one(request):
+            start, first, tokens, finish = time.monotonic(), None, [], ""
+            async for chunk in stub.GenerateStream(request, timeout=120):
+                first = first or (time.monotonic() if chunk.token_ids else None)
+                tokens.extend(chunk.token_ids)
+                finish = chunk.finish_reason or finish
+            return tokens, finish, first - start, time.monotonic() - start
+
+        return await asyncio.gather(*(one(r) for r in requests))
 
 
 def _greedy(prompt: str, max_tokens: int = MAX_TOKENS) -> gateway_pb2.GenerateRequest:
@@ -119,3 +157,33 @@ def test_the_cache_host_cut_off_leaves_answers_unaffected(healed):
             assert _tokens(chunks) == expected
     # Each request costs at most one KV fetch timeout (0.5 s) for the missing cache, not a stall.
     assert time.monotonic() - start < 10
+
+
+def test_five_ms_each_way_between_every_host_costs_round_trips_not_tokens(healed):
+    cluster = healed
+    request = _greedy("Latency between the hosts", 200)
+    asyncio.run(_timed_streams(cluster.address, [request]))  # warm: the prompt's blocks are cached from here
+    (tokens, _, ttft, took), = asyncio.run(_timed_streams(cluster.address, [request]))
+    for host in cluster.hosts:
+        cluster.shape(host, delay_ms=5)
+    (slow_tokens, finish, slow_ttft, slow_took), = asyncio.run(_timed_streams(cluster.address, [request]))
+    assert slow_tokens == tokens and finish == "length"
+    # Before the first token: the tokenizer's round trip and the shard's, 10 ms each at least.
+    assert slow_ttft >= ttft + 0.020 - 0.005, (ttft, slow_ttft)
+    # After it, tokens stream: no round trip per token (200 of them would add 2 s).
+    assert (slow_took - slow_ttft) - (took - ttft) < 1.0, (took - ttft, slow_took - slow_ttft)
+    _assert_nothing_leaked(cluster)
+
+
+def test_one_percent_loss_on_every_link_loses_no_stream_of_64(healed):
+    cluster = healed
+    requests = [_greedy(f"Lossy stream number {i}", 48) for i in range(64)]
+    expected = [tokens for tokens, *_ in asyncio.run(_timed_streams(cluster.address, requests))]
+    for host in cluster.hosts:
+        cluster.shape(host, loss_pct=1)
+    start = time.monotonic()
+    seen = asyncio.run(_timed_streams(cluster.address, requests))
+    assert [tokens for tokens, *_ in seen] == expected  # none lost, none cut short, none corrupted
+    assert all(finish == "length" for _, finish, *_ in seen)
+    assert time.monotonic() - start < 60
+    _assert_nothing_leaked(cluster)
