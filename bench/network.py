@@ -33,6 +33,7 @@ from tests.cluster import RAY_ENV, Cluster, cluster_unavailable, start_mesh, sta
 
 QUESTION = "Tell me about the rivers of Europe."
 MESH_HOSTS = ["gateway", "tokenizer", "cache", "shard0"]
+FIRST_TOKEN_SAMPLES = 30  # one-token requests, one at a time, per delay: the round trips' count
 
 
 async def _stream(stub, max_tokens: int, ttfts: list, itls: list) -> None:
@@ -67,7 +68,7 @@ def _measure(name: str, address: str, args) -> list[dict]:
     asyncio.run(_load(address, 2, 1, 8))  # warm-up: connections, kernels, the prompt's prefix
     rows = []
     for streams in (int(x) for x in args.concurrency.split(",")):
-        rows.append({"name": f"{name}, {streams} streams", "streams": streams, **asyncio.run(_load(address, streams, args.rounds,
+        rows.append({"name": f"{name}, {streams} streams", **asyncio.run(_load(address, streams, args.rounds,
                                                                                args.max_tokens))})
         print(f"  measured {rows[-1]['name']}", flush=True)
     return rows
@@ -123,16 +124,17 @@ def main() -> None:
     if cluster_unavailable():
         sys.exit(f"simulated hosts are not available here: {cluster_unavailable()}")
     logs = Path(tempfile.mkdtemp(prefix="llmmesh-network-"))
-    rows = loopback(args, logs) + hosts(args, logs, [0, 1, 5]) + split_over_ray_hosts(args, logs)
+    host_rows, first_token = hosts(args, logs, [0, 1, 5])
+    rows = loopback(args, logs) + host_rows + split_over_ray_hosts(args, logs)
     print(f"\nSmolLM2-135M-Instruct (the shard's defaults), greedy, {args.max_tokens} new tokens, {args.rounds} "
           f"requests per stream; logs in {logs}\n")
     print(f"{'':38} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
     for r in rows:
         print(f"{r['name']:38} {1000 * r['ttft_p50']:7.1f}ms {1000 * r['ttft_p99']:7.1f}ms "
               f"{1000 * r['itl_p50']:6.1f}ms {1000 * r['itl_p99']:6.1f}ms")
-    print("", *round_trips(rows), sep="\n")
+    print("\nBefore the first token (response cache off):", *round_trips(first_token), sep="\n  ")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "one_token_ttft_p50": first_token}, indent=2))
 
 
 if __name__ == "__main__":

@@ -257,17 +257,25 @@ def start_ray(cluster: Cluster, head: str, nodes: dict[str, int], timeout_s: flo
     address = cluster[head].address(6379)
     hosts = [head, *(h for h in nodes if h != head)]
     for count, host in enumerate(hosts, 1):
-        temp = Path(f"/tmp/lmray-{cluster.bridge}-{host}")  # short: Ray's socket paths live under it
-        cluster.ray_temp_dirs.append(temp)
-        role = ["--head", "--port", "6379", "--include-dashboard=false"] if host == head else ["--address", address]
-        cluster.start(host, [RAY, "start", *role, "--node-ip-address", cluster[host].ip, "--num-cpus",
-                             str(nodes.get(host, 1)), "--temp-dir", str(temp), "--disable-usage-stats", "--block"],
-                      RAY_ENV)
-        deadline = time.monotonic() + timeout_s
-        while ray_nodes_alive(cluster, head, address) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the Ray node on {host} did not join within {timeout_s:.0f}s")
+        join_ray(cluster, host, None if host == head else address, nodes.get(host, 1), count, timeout_s, head=head)
     return address
+
+
+def join_ray(cluster: Cluster, host: str, address: str | None, cpus: int, alive: int, timeout_s: float = 120,
+             head: str | None = None) -> None:
+    """`ray start` on the host: the head when address is None, else a node joining it; returns once
+    `alive` nodes are up, as a driver on `head` (default: this host) sees them. A host may join
+    again after a crash: each start gets a temp directory of its own."""
+    temp = Path(f"/tmp/lmray-{cluster.bridge}-{host}-{len(cluster.ray_temp_dirs)}")  # short: Ray's sockets live under it
+    cluster.ray_temp_dirs.append(temp)
+    role = ["--head", "--port", "6379", "--include-dashboard=false"] if address is None else ["--address", address]
+    cluster.start(host, [RAY, "start", *role, "--node-ip-address", cluster[host].ip, "--num-cpus", str(cpus),
+                         "--temp-dir", str(temp), "--disable-usage-stats", "--block"], RAY_ENV)
+    head_address = address or cluster[host].address(6379)
+    deadline = time.monotonic() + timeout_s
+    while ray_nodes_alive(cluster, head or host, head_address) < alive:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Ray node on {host} did not join within {timeout_s:.0f}s")
 
 
 def ray_nodes_alive(cluster: Cluster, host: str, head_address: str) -> int:

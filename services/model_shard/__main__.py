@@ -18,9 +18,9 @@ from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.model_shard.engine.async_engine import AsyncEngine
-from services.model_shard.engine.engine import DTYPES, EngineConfig, LLMEngine
+from services.model_shard.engine.engine import DTYPES, EngineConfig, ExecutorLost, LLMEngine
 from services.model_shard.engine.fairness import POLICIES, FairnessConfig
-from services.model_shard.executor.ray_workers import WorkerDiedError, connect_ray
+from services.model_shard.executor.ray_workers import connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
 from services.model_shard.model.llama import LlamaConfig, check_parallel
 from services.model_shard.model.precision import resolve_dtype, resolve_quantization
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
                         default=env_default("LLMMESH_PLACEMENT_STRATEGY", "PACK"),
                         help="how Ray places the parallel workers: PACK on as few nodes as fit, SPREAD / "
                              "STRICT_SPREAD over several nodes (a shard that spans hosts)")
+    parser.add_argument("--placement-timeout", type=float, default=60.0,
+                        help="seconds one try to place the parallel workers waits for the Ray cluster; a rebuild "
+                             "after a node was lost tries again until the workers fit")
     parser.add_argument("--no-native-kernels", action="store_true",
                         help="attention, norms, RoPE, SiLU and the int8/int4 linears on stock torch ops "
                              "instead of the native kernels (model/native.py)")
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         fairness=FairnessConfig(args.scheduling, args.priority_aging_steps, args.max_priority_preemptions),
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         threads_per_worker=args.threads_per_worker, placement_strategy=args.placement_strategy,
+        placement_timeout_s=args.placement_timeout,
         native_kernels=not args.no_native_kernels,
     )
     if config.parallel:  # a split the model cannot take is refused here, before anything starts
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(prefix_feed.publish, added, removed)
 
-    engine = AsyncEngine(build_engine, on_step=observe_step, recover_from=(WorkerDiedError,), on_health=on_health,
+    engine = AsyncEngine(build_engine, on_step=observe_step, recover_from=(ExecutorLost,), on_health=on_health,
                          on_prefix_change=on_prefix_change, on_fatal=on_fatal)
     REGISTRY.register(EngineCollector(engine))
 

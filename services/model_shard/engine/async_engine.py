@@ -88,7 +88,8 @@ class AsyncEngine:
         Returns once the engine is built; raises what the factory raised.
 
         When a step raises one of `recover_from` (e.g. a parallel worker died), the requests in
-        flight fail with EngineDeadError and the factory builds a fresh engine. on_health(False)
+        flight fail with EngineDeadError and the factory builds a fresh engine, again and again
+        while the factory too raises one of `recover_from` (see _rebuild). on_health(False)
         is called (engine thread) when the engine fails, on_health(True) once a rebuilt one runs.
         on_prefix_change(added, removed) (engine thread) follows the prefix cache's block hashes;
         prefix_snapshot() gives the whole set, in order with those calls.
@@ -297,7 +298,10 @@ class AsyncEngine:
                 msg.loop.call_soon_threadsafe(_settle, future, dead)
 
     def _rebuild(self) -> bool:
-        """Replace the failed engine (its workers released first); False when that failed too."""
+        """Replace the failed engine (its workers released first). A build that fails with one of
+        `recover_from` (say, its workers cannot be placed while a host is down) is tried again until
+        one succeeds or the engine stops; meanwhile requests are refused with that reason. False
+        when a build failed otherwise, or the engine was stopped."""
         old, self.engine = self.engine, None
         if self._on_prefix_change is not None:  # a rebuilt engine starts with an empty prefix cache
             self._on_prefix_change([], old.pool.cached_hashes())
@@ -305,17 +309,24 @@ class AsyncEngine:
             old.shutdown()
         except Exception:  # noqa: BLE001 - what is left of it goes anyway
             log.exception("releasing the failed engine")
-        log.info("rebuilding the engine")
-        try:
-            engine = self._factory()
-        except BaseException:  # noqa: BLE001
-            log.exception("the engine could not be rebuilt")
-            return False
-        self.engine = engine
-        self._fail_waiters(EngineDeadError("the engine failed; it has been rebuilt"))  # sent while rebuilding
-        self._error = None
-        log.info("engine rebuilt")
-        return True
+        while not self._stopped.is_set():
+            log.info("rebuilding the engine")
+            try:
+                engine = self._factory()
+            except self._recover_from as exc:
+                self._error = exc  # what generate() tells callers until a build succeeds
+                self._fail_waiters(EngineDeadError(f"the engine cannot be rebuilt yet: {exc}"))
+                log.warning("not serving: the engine cannot be rebuilt yet (%s); trying again", exc)
+                continue
+            except BaseException:  # noqa: BLE001
+                log.exception("the engine could not be rebuilt")
+                return False
+            self.engine = engine
+            self._fail_waiters(EngineDeadError("the engine failed; it has been rebuilt"))  # sent while rebuilding
+            self._error = None
+            log.info("engine rebuilt")
+            return True
+        return False
 
     def _get_nowait(self):
         try:

@@ -55,6 +55,7 @@ class EngineConfig:
     # Ray placement of the workers: PACK (as few nodes as fit), SPREAD, STRICT_SPREAD (one node per
     # worker) or STRICT_PACK (one node).
     placement_strategy: str = "PACK"
+    placement_timeout_s: float = 60.0  # how long one try to place the parallel workers may wait
     native_kernels: bool = True  # the native kernels where they build and the CPU has them (model/native.py)
 
     @property

@@ -92,6 +92,10 @@ class WorkerDiedError(ExecutorLost):
     """A parallel worker process is gone; the step cannot finish."""
 
 
+class WorkersUnplaced(ExecutorLost):
+    """The Ray cluster cannot place the workers now (e.g. a node is gone); a later try may."""
+
+
 def micro_batches(scheduled: list[ScheduledSeq], stages: int) -> list[list[ScheduledSeq]]:
     """Contiguous, near-equal slices by token count (so concatenated results stay in order)."""
     if stages <= 1 or len(scheduled) < 2:
@@ -253,7 +257,7 @@ def connect_ray(ranks: int = 1) -> None:
 class RayExecutor:
     """The engine's executor for tensor x pipeline parallel shards (same execute() as LocalExecutor)."""
 
-    def __init__(self, model_dir: str | Path, config, num_blocks: int, place_timeout_s: float = 60.0):
+    def __init__(self, model_dir: str | Path, config, num_blocks: int):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -266,10 +270,10 @@ class RayExecutor:
         self.workers: list = []
         self._pg = placement_group([bundle] * world, strategy=config.placement_strategy)
         try:
-            ray.get(self._pg.ready(), timeout=place_timeout_s)
+            ray.get(self._pg.ready(), timeout=config.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self._pg)
-            raise RuntimeError(f"the Ray cluster cannot place {world} workers of {bundle} within {place_timeout_s:.0f}s "
+            raise WorkersUnplaced(f"the Ray cluster cannot place {world} workers of {bundle} within {config.placement_timeout_s:g}s "
                                f"(it has {ray.available_resources()})") from None
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         root = str(Path(__file__).resolve().parents[3])
