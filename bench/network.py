@@ -83,23 +83,24 @@ def loopback(args, logs: Path) -> list[dict]:
         return _measure("loopback", mesh.gateway_address, args)
 
 
-def hosts(args, logs: Path, delays_ms: list[float]) -> list[dict]:
+def hosts(args, logs: Path, delays_ms: list[float]) -> tuple[list[dict], dict[float, float]]:
     (logs / "hosts").mkdir()
     with Cluster(MESH_HOSTS, logs / "hosts") as cluster:
         gateway = start_mesh(cluster, args.model, {"shard0": []}, gateway_args=["--no-response-cache"])
-        rows = []
+        rows, first_token = [], {}
         for delay in delays_ms:
             for host in MESH_HOSTS:
                 cluster.shape(host, delay_ms=delay)
-            rows += [{**row, "delay_ms": delay} for row in _measure(f"hosts, {delay:g} ms one way", gateway, args)]
-        return rows
+            rows += _measure(f"hosts, {delay:g} ms one way", gateway, args)
+            first_token[delay] = asyncio.run(_load(gateway, 1, FIRST_TOKEN_SAMPLES, 1))["ttft_p50"]
+        return rows, first_token
 
 
-def round_trips(rows: list[dict]) -> list[str]:
-    """Each delayed row's extra TTFT p50 over the 0 ms row of its concurrency, in round trips."""
-    base = {r["streams"]: r["ttft_p50"] for r in rows if r.get("delay_ms") == 0}
-    return [f"{r['name']}: {(r['ttft_p50'] - base[r['streams']]) / (2 * r['delay_ms'] / 1000):.1f} round trips "
-            "before the first token" for r in rows if r.get("delay_ms")]
+def round_trips(first_token: dict[float, float]) -> list[str]:
+    """One-token requests' TTFT p50 at each delay, and its extra over 0 ms in round trips."""
+    return [f"{delay:g} ms one way: one-token TTFT p50 {1000 * ttft:.1f} ms"
+            + (f", {(ttft - first_token[0]) / (2 * delay / 1000):.1f} round trips more than at 0 ms" if delay else "")
+            for delay, ttft in first_token.items()]
 
 
 def split_over_ray_hosts(args, logs: Path) -> list[dict]:

@@ -240,8 +240,7 @@ def start_mesh(cluster: Cluster, model_dir: Path, shards: dict[str, list[str]], 
                                              str(shard_model or model_dir), "--cache", at["cache"], *extra], env)
     for name, proc in started.items():
         wait_healthy(at[name], timeout_s, proc)
-    # Last: a gateway counts static shards as serving until their health answers, so one started
-    # before them could take requests while its channels still back off from refused connections.
+    # Last, as a deployment would: the gateway is ready once a shard's health says it serves.
     gateway = cluster.start("gateway", [
         "python", "-m", "services.gateway", "--listen", at["gateway"], "--tokenizer",
         ",".join(at[h] for h in tokenizers), "--cache", at["cache"], "--shards", ",".join(at[h] for h in shards),

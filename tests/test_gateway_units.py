@@ -114,3 +114,39 @@ def test_lru_store_evicts_retained_entries_last_within_their_bound():
     assert store.retained_bytes == 40
     store.put(b"big", b"z" * 77)  # 80 bytes: everything ordinary goes, then the oldest retained
     assert store.get(b"c2") is None and store.get(b"c1") == b"y" * 18 and store.stats().bytes == 100
+
+
+def test_a_shard_counts_as_serving_only_once_its_health_says_so():
+    """A gateway started before its shards is not ready (nor routes to them first) until one answers."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from services.gateway.shards import SHARD_SERVICE, ShardPool
+
+    from .conftest import free_ports
+
+    async def scenario():
+        up, never = free_ports(2)
+        pool = ShardPool([f"127.0.0.1:{up}", f"127.0.0.1:{never}"], backoff_s=0.1)
+        changes: list[bool] = []
+        serving = asyncio.Event()
+        pool.on_availability = lambda available: (changes.append(available), available and serving.set())
+        assert not pool.available and all(r.suspect for r in pool.replicas)
+        pool.start()
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        await servicer.set(SHARD_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        server.add_insecure_port(f"127.0.0.1:{up}")
+        await server.start()
+        try:
+            await asyncio.wait_for(serving.wait(), 10)
+            assert [r.address for r in pool.ordered()][0] == f"127.0.0.1:{up}"
+            assert not pool.replicas[1].serving and changes[-1] is True
+        finally:
+            await pool.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())

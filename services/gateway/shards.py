@@ -37,7 +37,9 @@ class Replica:
     outstanding: int = 0
     by_tenant: Counter = field(default_factory=Counter, repr=False)  # outstanding calls of each tenant
     down_until: float = 0.0  # monotonic seconds; tried only as a last resort before then
-    serving: bool = True  # its health status, as watched (optimistic until the first answer)
+    # Its health status, as watched. Not serving until its first answer: a gateway whose shards have
+    # not answered yet is not ready, and tries them only as a last resort.
+    serving: bool = False
     # The shard's own account of the KV blocks it holds (index keys, see WatchPrefixIndex); None
     # until its first snapshot arrives, or while the stream is down.
     prefix_index: set[int] | None = field(default=None, repr=False)
@@ -73,8 +75,8 @@ class ShardPool:
         self._watchers: dict[str, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
         self._started = False
-        # Called with whether any replica serves (replicas count as serving until they answer) after
-        # each change of a replica's health or of the set: the gateway's readiness keeps the state.
+        # Called with whether any replica serves after each change of a replica's health or of the
+        # set: the gateway's readiness keeps the state.
         self.on_availability: Callable[[bool], None] | None = None
 
     @property
