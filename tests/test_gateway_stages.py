@@ -1,16 +1,23 @@
-"""Stages of the gateway's request path, in-process, without a network: a choice's text (the real
-vocabulary, stop strings, tool calls, finish reasons) and a request's usage over its choices."""
+"""Stages of the gateway's request path, in-process, without a network: admission (rate limit,
+priority, the tenant's line), a choice's text (the real vocabulary, stop strings, tool calls, finish
+reasons) and a request's usage over its choices."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
-from llmmesh.v1 import gateway_pb2
+from llmmesh.v1 import common_pb2, gateway_pb2
+from services.gateway.admission import Admission
 from services.gateway.answer_text import AnswerText
+from services.gateway.auth import ApiKeys
 from services.gateway.choices import UsageTally
 from services.gateway.detokenize import LocalDetokenizeSession, _Vocabulary
+from services.gateway.errors import RpcError
+from services.gateway.rate_limit import TenantRateLimiter
+from services.gateway.tenants import TenantPolicy
 from services.tokenizer.text import TextTokenizer
 
 from .conftest import REAL_MODEL_DIR
@@ -86,3 +93,90 @@ def test_a_resumed_call_continues_from_what_was_delivered():
     assert not resumed.sampling.prompt_logprobs and resumed.sampling.seed == 7
     assert (resumed.request_id, resumed.tenant, resumed.retain_blocks) == ("call-1", "t", True)
     assert list(first.prompt_token_ids) == [1, 2, 3]  # the first call's request is left as it was
+
+
+# --- admission ---
+
+def _admission(rps: float = 0, tpm: float = 0, **policy) -> Admission:
+    return Admission(ApiKeys({}, {"acme": TenantPolicy(**policy)}), TenantRateLimiter(rps, tpm))
+
+
+def _request(priority: int | None = None) -> gateway_pb2.GenerateRequest:
+    request = gateway_pb2.GenerateRequest(prompt="hi")
+    if priority is not None:
+        request.priority = priority
+    return request
+
+
+def test_admission_resolves_priority_within_the_tenants_ceiling():
+    async def go():
+        admission = _admission(priority=1, weight=2.0)
+        request = _request()
+        async with admission.admit(request, "acme", 30) as admitted:
+            assert (admitted.priority, admitted.weight, request.priority) == (1, 2.0, 1)  # the tenant's own class
+        async with admission.admit(_request(2), "acme", 30) as admitted:
+            assert admitted.priority == 2  # a lower class may be asked for
+        with pytest.raises(RpcError) as err:
+            async with admission.admit(_request(0), "acme", 30):
+                pass
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "interactive" in str(err.value)
+
+    asyncio.run(go())
+
+
+def test_admission_refuses_past_the_rate_limit_with_a_retry_after():
+    async def go():
+        admission = _admission(rps=1)
+        async with admission.admit(_request(), "acme", 30):
+            pass
+        with pytest.raises(RpcError) as err:
+            async with admission.admit(_request(), "acme", 30):
+                pass
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.retry_after_s > 0
+        async with admission.admit(_request(), "other", 30):  # another tenant's allowance is its own
+            pass
+
+    asyncio.run(go())
+
+
+def test_admission_lines_a_tenant_up_at_max_concurrent_within_the_deadline():
+    async def go():
+        admission = _admission(max_concurrent=1, max_queued=1)
+        async with admission.admit(_request(), "acme", 30):
+            with pytest.raises(RpcError) as late:  # waits in line; the deadline passes there
+                async with admission.admit(_request(), "acme", 0.05):
+                    pass
+            assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "max_concurrent" in str(late.value)
+            queued = admission.admit(_request(), "acme", 30)
+            waiting = asyncio.ensure_future(queued.__aenter__())
+            await asyncio.sleep(0)  # one turn of the loop: it runs up to its wait in the line
+            assert admission.gate.queued["acme"] == 1
+            with pytest.raises(RpcError) as full:
+                async with admission.admit(_request(), "acme", 30):
+                    pass
+            assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        admitted = await asyncio.wait_for(waiting, 5)  # let in once the first one ended
+        assert admitted.timeout_s <= 30 and admission.gate.running["acme"] == 1
+        await queued.__aexit__(None, None, None)
+        assert admission.gate.running["acme"] == 0
+
+    asyncio.run(go())
+
+
+def test_a_timeout_inside_an_admitted_request_is_its_own_not_the_lines():
+    async def go():
+        admission = _admission(max_concurrent=1)
+        with pytest.raises(TimeoutError):
+            async with admission.admit(_request(), "acme", 30):
+                raise TimeoutError("the request's own")
+
+    asyncio.run(go())
+
+
+def test_admission_charges_tokens_but_not_replayed_answers():
+    admission = _admission(tpm=60)  # one token a second, a minute's worth at most
+    admission.charge("acme", common_pb2.Usage(prompt_tokens=40, completion_tokens=20, from_response_cache=True))
+    admission.rate_limiter.admit("acme")  # nothing was charged
+    admission.charge("acme", common_pb2.Usage(prompt_tokens=50, completion_tokens=20))  # 70: over the minute's 60
+    with pytest.raises(Exception, match="token"):
+        admission.rate_limiter.admit("acme")

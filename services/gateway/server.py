@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
 from llmmesh.v1 import cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
-from services.common.errors import retry_later
 from services.common.hash_ring import HashRing
-from services.common.labels import BoundedLabels
 from services.gateway import message_counts
+from services.gateway.admission import Admission
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.choice_stream import ChoiceCall, ChoiceStreams
 from services.gateway.choices import Answer, UsageTally, choice_sampling, merge_choices, replay
@@ -30,13 +29,13 @@ from services.gateway.conversation_rpcs import ConversationRpcs, is_stored_turn
 from services.gateway.conversations import Conversations
 from services.gateway.detokenize import TokenizerMirror
 from services.gateway.errors import RpcError
-from services.gateway.rate_limit import RateLimited, TenantRateLimiter
+from services.gateway.rate_limit import TenantRateLimiter
 from services.gateway.redact import redact_value
 from services.gateway.response_cache import lookup_response, response_key, store_response
 from services.gateway.routing import PrefixAffinity
 from services.gateway.shard_calls import downstream_error
 from services.gateway.shards import NoShardAvailable, ShardPool
-from services.gateway.tenants import PRIORITY_CLASSES, PolicyError, TenantGate, TenantQueueFull
+from services.gateway.tenants import PRIORITY_CLASSES
 from services.gateway.tools import tool_grammar, tool_mode
 from services.gateway.validation import InvalidRequest, Limits, check_request, is_deterministic, resolve_max_tokens
 
@@ -49,11 +48,6 @@ TTFT = Histogram("llmmesh_time_to_first_token_seconds", "Time to the first strea
 E2E = Histogram("llmmesh_e2e_request_latency_seconds", "Whole request latency", buckets=LATENCY_BUCKETS)
 GENERATED = Counter("llmmesh_generation_tokens", "Completion tokens returned to clients")
 PROMPT = Counter("llmmesh_prompt_tokens", "Prompt tokens received")
-TENANT_TOKENS = Counter("llmmesh_tenant_generation_tokens", "Completion tokens returned, by tenant", ["tenant"])
-TENANT_WAIT = Histogram("llmmesh_tenant_gateway_queue_seconds", "Time in the tenant's line at the gateway "
-                        "(its max_concurrent)", ["tenant"], buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
-TENANT_RUNNING = Gauge("llmmesh_tenant_gateway_requests_running", "Requests in flight at the gateway, by tenant",
-                       ["tenant"])
 
 
 @dataclass(frozen=True)
@@ -123,14 +117,12 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         stored turns (None: the gateway keeps none)."""
         self.config = config
         self.api_keys = api_keys or ApiKeys({})
-        self.rate_limiter = rate_limiter or TenantRateLimiter()
+        self.admission = Admission(self.api_keys, rate_limiter or TenantRateLimiter())
         self.affinity = PrefixAffinity() if config.prefix_routing else None
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
         self.cache = cache
         self.shards = shards
-        self.gate = TenantGate()
-        self.tenant_label = BoundedLabels(known=(*self.api_keys.tenants, "anonymous"))
         self.conversations = Conversations(store, self, config.model)
         self.choice_streams = ChoiceStreams(shards, self.affinity, vocabulary, tokenizer, config.tokenizer_timeout_s,
                                             config.shard_first_message_timeout_s)
@@ -182,34 +174,13 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         request.request_id = request.request_id or uuid.uuid4().hex
         call_id = uuid.uuid4().hex
         status, last = "OK", None
+        timeout = timeout_s if timeout_s is not None else self.config.default_timeout_s
         try:
-            try:
-                self.rate_limiter.admit(tenant)
-            except RateLimited as exc:
-                refusal = retry_later(str(exc), round(exc.retry_after_s, 3))
-                raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details, refusal.trailing_metadata,
-                               retry_after_s=exc.retry_after_s) from None
-            policy = self.api_keys.policy(tenant)
-            try:
-                priority = policy.resolve_priority(request.priority if request.HasField("priority") else None, tenant)
-            except PolicyError as exc:
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            request.priority = priority  # as resolved: the audit line reports it
-            trace.get_current_span().set_attribute("llmmesh.priority", PRIORITY_CLASSES[priority])
-            label = self.tenant_label(tenant)
-            timeout = timeout_s if timeout_s is not None else self.config.default_timeout_s
-            async with self._tenant_turn(tenant, policy, timeout) as waited:
-                TENANT_WAIT.labels(label).observe(waited)
-                TENANT_RUNNING.labels(label).inc()
-                try:
-                    async for chunk in self._generate(request, timeout - waited, call_id, tenant, priority,
-                                                      policy.weight, continuation):
-                        last = chunk
-                        yield chunk
-                finally:
-                    TENANT_RUNNING.labels(label).dec()
-                    if last is not None and last.HasField("usage") and not last.usage.from_response_cache:
-                        TENANT_TOKENS.labels(label).inc(last.usage.completion_tokens)
+            async with self.admission.admit(request, tenant, timeout) as admitted:
+                async for chunk in self._generate(request, admitted.timeout_s, call_id, tenant, admitted.priority,
+                                                  admitted.weight, continuation):
+                    last = chunk
+                    yield chunk
         except RpcError as exc:
             status = exc.code.name
             raise
@@ -220,23 +191,8 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
             status = "INTERNAL"
             raise
         finally:
-            if last is not None and last.HasField("usage") and not last.usage.from_response_cache:
-                self.rate_limiter.charge_tokens(tenant, last.usage.prompt_tokens + last.usage.completion_tokens)
+            self.admission.charge(tenant, last.usage if last is not None and last.HasField("usage") else None)
             self._audit(request, call_id, tenant, front, status, last, time.monotonic() - start)
-
-    @contextlib.asynccontextmanager
-    async def _tenant_turn(self, tenant: str, policy, timeout_s: float):
-        """The tenant's line (its max_concurrent): yields the seconds waited in it."""
-        try:
-            async with self.gate.enter(tenant, policy, timeout_s) as waited:
-                yield waited
-        except TenantQueueFull as exc:
-            refusal = retry_later(str(exc), 1.0)
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details, refusal.trailing_metadata,
-                           retry_after_s=1.0) from None
-        except TimeoutError:
-            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline passed while tenant {tenant!r}'s "
-                           f"{policy.max_concurrent} requests in flight ran (its max_concurrent)") from None
 
     def _audit(self, request, call_id: str, tenant: str, front: str, status: str, last, duration_s: float) -> None:
         usage = last.usage if last is not None and last.HasField("usage") else None

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
