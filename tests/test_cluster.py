@@ -50,10 +50,10 @@ def healed(cluster):
         cluster.unshape(name)
 
 
-def _settled(cluster) -> bool:
+def _settled(cluster, shards=SHARDS) -> bool:
     """Nothing left in flight: no request running or waiting on a shard, no KV block held by one, no
     request open at the gateway."""
-    for host in SHARDS:
+    for host in shards:
         shard = scrape_metrics(METRICS_PORT, cluster[host].ip)
         if any(sample_value(shard, name) for name in ("llmmesh_requests_running", "llmmesh_requests_waiting",
                                                        "llmmesh_kv_blocks_used_ratio")):
@@ -62,8 +62,8 @@ def _settled(cluster) -> bool:
     return not any(value for (name, _), value in gateway.items() if name == "llmmesh_tenant_gateway_requests_running")
 
 
-def _assert_nothing_leaked(cluster) -> None:
-    assert wait_for(lambda: _settled(cluster), timeout=15), "a request or its KV blocks outlived its stream"
+def _assert_nothing_leaked(cluster, shards=SHARDS) -> None:
+    assert wait_for(lambda: _settled(cluster, shards), timeout=15), "a request or its KV blocks outlived its stream"
 
 
 async def _timed_streams(address: str, requests: list) -> list[tuple[list[int], str, float, float]]:
@@ -115,6 +115,7 @@ def test_a_shard_host_cut_off_mid_stream_resumes_on_the_other(healed):
     # about a second for this model).
     assert took < KEEPALIVE_BOUND_S + 8, took
     assert gateway_resumed(cluster.logs / "gateway-0.log"), "no stream was on the cut-off shard"
+    _assert_nothing_leaked(cluster, shards=("shard1",))  # the survivor; the cut-off one is unreachable
 
 
 def test_a_tokenizer_replica_cut_off_stops_receiving_calls_within_a_probe(healed):
@@ -142,21 +143,38 @@ def test_every_tokenizer_host_cut_off_fails_fast_then_heals(healed):
     deadline = time.monotonic() + 30
     while not _serves(cluster.stub):
         assert time.monotonic() < deadline, "not served again within 30 s of the tokenizers' return"
+    _assert_nothing_leaked(cluster)
 
 
 def test_the_cache_host_cut_off_leaves_answers_unaffected(healed):
     cluster = healed
     request = _greedy("The cache host goes away", 64)
     expected = _tokens(cluster.stub.GenerateStream(request, timeout=60))
+    dropped = _uploads_dropped(cluster)
     cluster.isolate("cache")
     start = time.monotonic()
-    for prompt in ("The cache host goes away", "A prompt no shard has seen"):
+    new_prompt = "A long prompt that no shard has seen before, with blocks to share. " * 6
+    for prompt in ("The cache host goes away", new_prompt):
         chunks = list(cluster.stub.GenerateStream(_greedy(prompt, 64), timeout=60))
         assert chunks[-1].finish_reason == "length"
         if prompt == "The cache host goes away":
             assert _tokens(chunks) == expected
     # Each request costs at most one KV fetch timeout (0.5 s) for the missing cache, not a stall.
     assert time.monotonic() - start < 10
+    # The new prompt's blocks were offered for upload: dropped within the upload timeout (10 s), not
+    # held, and not retried against the silent host.
+    assert wait_for(lambda: _uploads_dropped(cluster) > dropped and not _upload_backlog(cluster), timeout=15)
+    _assert_nothing_leaked(cluster)
+
+
+def _uploads_dropped(cluster) -> float:
+    return sum(sample_value(scrape_metrics(METRICS_PORT, cluster[h].ip), "llmmesh_kv_upload_dropped_blocks_total")
+               for h in SHARDS)
+
+
+def _upload_backlog(cluster) -> float:
+    return sum(sample_value(scrape_metrics(METRICS_PORT, cluster[h].ip), "llmmesh_kv_upload_backlog_bytes")
+               for h in SHARDS)
 
 
 def test_five_ms_each_way_between_every_host_costs_round_trips_not_tokens(healed):
