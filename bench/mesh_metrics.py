@@ -1,8 +1,10 @@
 """A service's Prometheus metrics as numbers, for the benches: totals summed over labels, and the
-gateway's internal messages per generated token between two readings."""
+gateway's internal messages per generated token between two readings. Also the CPU time the mesh's
+processes spend outside the engine, which a 2-core machine takes from the model."""
 
 from __future__ import annotations
 
+import os
 from urllib.request import urlopen
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,3 +25,26 @@ def messages_per_token(before: dict[str, float], after: dict[str, float]) -> flo
     messages = after.get("llmmesh_internal_messages_total", 0) - before.get("llmmesh_internal_messages_total", 0)
     tokens = after.get("llmmesh_generation_tokens_total", 0) - before.get("llmmesh_generation_tokens_total", 0)
     return messages / tokens if tokens else float("nan")
+
+
+def cpu_seconds(pid: int, main_thread_only: bool = False) -> float:
+    """User + system CPU seconds of a process (or of its main thread: a shard's event loop, apart
+    from the engine's threads), from /proc."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
+    with open(path) as f:
+        fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def outside_engine_cpu(processes: dict) -> dict[str, float]:
+    """CPU seconds so far of the gateway, the shards' event loops, the tokenizer and the cache (a Mesh's
+    processes, by name)."""
+    return {name: cpu_seconds(proc.pid, main_thread_only=name.startswith("shard"))
+            for name, proc in processes.items()}
+
+
+def cpu_per_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """Microseconds of CPU per generated token: the gateway's, and the rest's outside the engine."""
+    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+    gateway = spent.pop("gateway", 0.0)
+    return {"gateway_us_per_token": 1e6 * gateway / tokens, "others_us_per_token": 1e6 * sum(spent.values()) / tokens}

@@ -2,7 +2,9 @@
 
 For each N in --concurrency, N streaming clients each send --rounds requests through the gateway
 (real model, chat prompts of mixed lengths, response cache off). Printed per N: TTFT p50/p99,
-inter-token latency p50/p99 (gap between stream messages, per token), aggregate output tokens/s.
+inter-token latency p50/p99 (gap between stream messages, per token), aggregate output tokens/s,
+internal messages per token, and the CPU per token spent outside the engine: the gateway's, and the
+rest's (the shard's event loop, the tokenizer, the cache), which on a small machine the model pays for.
 
 In the same run, on the workload of --baseline-n requests arriving together:
   (a) transformers generate, one request after another (how a naive server answers)
@@ -30,7 +32,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from bench.mesh_metrics import messages_per_token, scrape  # noqa: E402
+from bench.mesh_metrics import cpu_per_token, messages_per_token, outside_engine_cpu, scrape  # noqa: E402
 from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
 from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
@@ -293,9 +295,10 @@ def main() -> None:
         asyncio.run(drive(mesh.gateway_address, max(concurrency), args.rounds, 1))
         for n in concurrency:
             for mode in args.sampling.split(","):
-                before = scrape(gateway_metrics)
+                before, cpu_before = scrape(gateway_metrics), outside_engine_cpu(mesh.processes)
                 rows.append(asyncio.run(drive(mesh.gateway_address, n, args.rounds, args.max_tokens, mode)))
                 rows[-1]["messages_per_token"] = messages_per_token(before, scrape(gateway_metrics))
+                rows[-1].update(cpu_per_token(cpu_before, outside_engine_cpu(mesh.processes), rows[-1]["tokens"]))
                 print(f"  measured {rows[-1]['name']}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
         choice_rows = [asyncio.run(drive_choices(mesh.gateway_address, shard_metrics, args.choices, args.max_tokens,
                                                  as_choices)) for as_choices in (True, False)] if args.choices else []
@@ -325,7 +328,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct {label}, max {args.max_tokens} new tokens, {args.rounds} requests per "
           f"client; baselines: {args.baseline_n} requests arriving together\n")
     print(f"{'':30} {'reqs':>5} {'tokens':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
-          f" {'msgs/tok':>8}")
+          f" {'msgs/tok':>8} {'gw us/tok':>9} {'rest us/tok':>11}")
     for r in rows:
         if "tok_s" not in r:
             print(f"{r['name']:30}")
@@ -336,7 +339,8 @@ def main() -> None:
             continue
         print(f"{r['name']:30} {r['requests']:5d} {r['tokens']:7d} {r['tok_s']:8.1f} {1000 * r['ttft_p50']:7.0f}ms "
               f"{1000 * r['ttft_p99']:7.0f}ms {1000 * r['itl_p50']:6.0f}ms {1000 * r['itl_p99']:6.0f}ms"
-              + (f" {r['messages_per_token']:8.2f}" if "messages_per_token" in r else ""))
+              + (f" {r['messages_per_token']:8.2f} {r['gateway_us_per_token']:9.0f} {r['others_us_per_token']:11.0f}"
+                 if "messages_per_token" in r else ""))
     if choice_rows:
         block = 16  # the shard's default --block-size
         p = choice_rows[0]["prompt_tokens"]
