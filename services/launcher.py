@@ -115,9 +115,10 @@ def client_channel(address: str, tls_dir: Path | None = None) -> grpc.Channel:
 
 
 def wait_healthy(address: str, timeout: float, process: subprocess.Popen | None = None,
-                 tls_dir: Path | None = None) -> None:
+                 tls_dir: Path | None = None, service: str = "") -> None:
     """Block until the service at address reports SERVING on grpc.health.v1 (event-driven: a Watch
-    stream that waits for the channel), failing early if its process exits."""
+    stream that waits for the channel), failing early if its process exits. service: the health
+    service name ("": ready to serve; services.common.server.LIVENESS_SERVICE: the process runs)."""
     deadline = time.monotonic() + timeout
     with client_channel(address, tls_dir) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -129,7 +130,8 @@ def wait_healthy(address: str, timeout: float, process: subprocess.Popen | None 
                 raise ServiceFailed(f"{address}: process exited with code {process.returncode}")
             try:
                 # Short slices so a crashed process is noticed; each waits on the channel, not a clock.
-                for reply in stub.Watch(health_pb2.HealthCheckRequest(), timeout=min(left, 1.0), wait_for_ready=True):
+                for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=min(left, 1.0),
+                                        wait_for_ready=True):
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
             except grpc.RpcError as exc:

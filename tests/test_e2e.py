@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
+from services.common.server import LIVENESS_SERVICE
 from services.launcher import ServiceSpec, free_port, wait_healthy
 from services.trace_view import load_spans
 
@@ -212,8 +213,10 @@ def test_shard_down_is_unavailable_fast(real_model_dir, mesh, tmp_path):
     proc = subprocess.Popen(spec.argv(), cwd=Path(__file__).resolve().parent.parent,
                             stdout=open(tmp_path / "gateway.log", "wb"), stderr=subprocess.STDOUT)
     try:
-        wait_healthy(spec.listen, 60, proc)
+        wait_healthy(spec.listen, 60, proc, service=LIVENESS_SERVICE)  # it runs, and is not ready:
         with grpc.insecure_channel(spec.listen) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no shard said it serves
             stub = gateway_pb2_grpc.GatewayStub(channel)
             start = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:

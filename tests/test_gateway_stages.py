@@ -180,3 +180,42 @@ def test_admission_charges_tokens_but_not_replayed_answers():
     admission.charge("acme", common_pb2.Usage(prompt_tokens=50, completion_tokens=20))  # 70: over the minute's 60
     with pytest.raises(Exception, match="token"):
         admission.rate_limiter.admit("acme")
+
+
+# --- a shard stream started ahead of the response-cache lookup ---
+
+def test_a_started_stream_runs_before_it_is_read_and_stops_when_closed():
+    from services.gateway.choices import StartedStream
+
+    async def go():
+        started, released = asyncio.Event(), asyncio.Event()
+
+        async def shard_call(items, hold=False):
+            try:
+                started.set()
+                for item in items:
+                    if hold:
+                        await asyncio.Event().wait()  # a first token that never comes
+                    yield item
+            finally:
+                released.set()
+
+        stream = StartedStream(shard_call([1, 2, 3]))
+        await asyncio.wait_for(started.wait(), 5)  # the call began while nobody read it
+        assert [item async for item in stream] == [1, 2, 3]
+        await stream.aclose()
+
+        started.clear(), released.clear()
+        stream = StartedStream(shard_call([1], hold=True))
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(stream.aclose(), 5)  # a cache hit: the waiting call is cancelled
+        assert released.is_set()
+
+        async def failing():
+            raise RuntimeError("the shard said no")
+            yield  # noqa: unreachable - an async generator
+
+        with pytest.raises(RuntimeError, match="said no"):
+            await anext(StartedStream(failing()))
+
+    asyncio.run(go())

@@ -33,6 +33,44 @@ def choice_sampling(sampling: common_pb2.SamplingParams, index: int) -> common_p
     return own
 
 
+_END = object()
+
+
+class StartedStream:
+    """An async iterator whose first message is asked for at once, in a task of its own, so the calls
+    behind it run while the caller awaits something else (the response-cache lookup). aclose() stops
+    it wherever it is."""
+
+    def __init__(self, source: AsyncIterator):
+        self._source = source
+        self._first: asyncio.Future | None = asyncio.ensure_future(self._next())
+
+    async def _next(self):
+        return await anext(self._source, _END)
+
+    def __aiter__(self) -> "StartedStream":
+        return self
+
+    async def __anext__(self):
+        if self._first is not None:
+            item = await self._first
+            self._first = None
+        else:
+            item = await self._next()
+        if item is _END:
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        first, self._first = self._first, None
+        if first is not None:
+            first.cancel()
+            await asyncio.wait([first])
+            if not first.cancelled():
+                first.exception()  # retrieved: an error no one reads any more is not logged as lost
+        await self._source.aclose()
+
+
 async def merge_choices(streams: list[AsyncIterator[gateway_pb2.GenerateStreamResponse]]):
     """Messages of every stream as they come. The first stream to fail ends the merge with its error;
     leaving the merge early (a client's cancel) cancels every stream."""

@@ -24,7 +24,7 @@ from services.gateway import message_counts
 from services.gateway.admission import Admission
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
 from services.gateway.choice_stream import ChoiceCall, ChoiceStreams
-from services.gateway.choices import Answer, UsageTally, choice_sampling, merge_choices, replay
+from services.gateway.choices import Answer, StartedStream, UsageTally, choice_sampling, merge_choices, replay
 from services.gateway.conversation_rpcs import ConversationRpcs, is_stored_turn
 from services.gateway.conversations import Conversations
 from services.gateway.detokenize import TokenizerMirror
@@ -239,22 +239,14 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         PROMPT.inc(len(prompt_ids))
         span.set_attribute("llmmesh.prompt_tokens", len(prompt_ids))
 
-        key = None
+        key, lookup = None, None
         if (self.cache is not None and self.config.response_cache and is_deterministic(request.sampling)
                 and continuation is None):
             scope = "" if self.config.shared_response_cache else tenant
             key = response_key(self.config.model, prompt_ids, request.sampling, max_tokens, scope)
-            cached = await lookup_response(self.cache, key)
-            span.set_attribute("llmmesh.response_cache_hit", cached is not None)
-            if cached is not None:
-                u = cached.usage
-                usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                         cached=u.prompt_tokens + u.completion_tokens, from_response_cache=True)
-                TTFT.observe(time.monotonic() - start, _exemplar())
-                E2E.observe(time.monotonic() - start, _exemplar())
-                for chunk in replay(cached, request_id, usage):
-                    yield chunk
-                return
+            # Asked while the shard call starts: a miss costs no round trip before the first token,
+            # a hit costs the shard a call cancelled at once.
+            lookup = asyncio.ensure_future(lookup_response(self.cache, key))
 
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
@@ -268,16 +260,32 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
                             deadline, order, hashes, tenant, priority, weight, tool_names, continuation is not None)
                  for i in range(n)]
         streams = [self.choice_streams.stream(c, list(request.sampling.stop)) for c in calls]
+        messages = StartedStream(streams[0] if n == 1 else merge_choices(streams))
+        if lookup is not None:
+            cached = await lookup
+            span.set_attribute("llmmesh.response_cache_hit", cached is not None)
+            if cached is not None:
+                await messages.aclose()
+                u = cached.usage
+                usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                         cached=u.prompt_tokens + u.completion_tokens, from_response_cache=True)
+                TTFT.observe(time.monotonic() - start, _exemplar())
+                E2E.observe(time.monotonic() - start, _exemplar())
+                for chunk in replay(cached, request_id, usage):
+                    yield chunk
+                return
         tally, first = UsageTally(n, len(prompt_ids)), True
         answer = tally.answer
         try:
-            async for chunk in streams[0] if n == 1 else merge_choices(streams):
+            async for chunk in messages:
                 if first and (chunk.text or chunk.finish_reason):
                     first = False
                     TTFT.observe(time.monotonic() - start, _exemplar())
                 yield tally.add(chunk)
         except grpc.aio.AioRpcError as exc:
             raise downstream_error(exc, "tokenizer") from None
+        finally:
+            await messages.aclose()
         GENERATED.inc(answer.completion_tokens)
         E2E.observe(time.monotonic() - start, _exemplar())
         if key is not None:
