@@ -140,6 +140,43 @@ def test_the_kv_store_streams_leading_runs_and_stays_under_its_budget():
     asyncio.run(scenario())
 
 
+def test_the_kv_index_streams_a_snapshot_then_what_is_stored_and_evicted():
+    block = 100_000
+    budget = 4 * block + 4_000  # room for four blocks
+
+    async def scenario():
+        server = grpc.aio.server()
+        cache_pb2_grpc.add_CacheServicer_to_server(CacheServicer(LRUByteStore(1 << 20), LRUByteStore(budget)), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = cache_pb2_grpc.CacheStub(channel)
+                blocks = [(bytes([i]) * 16, bytes([i]) * block) for i in range(6)]
+                await stub.PutKvBlocks(to_chunks("L", blocks[:2]))
+                await stub.PutKvBlocks(to_chunks("M", blocks[5:]))  # another layout's: not in L's index
+                index = stub.WatchKvIndex(cache_pb2.WatchKvIndexRequest(layout="L"))
+                snapshot = await asyncio.wait_for(index.read(), 10)
+                assert snapshot.reset and set(snapshot.added) == {blocks[0][0], blocks[1][0]}
+                await stub.PutKvBlocks(to_chunks("L", blocks[:1]))  # a refresh: nothing new, L0 now newest
+                await stub.PutKvBlocks(to_chunks("L", blocks[2:4]))  # the budget holds four: L1, the oldest, goes
+                seen_added, seen_removed = set(), set()
+                while seen_added != {blocks[2][0], blocks[3][0]} or not seen_removed:
+                    update = await asyncio.wait_for(index.read(), 10)
+                    assert not update.reset
+                    seen_added.update(update.added)
+                    seen_removed.update(update.removed)
+                assert seen_removed == {blocks[1][0]}
+                with pytest.raises(grpc.aio.AioRpcError) as bad:
+                    await stub.WatchKvIndex(cache_pb2.WatchKvIndexRequest(layout="")).read()
+                assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                index.cancel()
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
+
+
 # --- two real shard replicas and a real cache service ---
 
 PREFIX_TOKENS = 512
@@ -198,6 +235,7 @@ def test_a_prefix_computed_on_one_replica_is_reused_by_another_through_the_cache
     _shard_generate(kv_mesh, 0, prefix + question_a)
     uploaded = (len(prefix) + len(question_a)) // 16
     assert wait_for(lambda: _cache_stats(kv_mesh).kv_blocks >= uploaded, timeout=30)
+    assert wait_for(lambda: _index_caught_up(kv_mesh), timeout=30)  # replica B knows the cache holds them
 
     prompt_b = prefix + question_b
     before = _step_tokens(kv_mesh, 1)
@@ -210,11 +248,32 @@ def test_a_prefix_computed_on_one_replica_is_reused_by_another_through_the_cache
     assert tokens_b == cold.generate([prompt_b], SamplingParams(max_tokens=8))[0]
 
 
+def _index_caught_up(mesh) -> bool:
+    """Replica B's mirror of the cache's index lists every block the cache holds."""
+    return metric(mesh.plan.shards[1].metrics_port, "llmmesh_kv_index_blocks") == _cache_stats(mesh).kv_blocks
+
+
+@pytest.mark.e2e
+def test_a_prompt_no_replica_has_computed_costs_no_round_trip_to_the_cache(kv_mesh, real_model_dir):
+    assert wait_for(lambda: _index_caught_up(kv_mesh), timeout=30)
+    prompt = _text_tokens(real_model_dir, "A harbour master's letter that nobody has read before. " * 10)
+    asked = _cache_stats(kv_mesh).kv_lookups
+    skipped = metric(kv_mesh.plan.shards[1].metrics_port, "llmmesh_kv_fetches_skipped_total")
+    tokens, cached = _shard_generate(kv_mesh, 1, prompt)
+    assert len(tokens) == 8 and cached == 0
+    assert _cache_stats(kv_mesh).kv_lookups == asked  # its index said it has none of these blocks
+    assert metric(kv_mesh.plan.shards[1].metrics_port, "llmmesh_kv_fetches_skipped_total") == skipped + 1
+
+
 @pytest.mark.e2e
 def test_a_slow_or_dead_cache_never_fails_a_request(kv_mesh, real_model_dir):
     cache = kv_mesh.processes["cache"]
     prompts = [_text_tokens(real_model_dir, f"Note {i}: the tide tables for the harbour list every high water. " * 12)
                for i in range(3)]
+    for prompt in prompts:  # computed on replica A: the cache holds their blocks, and B's index says so
+        _shard_generate(kv_mesh, 0, prompt)
+    assert wait_for(lambda: _cache_stats(kv_mesh).kv_blocks >= 3 * (len(prompts[0]) // 16) and _index_caught_up(kv_mesh),
+                    timeout=30)
     os.kill(cache.pid, signal.SIGSTOP)  # accepts connections, answers nothing: the fetch times out
     try:
         slow_tokens, slow_cached = _shard_generate(kv_mesh, 1, prompts[0])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmmesh/v1/cache.proto\x12\nllmmesh.v1\"!\n\x12GetResponseRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"0\n\x10GetResponseReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"0\n\x12PutResponseRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\"\n\x10PutResponseReply\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"^\n\x0cKvBlockChunk\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x0e\n\x06retain\x18\x05 \x01(\x08\"3\n\x10PutKvBlocksReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07refused\x18\x02 \x01(\r\":\n\x12GetKvBlocksRequest\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"\x13\n\x11\x43\x61\x63heStatsRequest\"\xed\x01\n\nCacheStats\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07lookups\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x11\n\tkv_blocks\x18\x07 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fkv_budget_bytes\x18\t \x01(\x04\x12\x12\n\nkv_lookups\x18\n \x01(\x04\x12\x0f\n\x07kv_hits\x18\x0b \x01(\x04\x12\x14\n\x0ckv_evictions\x18\x0c \x01(\x04\x32\xf5\x02\n\x05\x43\x61\x63he\x12K\n\x0bGetResponse\x12\x1e.llmmesh.v1.GetResponseRequest\x1a\x1c.llmmesh.v1.GetResponseReply\x12K\n\x0bPutResponse\x12\x1e.llmmesh.v1.PutResponseRequest\x1a\x1c.llmmesh.v1.PutResponseReply\x12>\n\x05Stats\x12\x1d.llmmesh.v1.CacheStatsRequest\x1a\x16.llmmesh.v1.CacheStats\x12G\n\x0bPutKvBlocks\x12\x18.llmmesh.v1.KvBlockChunk\x1a\x1c.llmmesh.v1.PutKvBlocksReply(\x01\x12I\n\x0bGetKvBlocks\x12\x1e.llmmesh.v1.GetKvBlocksRequest\x1a\x18.llmmesh.v1.KvBlockChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmmesh/v1/cache.proto\x12\nllmmesh.v1\"!\n\x12GetResponseRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"0\n\x10GetResponseReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"0\n\x12PutResponseRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\"\n\x10PutResponseReply\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"^\n\x0cKvBlockChunk\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x0e\n\x06retain\x18\x05 \x01(\x08\"3\n\x10PutKvBlocksReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07refused\x18\x02 \x01(\r\":\n\x12GetKvBlocksRequest\x12\x0e\n\x06layout\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"%\n\x13WatchKvIndexRequest\x12\x0e\n\x06layout\x18\x01 \x01(\t\">\n\rKvIndexUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\x0c\x12\x0f\n\x07removed\x18\x03 \x03(\x0c\"\x13\n\x11\x43\x61\x63heStatsRequest\"\xed\x01\n\nCacheStats\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07lookups\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x11\n\tkv_blocks\x18\x07 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fkv_budget_bytes\x18\t \x01(\x04\x12\x12\n\nkv_lookups\x18\n \x01(\x04\x12\x0f\n\x07kv_hits\x18\x0b \x01(\x04\x12\x14\n\x0ckv_evictions\x18\x0c \x01(\x04\x32\xc3\x03\n\x05\x43\x61\x63he\x12K\n\x0bGetResponse\x12\x1e.llmmesh.v1.GetResponseRequest\x1a\x1c.llmmesh.v1.GetResponseReply\x12K\n\x0bPutResponse\x12\x1e.llmmesh.v1.PutResponseRequest\x1a\x1c.llmmesh.v1.PutResponseReply\x12>\n\x05Stats\x12\x1d.llmmesh.v1.CacheStatsRequest\x1a\x16.llmmesh.v1.CacheStats\x12G\n\x0bPutKvBlocks\x12\x18.llmmesh.v1.KvBlockChunk\x1a\x1c.llmmesh.v1.PutKvBlocksReply(\x01\x12I\n\x0bGetKvBlocks\x12\x1e.llmmesh.v1.GetKvBlocksRequest\x1a\x18.llmmesh.v1.KvBlockChunk0\x01\x12L\n\x0cWatchKvIndex\x12\x1f.llmmesh.v1.WatchKvIndexRequest\x1a\x19.llmmesh.v1.KvIndexUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,10 +45,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTKVBLOCKSREPLY']._serialized_end=356
   _globals['_GETKVBLOCKSREQUEST']._serialized_start=358
   _globals['_GETKVBLOCKSREQUEST']._serialized_end=416
-  _globals['_CACHESTATSREQUEST']._serialized_start=418
-  _globals['_CACHESTATSREQUEST']._serialized_end=437
-  _globals['_CACHESTATS']._serialized_start=440
-  _globals['_CACHESTATS']._serialized_end=677
-  _globals['_CACHE']._serialized_start=680
-  _globals['_CACHE']._serialized_end=1053
+  _globals['_WATCHKVINDEXREQUEST']._serialized_start=418
+  _globals['_WATCHKVINDEXREQUEST']._serialized_end=455
+  _globals['_KVINDEXUPDATE']._serialized_start=457
+  _globals['_KVINDEXUPDATE']._serialized_end=519
+  _globals['_CACHESTATSREQUEST']._serialized_start=521
+  _globals['_CACHESTATSREQUEST']._serialized_end=540
+  _globals['_CACHESTATS']._serialized_start=543
+  _globals['_CACHESTATS']._serialized_end=780
+  _globals['_CACHE']._serialized_start=783
+  _globals['_CACHE']._serialized_end=1234
 # @@protoc_insertion_point(module_scope)

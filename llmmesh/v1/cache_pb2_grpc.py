@@ -60,6 +60,11 @@ class CacheStub:
                 request_serializer=llmmesh_dot_v1_dot_cache__pb2.GetKvBlocksRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.FromString,
                 _registered_method=True)
+        self.WatchKvIndex = channel.unary_stream(
+                '/llmmesh.v1.Cache/WatchKvIndex',
+                request_serializer=llmmesh_dot_v1_dot_cache__pb2.WatchKvIndexRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_cache__pb2.KvIndexUpdate.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -102,6 +107,15 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKvIndex(self, request, context):
+        """The block hashes this replica holds in a layout: a snapshot (its first message has reset set),
+        then the blocks stored and evicted, as it happens. A shard that follows it asks GetKvBlocks only
+        for blocks held here, so a prompt no replica has computed costs it no round trip.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +143,11 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.GetKvBlocks,
                     request_deserializer=llmmesh_dot_v1_dot_cache__pb2.GetKvBlocksRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.SerializeToString,
+            ),
+            'WatchKvIndex': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvIndex,
+                    request_deserializer=llmmesh_dot_v1_dot_cache__pb2.WatchKvIndexRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_cache__pb2.KvIndexUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class Cache:
             '/llmmesh.v1.Cache/GetKvBlocks',
             llmmesh_dot_v1_dot_cache__pb2.GetKvBlocksRequest.SerializeToString,
             llmmesh_dot_v1_dot_cache__pb2.KvBlockChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmmesh.v1.Cache/WatchKvIndex',
+            llmmesh_dot_v1_dot_cache__pb2.WatchKvIndexRequest.SerializeToString,
+            llmmesh_dot_v1_dot_cache__pb2.KvIndexUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from prometheus_client import Counter, Gauge
 
@@ -12,6 +14,7 @@ from services.common.kv_wire import MalformedStream, from_chunks, to_chunks
 MAX_KEY_BYTES = 1024
 MAX_LAYOUT_BYTES = 256
 MAX_HASHES = 65536
+INDEX_CHUNK = 8192  # block hashes per KvIndexUpdate of a snapshot
 
 CACHE_BYTES = Gauge("llmmesh_cache_bytes", "Bytes held by the cache", ["store"])
 CACHE_QUERIES = Counter("llmmesh_cache_queries", "Cache lookups", ["store"])
@@ -27,6 +30,13 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     def __init__(self, responses: LRUByteStore, kv_blocks: LRUByteStore):
         self.responses = responses
         self.kv_blocks = kv_blocks
+        self._index_watchers: dict[bytes, set[asyncio.Queue]] = {}  # layout -> WatchKvIndex streams
+        kv_blocks.listener = self._kv_changed
+
+    def _kv_changed(self, key: bytes, held: bool) -> None:
+        layout, _, block_hash = key.partition(b"\0")
+        for queue in self._index_watchers.get(layout, ()):
+            queue.put_nowait((block_hash, held))
 
     async def GetResponse(self, request: cache_pb2.GetResponseRequest, context: grpc.aio.ServicerContext):
         await self._check_key(request.key, context)
@@ -79,6 +89,32 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
             CACHE_HITS.labels("kv").inc()
             for chunk in to_chunks(request.layout, [(block_hash, value)]):
                 yield chunk
+
+    async def WatchKvIndex(self, request: cache_pb2.WatchKvIndexRequest, context: grpc.aio.ServicerContext):
+        try:
+            self._check_block_name(request.layout, b"-")
+        except MalformedStream as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        layout = request.layout.encode()
+        queue: asyncio.Queue = asyncio.Queue()
+        watchers = self._index_watchers.setdefault(layout, set())
+        watchers.add(queue)  # before the snapshot, in the same turn of the loop: no change falls between
+        try:
+            prefix = layout + b"\0"
+            held = [key[len(prefix):] for key in self.kv_blocks.keys() if key.startswith(prefix)]
+            for start in range(0, max(len(held), 1), INDEX_CHUNK):
+                yield cache_pb2.KvIndexUpdate(reset=start == 0, added=held[start:start + INDEX_CHUNK])
+            while True:
+                changes = [await queue.get()]
+                while not queue.empty():
+                    changes.append(queue.get_nowait())
+                latest = dict(changes)  # a block stored then evicted in one batch ends evicted
+                yield cache_pb2.KvIndexUpdate(added=[h for h, now in latest.items() if now],
+                                              removed=[h for h, now in latest.items() if not now])
+        finally:
+            watchers.discard(queue)
+            if not watchers:
+                self._index_watchers.pop(layout, None)
 
     async def Stats(self, request, context):
         s, kv = self.responses.stats(), self.kv_blocks.stats()

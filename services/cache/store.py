@@ -7,6 +7,7 @@ retained entries move to the ordinary list, so idle conversations cannot fill th
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 
@@ -30,6 +31,12 @@ class LRUByteStore:
         self._retained: OrderedDict[bytes, bytes] = OrderedDict()
         self._retained_bytes = 0
         self._stats = StoreStats()
+        # Told of each key newly held (True) and each key evicted (False), e.g. to feed an index.
+        self.listener: Callable[[bytes, bool], None] | None = None
+
+    def keys(self) -> Iterator[bytes]:
+        yield from self._retained
+        yield from self._items
 
     @staticmethod
     def _cost(key: bytes, value: bytes) -> int:
@@ -52,7 +59,7 @@ class LRUByteStore:
         if cost > self.budget_bytes:
             return False
         retain = retain or key in self._retained  # a retained entry stays so when refreshed
-        self._remove(key)
+        known = self._remove(key)
         while self._stats.bytes + cost > self.budget_bytes and (self._items or self._retained):
             tier = self._items or self._retained
             old_key, old_value = tier.popitem(last=False)
@@ -60,7 +67,11 @@ class LRUByteStore:
             if tier is self._retained:
                 self._retained_bytes -= self._cost(old_key, old_value)
             self._stats.evictions += 1
+            if self.listener is not None:
+                self.listener(old_key, False)
         (self._retained if retain else self._items)[key] = value
+        if not known and self.listener is not None:
+            self.listener(key, True)
         self._stats.bytes += cost
         if retain:
             self._retained_bytes += cost
@@ -70,13 +81,16 @@ class LRUByteStore:
                 self._items[old_key] = old_value  # an ordinary entry now, most recently used
         return True
 
-    def _remove(self, key: bytes) -> None:
+    def _remove(self, key: bytes) -> bool:
+        """Takes key out (to be put again); whether it was held."""
         for tier in (self._items, self._retained):
             old = tier.pop(key, None)
             if old is not None:
                 self._stats.bytes -= self._cost(key, old)
                 if tier is self._retained:
                     self._retained_bytes -= self._cost(key, old)
+                return True
+        return False
 
     @property
     def retained_bytes(self) -> int:

@@ -6,7 +6,10 @@ After a prefill, its new full blocks are uploaded in the background, off the tok
 A cache that is slow, down or wrong never fails a request: the shard computes instead.
 
 Blocks are spread over cache replicas by consistent hashing of their chained hash, so a prefix's
-blocks may live on several replicas; each is asked for its share in one parallel round trip.
+blocks may live on several replicas; each is asked for its share in one parallel round trip. Each
+replica's index of the blocks it holds is followed (WatchKvIndex), so only blocks a replica holds are
+asked for: a prompt no replica has computed costs no round trip. A replica whose index is not
+known (its stream is down, or it predates the index) is asked as before.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ KV_UPLOADED_BYTES = Counter("llmmesh_kv_uploaded_bytes", "Bytes of KV blocks upl
 KV_UPLOAD_DROPPED = Counter("llmmesh_kv_upload_dropped_blocks",
                             "KV blocks not uploaded: backlog full or cache unreachable")
 KV_UPLOAD_BACKLOG = Gauge("llmmesh_kv_upload_backlog_bytes", "Bytes of KV blocks waiting for upload")
+KV_INDEX_BLOCKS = Gauge("llmmesh_kv_index_blocks", "KV blocks the cache replicas hold, as their indexes say")
+KV_FETCHES_SKIPPED = Counter("llmmesh_kv_fetches_skipped", "Prompts whose missing blocks no cache replica "
+                             "holds, so not asked for (no round trip)")
 
 
 @dataclass
@@ -65,8 +71,19 @@ class SharedKvBlocks:
         self._backlog: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
         self._backlog_bytes = 0
         self._uploader: asyncio.Task | None = None
+        self._held: dict[str, set[bytes]] = {}  # replica -> the blocks its index says it holds
+        self._index_watchers: list[asyncio.Task] = []
 
     # --- fetch ---
+
+    def held_prefix(self, block_hashes: list[bytes]) -> int:
+        """How many leading blocks the cache replicas may hold: those their indexes list, or whose
+        replica's index is not known."""
+        for i, block_hash in enumerate(block_hashes):
+            held = self._held.get(self.ring.owner(block_hash))
+            if held is not None and block_hash not in held:
+                return i
+        return len(block_hashes)
 
     async def fetch(self, block_hashes: list[bytes]) -> FetchResult:
         """The values of the longest leading run of block_hashes that the cache replicas hold."""
@@ -116,6 +133,25 @@ class SharedKvBlocks:
             log.warning("cache replica %s sent a malformed KV stream: %s", owner, exc)
             return [], "MALFORMED"
 
+    async def _follow_index(self, owner: str) -> None:
+        """Mirror one replica's index; while its stream is down the replica is asked as before."""
+        request = cache_pb2.WatchKvIndexRequest(layout=self.layout)
+        while True:
+            try:
+                async for update in self.ring.node(owner).WatchKvIndex(request, wait_for_ready=True):
+                    held = set() if update.reset else self._held.setdefault(owner, set())
+                    held.update(update.added)
+                    held.difference_update(update.removed)
+                    self._held[owner] = held
+                    KV_INDEX_BLOCKS.set(sum(len(h) for h in self._held.values()))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older cache: ask it for every prompt
+                    self._held.pop(owner, None)
+                    return
+            self._held.pop(owner, None)
+            KV_INDEX_BLOCKS.set(sum(len(h) for h in self._held.values()))
+            await asyncio.sleep(self.backoff_s)
+
     # --- upload ---
 
     def offer(self, block_hashes: list[bytes], data: torch.Tensor, retain: list[bool] | None = None) -> None:
@@ -134,12 +170,16 @@ class SharedKvBlocks:
         KV_UPLOAD_BACKLOG.set(self._backlog_bytes)
 
     def start(self) -> None:
-        self._uploader = asyncio.get_running_loop().create_task(self._upload_forever(), name="kv-upload")
+        loop = asyncio.get_running_loop()
+        self._uploader = loop.create_task(self._upload_forever(), name="kv-upload")
+        self._index_watchers = [loop.create_task(self._follow_index(owner), name=f"kv-index {owner}")
+                                for owner in self.ring.names]
 
     async def stop(self) -> None:
-        if self._uploader is not None:
-            self._uploader.cancel()
-            await asyncio.gather(self._uploader, return_exceptions=True)
+        tasks = [t for t in (self._uploader, *self._index_watchers) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         # Closed inside the loop: a grpc.aio channel left to interpreter exit can crash the process.
         await asyncio.gather(*(channel.close() for channel in self._channels), return_exceptions=True)
 

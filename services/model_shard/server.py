@@ -23,7 +23,7 @@ from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadErro
 from services.model_shard.engine.grammar import OutputSpec
 from services.model_shard.engine.request import FinishReason, SamplingParams
 from services.model_shard.engine.scheduler import QueueFullError
-from services.model_shard.kv_share import SharedKvBlocks
+from services.model_shard.kv_share import KV_FETCHES_SKIPPED, SharedKvBlocks
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +217,14 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         local = self.engine.cached_prefix_blocks(hashes)
         if local == len(hashes):
             return
+        held = self.shared_kv.held_prefix(hashes[local:])
+        if not held:  # no cache replica holds the next block: computing it is all there is to do
+            KV_FETCHES_SKIPPED.inc()
+            return
         with tracer("llmmesh").start_as_current_span("kv_fetch") as span:
             span.set_attribute("llmmesh.kv_blocks_local", local)
-            span.set_attribute("llmmesh.kv_blocks_wanted", len(hashes) - local)
-            fetched = await self.shared_kv.fetch(hashes[local:])
+            span.set_attribute("llmmesh.kv_blocks_wanted", held)
+            fetched = await self.shared_kv.fetch(hashes[local:local + held])
             span.set_attribute("llmmesh.kv_blocks_fetched", len(fetched.values))
             span.set_attribute("llmmesh.kv_bytes_fetched", fetched.bytes)
             if fetched.errors:
