@@ -36,7 +36,8 @@ PER_REQUEST, PER_CONNECTION = "/bench.Stream/PerRequest", "/bench.Stream/PerConn
 
 def _ask(messages: int, width: int) -> shard_pb2.ShardGenerateRequest:
     """The shape asked of the server: `messages` messages of `width` entries each."""
-    return shard_pb2.ShardGenerateRequest(prompt_token_ids=[width], sampling=common_pb2.SamplingParams(max_tokens=messages))
+    return shard_pb2.ShardGenerateRequest(prompt_token_ids=[width],
+                                          sampling=common_pb2.SamplingParams(max_tokens=messages))
 
 
 async def _per_request(request: shard_pb2.ShardGenerateRequest, context):

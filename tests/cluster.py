@@ -265,7 +265,8 @@ def join_ray(cluster: Cluster, host: str, address: str | None, cpus: int, alive:
     """`ray start` on the host: the head when address is None, else a node joining it; returns once
     `alive` nodes are up, as a driver on `head` (default: this host) sees them. A host may join
     again after a crash: each start gets a temp directory of its own."""
-    temp = Path(f"/tmp/lmray-{cluster.bridge}-{host}-{len(cluster.ray_temp_dirs)}")  # short: Ray's sockets live under it
+    # Short: Ray's socket paths live under it.
+    temp = Path(f"/tmp/lmray-{cluster.bridge}-{host}-{len(cluster.ray_temp_dirs)}")
     cluster.ray_temp_dirs.append(temp)
     role = ["--head", "--port", "6379", "--include-dashboard=false"] if address is None else ["--address", address]
     cluster.start(host, [RAY, "start", *role, "--node-ip-address", cluster[host].ip, "--num-cpus", str(cpus),

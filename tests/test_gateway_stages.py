@@ -213,7 +213,7 @@ def test_a_started_stream_runs_before_it_is_read_and_stops_when_closed():
 
         async def failing():
             raise RuntimeError("the shard said no")
-            yield  # noqa: unreachable - an async generator
+            yield  # unreachable: it makes this an async generator
 
         with pytest.raises(RuntimeError, match="said no"):
             await anext(StartedStream(failing()))

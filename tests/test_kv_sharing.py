@@ -272,8 +272,8 @@ def test_a_slow_or_dead_cache_never_fails_a_request(kv_mesh, real_model_dir):
                for i in range(3)]
     for prompt in prompts:  # computed on replica A: the cache holds their blocks, and B's index says so
         _shard_generate(kv_mesh, 0, prompt)
-    assert wait_for(lambda: _cache_stats(kv_mesh).kv_blocks >= 3 * (len(prompts[0]) // 16) and _index_caught_up(kv_mesh),
-                    timeout=30)
+    held = 3 * (len(prompts[0]) // 16)
+    assert wait_for(lambda: _cache_stats(kv_mesh).kv_blocks >= held and _index_caught_up(kv_mesh), timeout=30)
     os.kill(cache.pid, signal.SIGSTOP)  # accepts connections, answers nothing: the fetch times out
     try:
         slow_tokens, slow_cached = _shard_generate(kv_mesh, 1, prompts[0])

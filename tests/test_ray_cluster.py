@@ -36,7 +36,8 @@ def ray_cluster_shard(vocab_sized_tiny_model, tmp_path_factory):
         shard = c.start("shard", ["python", "-m", "services.model_shard", "--listen", address, "--model",
                                   str(vocab_sized_tiny_model), "--dtype", "float32", "--quantization", "none",
                                   "--kv-cache-mb", "16", "--block-size", "4", "--tensor-parallel-size", "2",
-                                  "--placement-strategy", "STRICT_SPREAD", "--placement-timeout", "3"], {**RAY_ENV, "RAY_ADDRESS": head})
+                                  "--placement-strategy", "STRICT_SPREAD", "--placement-timeout", "3"],
+                        {**RAY_ENV, "RAY_ADDRESS": head})
         wait_healthy(address, 240, shard)
         yield c, shard_pb2_grpc.ModelShardStub(grpc.insecure_channel(address))
 

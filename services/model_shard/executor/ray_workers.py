@@ -273,8 +273,8 @@ class RayExecutor:
             ray.get(self._pg.ready(), timeout=config.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self._pg)
-            raise WorkersUnplaced(f"the Ray cluster cannot place {world} workers of {bundle} within {config.placement_timeout_s:g}s "
-                               f"(it has {ray.available_resources()})") from None
+            raise WorkersUnplaced(f"the Ray cluster cannot place {world} workers of {bundle} within "
+                                  f"{config.placement_timeout_s:g}s (it has {ray.available_resources()})") from None
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         root = str(Path(__file__).resolve().parents[3])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
