@@ -262,7 +262,11 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         streams = [self.choice_streams.stream(c, list(request.sampling.stop)) for c in calls]
         messages = StartedStream(streams[0] if n == 1 else merge_choices(streams))
         if lookup is not None:
-            cached = await lookup
+            try:
+                cached = await lookup
+            except BaseException:  # the client left while the cache was asked: its shard call goes too
+                await messages.aclose()
+                raise
             span.set_attribute("llmmesh.response_cache_hit", cached is not None)
             if cached is not None:
                 await messages.aclose()
