@@ -248,6 +248,9 @@ def connect_ray(ranks: int = 1) -> None:
         own = _address_towards(address)
         ray.init(address=address, log_to_driver=False, **({"_node_ip_address": own} if own else {}))
     else:
+        # Ray waits 30 s for its GCS to bind a port; a busy small machine (a CI runner, a node that
+        # is loading models) has taken longer. Past that a local cluster is worth waiting for.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         # Its CPUs are logical slots, one per rank (a rank's torch threads are threads_per_worker):
         # room for 16 ranks even on a small machine.
         ray.init(address="local", num_cpus=max(16, ranks, os.cpu_count() or 1), include_dashboard=False,
