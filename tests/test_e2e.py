@@ -197,6 +197,9 @@ def test_one_request_is_one_trace_across_the_four_services(mesh, gateway):
     shard_server = next(s for s in trace if s["name"] == "/llmmesh.v1.ModelShard/Generate" and s["kind"] == "SpanKind.SERVER")
     assert parent(shard_server)["kind"] == "SpanKind.CLIENT"
     assert parent(parent(shard_server)) is root
+    # The response-cache lookup runs beside the shard call, not before it: no round trip of its own.
+    lookup = next(s for s in trace if s["name"] == "cache.lookup")
+    assert parent(shard_server)["start_time"] < lookup["end_time"]
     for name in ("queue", "prefill", "decode"):
         assert parent(next(s for s in trace if s["name"] == name)) is shard_server
     # Text is made in the gateway, from the vocabulary it holds: no message to the tokenizer per step.
