@@ -17,6 +17,7 @@ import grpc
 from llmmesh.v1 import common_pb2, gateway_pb2
 from services.gateway.errors import RpcError
 from services.gateway.items import item_messages, message_item
+from services.gateway.prompt_encoding import Continuation
 from services.gateway.store.database import StoreUnavailable
 from services.gateway.store.sealing import SealError
 from services.gateway.store.store import ConversationStore, History, Turn, new_id
@@ -74,7 +75,6 @@ class Conversations:
                   front: str):
         """The turn's messages from the request path; the last one leaves after the turn is saved,
         with its response_id. plan.response is the response object by then."""
-        from services.gateway.server import Continuation  # the servicer imports this module
 
         del request.messages[:]
         request.messages.extend(plan.messages)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
@@ -29,6 +29,7 @@ from services.gateway.conversation_rpcs import ConversationRpcs, is_stored_turn
 from services.gateway.conversations import Conversations
 from services.gateway.detokenize import TokenizerMirror
 from services.gateway.errors import RpcError
+from services.gateway.prompt_encoding import Continuation, encode_prompt
 from services.gateway.rate_limit import TenantRateLimiter
 from services.gateway.redact import redact_value
 from services.gateway.response_cache import lookup_response, response_key, store_response
@@ -62,16 +63,6 @@ class GatewayConfig:
     prefix_routing: bool = True  # prefer the replica that holds the prompt's prefix (routing.py)
     tokenizer_timeout_s: float = 5.0  # one tokenizer call (or stream reply) waits this long at most
     shard_first_message_timeout_s: float = 60.0  # queue + prefill; past it the next replica is tried
-
-
-@dataclass
-class Continuation:
-    """A stored conversation's next turn: the earlier turn's token ids go in (reused as they are),
-    the prompt as encoded comes out. Such turns bypass the response cache, so erasing them from the
-    store leaves no copy there."""
-
-    context_ids: list[int]
-    prompt_ids: list[int] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager
@@ -230,7 +221,8 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         span.set_attribute("llmmesh.request_id", request_id)
         span.set_attribute("llmmesh.call_id", call_id)
 
-        prompt_ids, tokenizer_version = await self._encode(request, deadline, continuation)
+        prompt_ids, tokenizer_version = await encode_prompt(self.tokenizer, request, deadline,
+                                                            self.config.tokenizer_timeout_s, continuation)
         info = await self._shard_info(deadline)
         try:
             max_tokens = resolve_max_tokens(request.sampling, len(prompt_ids), info.max_model_len, self.config.limits)
@@ -309,35 +301,6 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         except grpc.aio.AioRpcError as exc:
             raise downstream_error(exc, "tokenizer") from None
         return list(reply.texts)
-
-    async def _encode(self, request: gateway_pb2.GenerateRequest, deadline: float,
-                      continuation: Continuation | None = None) -> tuple[list[int], str]:
-        """The prompt's token ids, and the version of the vocabulary that made them."""
-        # tool_choice none: the tools are not shown, so the model does not try to call them.
-        tools = request.tools if tool_mode(request) != "none" else []
-        encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages, tools=tools,
-                                             context_token_ids=continuation.context_ids if continuation else ())
-        for last_try in (False, True):
-            try:
-                timeout = min(self.config.tokenizer_timeout_s, max(deadline - time.monotonic(), 0.001))
-                reply = await self.tokenizer.Encode(encode, timeout=timeout)
-                message_counts.round_trip("tokenizer")
-                break
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and not last_try:
-                    # The call never ran (a connection that just broke, e.g. a keepalive giving up):
-                    # once more, on the next replica where there are several.
-                    continue
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline:
-                    raise RpcError(grpc.StatusCode.UNAVAILABLE, "the tokenizer did not answer within "
-                                   f"{self.config.tokenizer_timeout_s:g}s") from None
-                raise downstream_error(exc, "tokenizer") from None
-        if not reply.token_ids:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt encodes to no tokens")
-        if continuation is not None:
-            continuation.prompt_ids = list(reply.token_ids)
-            trace.get_current_span().set_attribute("llmmesh.reused_context_tokens", reply.reused_tokens)
-        return list(reply.token_ids), reply.tokenizer_version
 
     async def _shard_info(self, deadline: float) -> shard_pb2.ShardInfo:
         try:
