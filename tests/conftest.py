@@ -215,3 +215,21 @@ def gateway_resumed(log_path: Path) -> bool:
 
     return any("resuming elsewhere" in json.loads(line)["message"]
                for line in complete_lines(log_path) if line.startswith("{"))
+
+
+async def with_tokenizer_service(tokenizer, scenario):
+    """scenario(tokenizer, stub) against a real tokenizer service on loopback, in this process."""
+    import grpc
+
+    from llmmesh.v1 import tokenizer_pb2_grpc
+    from services.tokenizer.server import TokenizerServicer
+
+    server = grpc.aio.server()
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(tokenizer), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return await scenario(tokenizer, tokenizer_pb2_grpc.TokenizerStub(channel))
+    finally:
+        await server.stop(0)

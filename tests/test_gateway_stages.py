@@ -228,31 +228,25 @@ def test_the_encode_stage_gets_the_templates_tokens_and_reports_a_missing_tokeni
 
     from llmmesh.v1 import common_pb2 as common, tokenizer_pb2_grpc
     from services.gateway.prompt_encoding import Continuation, encode_prompt
-    from services.tokenizer.server import TokenizerServicer
     from services.tokenizer.text import Message
 
-    from .conftest import free_ports
+    from .conftest import free_ports, with_tokenizer_service
 
-    async def go():
-        server = grpc.aio.server()
-        tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(tokenizer), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = tokenizer_pb2_grpc.TokenizerStub(channel)
-                request = gateway_pb2.GenerateRequest(messages=[common.ChatMessage(role="user", content="Bonjour !")])
-                ids, version = await encode_prompt(stub, request, time.monotonic() + 10, 5.0)
-                assert ids == tokenizer.encode_chat([Message("user", "Bonjour !")]) and version
-                turn = Continuation(context_ids=ids)  # a stored turn's next message: its ids come back as they are
-                again, _ = await encode_prompt(stub, request, time.monotonic() + 10, 5.0, turn)
-                assert again[:len(ids)] == ids and turn.prompt_ids == again
-        finally:
-            await server.stop(0)
+    request = gateway_pb2.GenerateRequest(messages=[common.ChatMessage(role="user", content="Bonjour !")])
+
+    async def encodes(tokenizer, stub):
+        ids, version = await encode_prompt(stub, request, time.monotonic() + 10, 5.0)
+        assert ids == tokenizer.encode_chat([Message("user", "Bonjour !")]) and version
+        turn = Continuation(context_ids=ids)  # a stored turn's next message: its ids come back as they are
+        again, _ = await encode_prompt(stub, request, time.monotonic() + 10, 5.0, turn)
+        assert again[:len(ids)] == ids and turn.prompt_ids == again
+
+    async def no_tokenizer():
         dead, = free_ports(1)  # nothing listens: tried twice, then UNAVAILABLE naming the tokenizer
         async with grpc.aio.insecure_channel(f"127.0.0.1:{dead}") as channel:
             with pytest.raises(RpcError) as err:
                 await encode_prompt(tokenizer_pb2_grpc.TokenizerStub(channel), request, time.monotonic() + 10, 2.0)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and "tokenizer" in str(err.value)
 
-    asyncio.run(go())
+    asyncio.run(with_tokenizer_service(tokenizer, encodes))
+    asyncio.run(no_tokenizer())

@@ -10,23 +10,11 @@ import pytest
 
 from llmmesh.v1 import tokenizer_pb2_grpc
 from services.gateway.detokenize import DetokenizeSession, LocalDetokenizeSession, TokenizerMirror
-from services.tokenizer.server import TokenizerServicer
 from services.tokenizer.text import TextTokenizer
 
+from .conftest import with_tokenizer_service
+
 TEXT = "Rivers 河流 flow to the sea 🌊, über alles. 好的!"
-
-
-async def _with_tokenizer_service(real_model_dir, scenario):
-    tokenizer = TextTokenizer(real_model_dir)
-    server = grpc.aio.server()
-    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(tokenizer), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            return await scenario(tokenizer, tokenizer_pb2_grpc.TokenizerStub(channel))
-    finally:
-        await server.stop(0)
 
 
 async def _deltas(session, ids: list[int]) -> list[str]:
@@ -49,7 +37,7 @@ def test_the_mirror_serves_only_its_own_version_and_matches_the_service(real_mod
         remote = DetokenizeSession(stub, timeout=30, reply_timeout_s=5)
         return await _deltas(local, ids), await _deltas(remote, ids), tokenizer.decode(ids)
 
-    local, remote, whole = asyncio.run(_with_tokenizer_service(real_model_dir, scenario))
+    local, remote, whole = asyncio.run(with_tokenizer_service(TextTokenizer(real_model_dir), scenario))
     assert local == remote
     assert "".join(local) == whole == TEXT
     assert any(d == "" for d in local[:-1])  # some token really split a character
