@@ -142,7 +142,7 @@ async def drive_choices(address: str, metrics_port: int, n: int, max_tokens: int
         requests = [common_pb2.SamplingParams(**sampling, seed=100, n=n)]
     else:
         requests = [common_pb2.SamplingParams(**sampling, seed=100 + i) for i in range(n)]
-    ttfts, itls, prompt_tokens = [], [], []
+    ttfts, prompt_tokens = [], []
     before = _blocks_allocated(metrics_port)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
