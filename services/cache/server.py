@@ -92,7 +92,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
 
     async def WatchKvIndex(self, request: cache_pb2.WatchKvIndexRequest, context: grpc.aio.ServicerContext):
         try:
-            self._check_block_name(request.layout, b"-")
+            self._check_layout(request.layout)
         except MalformedStream as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         layout = request.layout.encode()
@@ -126,9 +126,13 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         )
 
     @staticmethod
-    def _check_block_name(layout: str, block_hash: bytes) -> None:
+    def _check_layout(layout: str) -> None:
         if not layout or len(layout.encode()) > MAX_LAYOUT_BYTES or "\0" in layout:
             raise MalformedStream(f"layout must be 1..{MAX_LAYOUT_BYTES} bytes without NUL")
+
+    @classmethod
+    def _check_block_name(cls, layout: str, block_hash: bytes) -> None:
+        cls._check_layout(layout)
         if not block_hash or len(block_hash) > MAX_KEY_BYTES:
             raise MalformedStream(f"block_hash must be 1..{MAX_KEY_BYTES} bytes")
 

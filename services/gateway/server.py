@@ -252,8 +252,9 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
                             deadline, order, hashes, tenant, priority, weight, tool_names, continuation is not None)
                  for i in range(n)]
         streams = [self.choice_streams.stream(c, list(request.sampling.stop)) for c in calls]
-        messages = StartedStream(streams[0] if n == 1 else merge_choices(streams))
+        messages = streams[0] if n == 1 else merge_choices(streams)
         if lookup is not None:
+            messages = StartedStream(messages)  # the shard call starts while the cache is asked
             try:
                 cached = await lookup
             except BaseException:  # the client left while the cache was asked: its shard call goes too

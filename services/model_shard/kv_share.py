@@ -68,7 +68,7 @@ class SharedKvBlocks:
         self.max_backlog_bytes = max_backlog_bytes
         self._known: OrderedDict[bytes, None] = OrderedDict()  # hashes the cache has from us (LRU)
         self._known_capacity = known_capacity
-        self._backlog: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+        self._backlog: asyncio.Queue[tuple[bytes, bytes, bool]] = asyncio.Queue()  # (hash, value, retain)
         self._backlog_bytes = 0
         self._uploader: asyncio.Task | None = None
         self._held: dict[str, set[bytes]] = {}  # replica -> the blocks its index says it holds
@@ -143,13 +143,11 @@ class SharedKvBlocks:
                     held.update(update.added)
                     held.difference_update(update.removed)
                     self._held[owner] = held
-                    KV_INDEX_BLOCKS.set(sum(len(h) for h in self._held.values()))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older cache: ask it for every prompt
                     self._held.pop(owner, None)
                     return
             self._held.pop(owner, None)
-            KV_INDEX_BLOCKS.set(sum(len(h) for h in self._held.values()))
             await asyncio.sleep(self.backoff_s)
 
     # --- upload ---
@@ -174,6 +172,7 @@ class SharedKvBlocks:
         self._uploader = loop.create_task(self._upload_forever(), name="kv-upload")
         self._index_watchers = [loop.create_task(self._follow_index(owner), name=f"kv-index {owner}")
                                 for owner in self.ring.names]
+        KV_INDEX_BLOCKS.set_function(lambda: sum(len(held) for held in self._held.values()))  # at scrape time
 
     async def stop(self) -> None:
         tasks = [t for t in (self._uploader, *self._index_watchers) if t is not None]

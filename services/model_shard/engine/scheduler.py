@@ -306,8 +306,8 @@ class Scheduler:
         seq.num_registered_blocks = full
 
     def take_new_prompt_blocks(self) -> list[tuple[int, bytes, bool]]:
-        """Full prompt blocks computed (not reused) since the last call, as (block id, hash): what a
-        shared cache does not have from this shard yet. Valid until the next step allocates."""
+        """Full prompt blocks computed (not reused) since the last call, as (block id, hash, retain):
+        what a shared cache does not have from this shard yet. Valid until the next step allocates."""
         blocks, self._new_prompt_blocks = self._new_prompt_blocks, []
         return blocks
 
