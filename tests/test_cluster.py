@@ -150,7 +150,7 @@ def test_the_cache_host_cut_off_leaves_answers_unaffected(healed):
     cluster = healed
     request = _greedy("The cache host goes away", 64)
     expected = _tokens(cluster.stub.GenerateStream(request, timeout=60))
-    dropped = _uploads_dropped(cluster)
+    dropped = _over_shards(cluster, "llmmesh_kv_upload_dropped_blocks_total")
     cluster.isolate("cache")
     start = time.monotonic()
     new_prompt = "A long prompt that no shard has seen before, with blocks to share. " * 6
@@ -163,18 +163,14 @@ def test_the_cache_host_cut_off_leaves_answers_unaffected(healed):
     assert time.monotonic() - start < 10
     # The new prompt's blocks were offered for upload: dropped within the upload timeout (10 s), not
     # held, and not retried against the silent host.
-    assert wait_for(lambda: _uploads_dropped(cluster) > dropped and not _upload_backlog(cluster), timeout=15)
+    assert wait_for(lambda: _over_shards(cluster, "llmmesh_kv_upload_dropped_blocks_total") > dropped
+                    and not _over_shards(cluster, "llmmesh_kv_upload_backlog_bytes"), timeout=15)
     _assert_nothing_leaked(cluster)
 
 
-def _uploads_dropped(cluster) -> float:
-    return sum(sample_value(scrape_metrics(METRICS_PORT, cluster[h].ip), "llmmesh_kv_upload_dropped_blocks_total")
-               for h in SHARDS)
-
-
-def _upload_backlog(cluster) -> float:
-    return sum(sample_value(scrape_metrics(METRICS_PORT, cluster[h].ip), "llmmesh_kv_upload_backlog_bytes")
-               for h in SHARDS)
+def _over_shards(cluster, name: str) -> float:
+    """One sample of every shard's /metrics, summed."""
+    return sum(sample_value(scrape_metrics(METRICS_PORT, cluster[h].ip), name) for h in SHARDS)
 
 
 def test_five_ms_each_way_between_every_host_costs_round_trips_not_tokens(healed):

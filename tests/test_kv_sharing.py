@@ -99,82 +99,77 @@ def test_blocks_exported_by_one_engine_serve_another_with_identical_tokens(tiny_
 # --- the cache service: budget, order, idempotence ---
 
 
+async def _with_cache_service(kv_budget: int, scenario) -> None:
+    """scenario(stub) against a real cache service on loopback, in this process."""
+    server = grpc.aio.server()
+    cache_pb2_grpc.add_CacheServicer_to_server(CacheServicer(LRUByteStore(1 << 20), LRUByteStore(kv_budget)), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await scenario(cache_pb2_grpc.CacheStub(channel))
+    finally:
+        await server.stop(0)
+
+
 def test_the_kv_store_streams_leading_runs_and_stays_under_its_budget():
     block = 300_000
     budget = 10 * block + 5_000
 
-    async def scenario():
-        server = grpc.aio.server()
-        cache_pb2_grpc.add_CacheServicer_to_server(CacheServicer(LRUByteStore(1 << 20), LRUByteStore(budget)), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = cache_pb2_grpc.CacheStub(channel)
-                blocks = [(bytes([i]) * 16, bytes([i]) * block) for i in range(25)]
-                reply = await stub.PutKvBlocks(to_chunks("L", blocks[:6]))
-                assert reply.stored == 6
-                again = await stub.PutKvBlocks(to_chunks("L", blocks[:6]))  # idempotent
-                stats = await stub.Stats(cache_pb2.CacheStatsRequest())
-                assert again.stored == 6 and stats.kv_blocks == 6
+    async def scenario(stub):
+        blocks = [(bytes([i]) * 16, bytes([i]) * block) for i in range(25)]
+        reply = await stub.PutKvBlocks(to_chunks("L", blocks[:6]))
+        assert reply.stored == 6
+        again = await stub.PutKvBlocks(to_chunks("L", blocks[:6]))  # idempotent
+        stats = await stub.Stats(cache_pb2.CacheStatsRequest())
+        assert again.stored == 6 and stats.kv_blocks == 6
 
-                hashes = [h for h, _ in blocks[:3]] + [b"missing" * 2] + [blocks[4][0]]
-                got = [item async for item in from_chunks(stub.GetKvBlocks(
-                    cache_pb2.GetKvBlocksRequest(layout="L", block_hashes=hashes)))]
-                assert [(b.block_hash, b.value) for b in got] == blocks[:3]  # stops at the first gap
-                other = [item async for item in from_chunks(stub.GetKvBlocks(
-                    cache_pb2.GetKvBlocksRequest(layout="M", block_hashes=hashes[:1])))]
-                assert other == []  # another layout sees nothing
+        hashes = [h for h, _ in blocks[:3]] + [b"missing" * 2] + [blocks[4][0]]
+        got = [item async for item in from_chunks(stub.GetKvBlocks(
+            cache_pb2.GetKvBlocksRequest(layout="L", block_hashes=hashes)))]
+        assert [(b.block_hash, b.value) for b in got] == blocks[:3]  # stops at the first gap
+        other = [item async for item in from_chunks(stub.GetKvBlocks(
+            cache_pb2.GetKvBlocksRequest(layout="M", block_hashes=hashes[:1])))]
+        assert other == []  # another layout sees nothing
 
-                await stub.PutKvBlocks(to_chunks("L", blocks[6:]))
-                stats = await stub.Stats(cache_pb2.CacheStatsRequest())
-                assert stats.kv_bytes <= budget == stats.kv_budget_bytes
-                assert stats.kv_blocks == 10 and stats.kv_evictions == 15
+        await stub.PutKvBlocks(to_chunks("L", blocks[6:]))
+        stats = await stub.Stats(cache_pb2.CacheStatsRequest())
+        assert stats.kv_bytes <= budget == stats.kv_budget_bytes
+        assert stats.kv_blocks == 10 and stats.kv_evictions == 15
 
-                with pytest.raises(grpc.aio.AioRpcError) as bad:
-                    await stub.PutKvBlocks(to_chunks("", blocks[:1]))
-                assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        finally:
-            await server.stop(0)
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.PutKvBlocks(to_chunks("", blocks[:1]))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    asyncio.run(scenario())
+    asyncio.run(_with_cache_service(budget, scenario))
 
 
 def test_the_kv_index_streams_a_snapshot_then_what_is_stored_and_evicted():
     block = 100_000
     budget = 4 * block + 4_000  # room for four blocks
 
-    async def scenario():
-        server = grpc.aio.server()
-        cache_pb2_grpc.add_CacheServicer_to_server(CacheServicer(LRUByteStore(1 << 20), LRUByteStore(budget)), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = cache_pb2_grpc.CacheStub(channel)
-                blocks = [(bytes([i]) * 16, bytes([i]) * block) for i in range(6)]
-                await stub.PutKvBlocks(to_chunks("L", blocks[:2]))
-                await stub.PutKvBlocks(to_chunks("M", blocks[5:]))  # another layout's: not in L's index
-                index = stub.WatchKvIndex(cache_pb2.WatchKvIndexRequest(layout="L"))
-                snapshot = await asyncio.wait_for(index.read(), 10)
-                assert snapshot.reset and set(snapshot.added) == {blocks[0][0], blocks[1][0]}
-                await stub.PutKvBlocks(to_chunks("L", blocks[:1]))  # a refresh: nothing new, L0 now newest
-                await stub.PutKvBlocks(to_chunks("L", blocks[2:4]))  # the budget holds four: L1, the oldest, goes
-                seen_added, seen_removed = set(), set()
-                while seen_added != {blocks[2][0], blocks[3][0]} or not seen_removed:
-                    update = await asyncio.wait_for(index.read(), 10)
-                    assert not update.reset
-                    seen_added.update(update.added)
-                    seen_removed.update(update.removed)
-                assert seen_removed == {blocks[1][0]}
-                with pytest.raises(grpc.aio.AioRpcError) as bad:
-                    await stub.WatchKvIndex(cache_pb2.WatchKvIndexRequest(layout="")).read()
-                assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                index.cancel()
-        finally:
-            await server.stop(0)
+    async def scenario(stub):
+        blocks = [(bytes([i]) * 16, bytes([i]) * block) for i in range(6)]
+        await stub.PutKvBlocks(to_chunks("L", blocks[:2]))
+        await stub.PutKvBlocks(to_chunks("M", blocks[5:]))  # another layout's: not in L's index
+        index = stub.WatchKvIndex(cache_pb2.WatchKvIndexRequest(layout="L"))
+        snapshot = await asyncio.wait_for(index.read(), 10)
+        assert snapshot.reset and set(snapshot.added) == {blocks[0][0], blocks[1][0]}
+        await stub.PutKvBlocks(to_chunks("L", blocks[:1]))  # a refresh: nothing new, L0 now newest
+        await stub.PutKvBlocks(to_chunks("L", blocks[2:4]))  # the budget holds four: L1, the oldest, goes
+        seen_added, seen_removed = set(), set()
+        while seen_added != {blocks[2][0], blocks[3][0]} or not seen_removed:
+            update = await asyncio.wait_for(index.read(), 10)
+            assert not update.reset
+            seen_added.update(update.added)
+            seen_removed.update(update.removed)
+        assert seen_removed == {blocks[1][0]}
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.WatchKvIndex(cache_pb2.WatchKvIndexRequest(layout="")).read()
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        index.cancel()
 
-    asyncio.run(scenario())
+    asyncio.run(_with_cache_service(budget, scenario))
 
 
 # --- two real shard replicas and a real cache service ---
