@@ -1,6 +1,7 @@
-"""What a token costs on the shard -> gateway stream, as one message per request per step (today) and
-as one message per step carrying every request's tokens (one stream per shard connection, as TGI's
-batched generations): the measurement behind whether the second is worth building.
+"""What a token costs on the shard -> gateway stream in gRPC alone, as one message per request per step
+(a Generate call per request, `--shard-streams call`) and as one message per step carrying every
+request's tokens (the GenerateBatch stream, the default, as TGI's batched generations). The whole
+mesh's side-by-side figures come from `bench/throughput.py --call-rows`.
 
 A server process (the shard's side) streams messages to this process (the gateway's side) over
 loopback gRPC, as fast as they are read, in the shapes the mesh would send at `--streams` requests:

@@ -14,13 +14,16 @@ In the same run, on the workload of --baseline-n requests arriving together:
     .venv/bin/python bench/throughput.py [--dtype bfloat16] [--quantization int8] [--json out.json]
         [--sampling greedy,t1.0,t0.8-p0.95]   (sampled rows beside greedy, in one run)
         [--choices 4]   (one request with n=4 beside 4 requests with its prompt: tok/s and KV blocks)
+        [--call-rows]   (each row also through a gateway making one shard call per request)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +36,7 @@ import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from bench.mesh_metrics import cpu_per_token, messages_per_token, outside_engine_cpu, scrape  # noqa: E402
-from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
+from services.launcher import Mesh, ServiceSpec, free_port, plan_mesh, wait_healthy  # noqa: E402
 from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
 TOPICS = ["the ocean", "volcanoes", "the history of bread", "how bees make honey", "the moon landing",
@@ -101,6 +104,24 @@ async def drive(address: str, n: int, rounds: int, max_tokens: int, mode: str = 
 
 def _blocks_allocated(metrics_port: int) -> float:
     return scrape(metrics_port)["llmmesh_kv_blocks_allocated_total"]
+
+
+@contextlib.contextmanager
+def second_gateway(plan, extra_args: list[str]):
+    """Another gateway on the same tokenizer, cache and shards, with extra_args: (address, metrics
+    port, process)."""
+    port, metrics_port = free_port(), free_port()
+    spec = ServiceSpec("gateway-b", "services.gateway", f"127.0.0.1:{port}", metrics_port,
+                       [*plan.gateway.args, *extra_args])
+    with open("/tmp/llmmesh-bench-logs/gateway-b.log", "wb") as log:
+        process = subprocess.Popen(spec.argv(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(spec.listen, 60, process)
+            asyncio.run(drive(spec.listen, 4, 1, 1))  # its channels up before it is measured
+            yield spec.listen, metrics_port, process
+        finally:
+            process.terminate()
+            process.wait(30)
 
 
 def engine_row(args, n: int, rounds: int, max_tokens: int) -> dict:
@@ -267,6 +288,9 @@ def main() -> None:
                         help="shards do not upload/fetch KV prefix blocks through the cache service")
     parser.add_argument("--no-native-kernels", action="store_true",
                         help="the shard runs on stock torch ops instead of the native kernels (model/native.py)")
+    parser.add_argument("--call-rows", action="store_true",
+                        help="also measure each row through a second gateway making one shard call per request "
+                             "(--shard-streams call) on the same shard, interleaved with the batch-stream rows")
     parser.add_argument("--choices", type=int, default=4, help="n of the choices rows (0: none)")
     parser.add_argument("--engine-rows", action="store_true",
                         help="also run each concurrency on the engine in-process (greedy), for mesh/engine ratios")
@@ -293,13 +317,21 @@ def main() -> None:
         # Warm up, and prefill every prompt once: each row (and each --sampling mode) then finds the
         # same prefix cache, instead of the first row paying for the prefills the later ones reuse.
         asyncio.run(drive(mesh.gateway_address, max(concurrency), args.rounds, 1))
-        for n in concurrency:
-            for mode in args.sampling.split(","):
-                before, cpu_before = scrape(gateway_metrics), outside_engine_cpu(mesh.processes)
-                rows.append(asyncio.run(drive(mesh.gateway_address, n, args.rounds, args.max_tokens, mode)))
-                rows[-1]["messages_per_token"] = messages_per_token(before, scrape(gateway_metrics))
-                rows[-1].update(cpu_per_token(cpu_before, outside_engine_cpu(mesh.processes), rows[-1]["tokens"]))
-                print(f"  measured {rows[-1]['name']}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
+        gateways = [("", mesh.gateway_address, gateway_metrics, mesh.processes)]
+        with contextlib.ExitStack() as stack:
+            if args.call_rows:
+                address, metrics_port, process = stack.enter_context(second_gateway(plan, ["--shard-streams", "call"]))
+                gateways.append((" (call per request)", address, metrics_port, {**mesh.processes, "gateway": process}))
+            for n in concurrency:
+                for mode in args.sampling.split(","):
+                    for suffix, address, metrics_port, processes in gateways:
+                        before, cpu_before = scrape(metrics_port), outside_engine_cpu(processes)
+                        row = asyncio.run(drive(address, n, args.rounds, args.max_tokens, mode))
+                        row["name"] += suffix
+                        row["messages_per_token"] = messages_per_token(before, scrape(metrics_port))
+                        row.update(cpu_per_token(cpu_before, outside_engine_cpu(processes), row["tokens"]))
+                        rows.append(row)
+                        print(f"  measured {row['name']}: {row['tok_s']:.1f} tok/s", flush=True)
         choice_rows = [asyncio.run(drive_choices(mesh.gateway_address, shard_metrics, args.choices, args.max_tokens,
                                                  as_choices)) for as_choices in (True, False)] if args.choices else []
 

@@ -40,6 +40,11 @@ class ModelShardStub:
                 request_serializer=llmmesh_dot_v1_dot_shard__pb2.ShardGenerateRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_shard__pb2.ShardGenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateBatch = channel.stream_stream(
+                '/llmmesh.v1.ModelShard/GenerateBatch',
+                request_serializer=llmmesh_dot_v1_dot_shard__pb2.BatchRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_shard__pb2.BatchResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/llmmesh.v1.ModelShard/Abort',
                 request_serializer=llmmesh_dot_v1_dot_shard__pb2.AbortRequest.SerializeToString,
@@ -63,6 +68,16 @@ class ModelShardServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateBatch(self, request_iterator, context):
+        """Many requests on one stream: a caller's connection carries every request it sends here, and
+        each message back carries what every one of them made in one engine step (TGI's per-batch
+        generations), so the messages per token fall as the batch grows. Each request behaves as its
+        own Generate call would: the same messages, the same errors (as a BatchItem's status).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -95,6 +110,11 @@ def add_ModelShardServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=llmmesh_dot_v1_dot_shard__pb2.ShardGenerateRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_shard__pb2.ShardGenerateResponse.SerializeToString,
+            ),
+            'GenerateBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateBatch,
+                    request_deserializer=llmmesh_dot_v1_dot_shard__pb2.BatchRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_shard__pb2.BatchResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -140,6 +160,33 @@ class ModelShard:
             '/llmmesh.v1.ModelShard/Generate',
             llmmesh_dot_v1_dot_shard__pb2.ShardGenerateRequest.SerializeToString,
             llmmesh_dot_v1_dot_shard__pb2.ShardGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llmmesh.v1.ModelShard/GenerateBatch',
+            llmmesh_dot_v1_dot_shard__pb2.BatchRequest.SerializeToString,
+            llmmesh_dot_v1_dot_shard__pb2.BatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

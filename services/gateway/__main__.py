@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
                              "hashing); empty for none")
     parser.add_argument("--shards", default=env_default("LLMMESH_SHARD_ADDRS", "127.0.0.1:50061"),
                         help="comma-separated model shard addresses (--discovery static)")
+    parser.add_argument("--shard-streams", choices=["batch", "call"], default=env_default("LLMMESH_SHARD_STREAMS", "batch"),
+                        help="batch: a shard's requests share one GenerateBatch stream, one message per engine step for "
+                             "all of them; call: one Generate call per request")
     parser.add_argument("--discovery", choices=["static", "kubernetes"], default=env_default("LLMMESH_DISCOVERY", "static"),
                         help="kubernetes: follow the ready pods of --shard-service through its EndpointSlices")
     parser.add_argument("--shard-service", default=env_default("LLMMESH_SHARD_SERVICE", "llm-mesh-shard"),
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         cache = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches}) if caches else None
         discovered = args.discovery == "kubernetes"
         shards = ShardPool([] if discovered else [a.strip() for a in args.shards.split(",") if a.strip()],
-                           tls=tls, dynamic=discovered)
+                           tls=tls, dynamic=discovered, batched=args.shard_streams == "batch")
         watcher = None
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                         max_prompt_chars=args.max_prompt_chars, max_n=args.max_n)

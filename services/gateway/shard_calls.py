@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 import grpc
 
@@ -35,12 +36,13 @@ async def open_shard_stream(shards: ShardPool, shard_request, deadline: float, f
     """Start the shard stream and read its first message. A replica that fails before that is
     marked down and the next one is tried: nothing was sent to the client yet."""
     errors = []
-    for replica in order or shards.ordered(tenant):
+    replicas = deque(order or shards.ordered(tenant))
+    while replicas:
+        replica = replicas.popleft()
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a shard answered")
-        call = replica.stub.Generate(shard_request, timeout=timeout)
-        message_counts.sent("shard")
+        call = start_call(replica, shard_request, deadline)
         replica.begin(tenant)
         try:
             async with asyncio.timeout(min(timeout, first_message_timeout_s)):
@@ -55,6 +57,9 @@ async def open_shard_stream(shards: ShardPool, shard_request, deadline: float, f
             continue
         except grpc.aio.AioRpcError as exc:
             replica.end(tenant)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and batched(call) and replica.batches.unsupported:
+                replicas.appendleft(replica)  # an older shard without GenerateBatch: its own call
+                continue
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise downstream_error(exc, "model shard") from None
             shards.mark_down(replica)
@@ -68,7 +73,8 @@ async def open_shard_stream(shards: ShardPool, shard_request, deadline: float, f
             replica.end(tenant)
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"model shard {replica.address} closed the stream")
         shards.mark_up(replica)
-        message_counts.received("shard")
+        if not batched(call):
+            message_counts.received("shard")
         return replica, call, first
     raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no model shard is available ({'; '.join(errors)})")
 
@@ -82,8 +88,24 @@ async def next_shard_message(call):
         raise downstream_error(exc, "model shard") from None
     if msg is grpc.aio.EOF:
         raise ShardLost("the stream ended before it finished")
-    message_counts.received("shard")
+    if not batched(call):
+        message_counts.received("shard")
     return msg
+
+
+def start_call(replica: Replica, shard_request, deadline: float):
+    """The request on the replica's batch stream, or as a Generate call of its own where it has none
+    (or the shard is too old for one)."""
+    if replica.batches is not None and not replica.batches.unsupported:
+        return replica.batches.start(shard_request, deadline)
+    message_counts.sent("shard")
+    return replica.stub.Generate(shard_request, timeout=deadline - time.monotonic())
+
+
+def batched(call) -> bool:
+    """A BatchCall: its messages are counted per batch message by its stream."""
+    return getattr(call, "batched", False)
+
 
 def downstream_error(exc: grpc.aio.AioRpcError, service: str) -> RpcError:
     code = exc.code()

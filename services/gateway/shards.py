@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
 from services.common.channels import make_channel
 from services.common.tls import TlsFiles
+from services.gateway.shard_batches import ShardBatchStream
 
 log = logging.getLogger(__name__)
 SHARD_SERVICE = shard_pb2.DESCRIPTOR.services_by_name["ModelShard"].full_name
@@ -42,6 +43,8 @@ class Replica:
     # The shard's own account of the KV blocks it holds (index keys, see WatchPrefixIndex); None
     # until its first snapshot arrives, or while the stream is down.
     prefix_index: set[int] | None = field(default=None, repr=False)
+    # Its requests' GenerateBatch stream (None: one Generate call per request).
+    batches: ShardBatchStream | None = field(default=None, repr=False)
 
     @property
     def suspect(self) -> bool:
@@ -61,8 +64,10 @@ class Replica:
 
 class ShardPool:
     def __init__(self, addresses: list[str], backoff_s: float = 2.0, tls: TlsFiles | None = None,
-                 dynamic: bool = False, drain_grace_s: float = 600.0):
-        """dynamic: replicas come and go through set_addresses (discovery); it may start empty."""
+                 dynamic: bool = False, drain_grace_s: float = 600.0, batched: bool = True):
+        """dynamic: replicas come and go through set_addresses (discovery); it may start empty.
+        batched: a replica's requests share one GenerateBatch stream (else one Generate call each)."""
+        self.batched = batched
         if not addresses and not dynamic:
             raise ValueError("at least one model shard address is needed")
         self.tls = tls
@@ -88,7 +93,8 @@ class ShardPool:
 
     def _replica(self, address: str) -> Replica:
         channel = make_channel(address, self.tls)
-        return Replica(address, channel, shard_pb2_grpc.ModelShardStub(channel))
+        stub = shard_pb2_grpc.ModelShardStub(channel)
+        return Replica(address, channel, stub, batches=ShardBatchStream(stub, address) if self.batched else None)
 
     def start(self) -> None:
         """Begin watching every replica's health (call inside the running event loop)."""
@@ -114,6 +120,8 @@ class ShardPool:
                 watcher = self._watchers.pop(address, None)
                 if watcher is not None:
                     watcher.cancel()
+                if replica.batches is not None:
+                    replica.batches.finish()
                 task = asyncio.get_running_loop().create_task(replica.channel.close(self.drain_grace_s))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)

@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def on_start(runtime):
         runtime_ref["runtime"], runtime_ref["loop"] = runtime, asyncio.get_running_loop()
+        servicer.draining = runtime.stopping  # batch streams end once their requests have
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
         if caches and config.enable_prefix_caching and engine.engine.can_transfer_blocks:
             tls = tls_from_args(args)

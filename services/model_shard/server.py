@@ -19,6 +19,7 @@ from services.common.block_hash import chain_block_hashes, index_key
 from services.common.errors import REQUEST_FAILED_KEY, retry_later
 from services.common.telemetry import record_span, tracer
 from services.common.labels import BoundedLabels
+from services.model_shard.batch_stream import BatchStream, CallError
 from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, RequestClass, StepReport
 from services.model_shard.engine.grammar import OutputSpec
 from services.model_shard.engine.request import FinishReason, SamplingParams
@@ -118,18 +119,32 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         self.grammar_timeout_s = grammar_timeout_s
         self.prefix_feed = prefix_feed or PrefixIndexFeed()  # fed by AsyncEngine's on_prefix_change
         self._calls: dict[str, set[str]] = {}  # a caller's request_id -> the engine ids of its running calls
+        self.draining: asyncio.Event | None = None  # set by the server once it drains: batch streams end
 
     async def Generate(self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            async for msg in self.responses(request):
+                yield msg
+        except CallError as err:
+            await context.abort(err.code, err.details, err.trailing_metadata)
+
+    async def GenerateBatch(self, requests, context: grpc.aio.ServicerContext):
+        async for reply in BatchStream(self.responses, self.draining).run(requests):
+            yield reply
+
+    async def responses(self, request: shard_pb2.ShardGenerateRequest):
+        """One request's messages, as its Generate call streams them; CallError ends it with a status.
+        Runs in the request's server span (record_span makes queue, prefill and decode its children)."""
         if not request.prompt_token_ids:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         if request.sampling.n > 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a shard call makes one choice; send one call per "
-                                "choice (the gateway does, and the shard shares their prompt's blocks)")
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "a shard call makes one choice; send one call per "
+                            "choice (the gateway does, and the shard shares their prompt's blocks)")
         # The engine knows this call by an id of its own: callers' ids are labels (Abort takes them).
         label, request_id = request.request_id, uuid.uuid4().hex
         params = sampling_from_proto(request.sampling, request.resume_draws)
         first, times, count, steps = True, None, 0, 0
-        matcher = await self._matcher(params, list(request.prompt_token_ids), context)
+        matcher = await self._matcher(params, list(request.prompt_token_ids))
         if self.shared_kv is not None:
             await self._fetch_shared_prefix(list(request.prompt_token_ids))
         self._calls.setdefault(label, set()).add(request_id)
@@ -143,13 +158,13 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 last = batch[-1]
                 times = last.times
                 if last.finish_reason is FinishReason.ABORTED:
-                    await context.abort(grpc.StatusCode.CANCELLED, f"request {label} was aborted")
+                    raise CallError(grpc.StatusCode.CANCELLED, f"request {label} was aborted")
                 if last.finish_reason is FinishReason.ERROR:
                     # Tokens made before the failure are lost with the stream: the caller cannot
                     # resume it (the same request would fail again) and reports the error.
                     log.error("request %s (%s) failed in the engine: %s", label, request_id, last.error)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"the model shard could not compute this request: "
-                                        f"{last.error}", ((REQUEST_FAILED_KEY, "1"),))
+                    raise CallError(grpc.StatusCode.INTERNAL, f"the model shard could not compute this request: "
+                                    f"{last.error}", ((REQUEST_FAILED_KEY, "1"),))
                 tokens = [t for out in batch for t in out.new_token_ids]
                 count += len(tokens)
                 steps += len(batch)  # one output per engine step that sampled for this request
@@ -160,25 +175,16 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                     msg.top_logprobs.extend(top_logprobs_to_proto(t for out in batch for t in out.new_top_logprobs or ()))
                 if first:
                     first = False
-                    msg.prompt_tokens, msg.cached_tokens = last.prompt_tokens, last.cached_tokens
-                    msg.prompt_logprobs.extend(batch[0].prompt_logprobs or ())
-                    msg.prompt_top_logprobs.extend(top_logprobs_to_proto(batch[0].prompt_top_logprobs or ()))
-                    trace.get_current_span().add_event("first_token", timestamp=times.first_token_ns)
-                    record_span("queue", times.arrival_ns, times.scheduled_ns or times.arrival_ns)
-                    queued = ((times.scheduled_ns or times.arrival_ns) - times.arrival_ns) / 1e9
-                    QUEUE_TIME.observe(queued)
-                    TENANT_QUEUE_TIME.labels(TENANT_LABEL(request.tenant)).observe(queued)
-                    record_span("prefill", times.scheduled_ns or times.arrival_ns, times.first_token_ns or times.arrival_ns,
-                                {"llmmesh.prompt_tokens": last.prompt_tokens, "llmmesh.cached_tokens": last.cached_tokens})
+                    self._first_message(msg, batch, request.tenant)
                 if last.finished:
                     msg.finish_reason = last.finish_reason.value
                 yield msg
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except QueueFullError as exc:
-            await context.abort_with_status(retry_later(f"the shard's queue is full ({exc})", self.retry_after_s))
+            raise CallError.of(retry_later(f"the shard's queue is full ({exc})", self.retry_after_s)) from None
         except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise CallError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         finally:
             calls = self._calls.get(label)
             calls.discard(request_id)
@@ -188,22 +194,38 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 record_span("decode", times.first_token_ns, times.finished_ns or times.first_token_ns,
                             {"llmmesh.completion_tokens": count, "llmmesh.decode_steps": max(steps - 1, 0)})
 
-    async def _matcher(self, params: SamplingParams, prompt: list[int], context):
+    @staticmethod
+    def _first_message(msg: shard_pb2.ShardGenerateResponse, batch, tenant: str) -> None:
+        """The prompt's counts and log-probabilities on the first message; its queue and prefill spans."""
+        last = batch[-1]
+        times = last.times
+        msg.prompt_tokens, msg.cached_tokens = last.prompt_tokens, last.cached_tokens
+        msg.prompt_logprobs.extend(batch[0].prompt_logprobs or ())
+        msg.prompt_top_logprobs.extend(top_logprobs_to_proto(batch[0].prompt_top_logprobs or ()))
+        trace.get_current_span().add_event("first_token", timestamp=times.first_token_ns)
+        record_span("queue", times.arrival_ns, times.scheduled_ns or times.arrival_ns)
+        queued = ((times.scheduled_ns or times.arrival_ns) - times.arrival_ns) / 1e9
+        QUEUE_TIME.observe(queued)
+        TENANT_QUEUE_TIME.labels(TENANT_LABEL(tenant)).observe(queued)
+        record_span("prefill", times.scheduled_ns or times.arrival_ns, times.first_token_ns or times.arrival_ns,
+                    {"llmmesh.prompt_tokens": last.prompt_tokens, "llmmesh.cached_tokens": last.cached_tokens})
+
+    async def _matcher(self, params: SamplingParams, prompt: list[int]):
         """The constrained request's matcher, made off the engine thread within --grammar-timeout."""
         if params.structured is None:
             return None
         engine = self.engine.engine
         if engine is None or engine.grammars is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this shard serves no structured output "
-                                "(its model directory has no tokenizer.json)")
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "this shard serves no structured output "
+                            "(its model directory has no tokenizer.json)")
         try:
             return await asyncio.wait_for(asyncio.to_thread(_ready_matcher, engine.grammars, params.structured,
                                                             params.delivered_tokens(prompt)), self.grammar_timeout_s)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {params.structured.kind} did not compile "
-                                f"within {self.grammar_timeout_s:g}s (the shard's --grammar-timeout)")
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"the {params.structured.kind} did not compile "
+                            f"within {self.grammar_timeout_s:g}s (the shard's --grammar-timeout)") from None
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"structured output: {exc}")
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"structured output: {exc}") from None
 
     async def _fetch_shared_prefix(self, prompt: list[int]) -> None:
         """Bring the prompt's leading blocks that this shard lacks from the cache service, so the

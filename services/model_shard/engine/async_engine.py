@@ -235,12 +235,21 @@ class AsyncEngine:
         return RequestOutput(request_id, [], FinishReason.ABORTED, len(stream.prompt_token_ids), 0, RequestTimes())
 
     def _deliver(self, out: RequestOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is None:
-            return
-        if out.finished:
-            del self._streams[out.request_id]
-        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+        self._deliver_all([out])
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up of each event loop for all of them,
+        so every stream sees the step at once (a batch stream then sends it as one message)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            by_loop.setdefault(stream.loop, []).append((stream.outputs, out))
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, deliveries)
 
     def _run(self) -> None:
         try:
@@ -278,8 +287,7 @@ class AsyncEngine:
                 started = time.perf_counter()
                 stats = self.engine.stats
                 steps, tokens, seqs = stats.steps, stats.computed_tokens, stats.scheduled_seqs
-                for out in self.engine.step():
-                    self._deliver(out)
+                self._deliver_all(self.engine.step())
                 if self._on_step is not None and stats.steps > steps:
                     self._on_step(StepReport(stats.scheduled_seqs - seqs, stats.computed_tokens - tokens,
                                              time.perf_counter() - started))
@@ -333,6 +341,11 @@ class AsyncEngine:
             return self._inbox.get_nowait()
         except queue.Empty:
             return None
+
+
+def _put_all(deliveries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, out in deliveries:
+        outputs.put_nowait(out)
 
 
 def _settle_value(future: asyncio.Future, value) -> None:

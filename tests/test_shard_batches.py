@@ -1,0 +1,276 @@
+"""GenerateBatch: many requests on one stream to a real shard process (tiny model). Each request gets
+what its own Generate call would, and one message carries every request's tokens of an engine step.
+Also the gateway's side of it (shard_batches.py): calls read as Generate calls are, with their
+statuses, deadlines and cancels, and a shard without GenerateBatch served by Generate instead."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+import grpc
+import pytest
+
+from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+from services.common.errors import retry_delay_s
+from services.gateway.errors import RpcError
+from services.gateway.shard_calls import ShardLost, next_shard_message, open_shard_stream
+from services.gateway.shards import ShardPool
+
+from .conftest import free_ports, metric, shard_process, wait_for
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+
+
+@pytest.fixture(scope="module")
+def shard_metrics_port():
+    return free_ports(1)[0]
+
+
+@pytest.fixture(scope="module")
+def shard(tiny_model_dir, tmp_path_factory, shard_metrics_port):
+    with shard_process(tiny_model_dir, tmp_path_factory.mktemp("shard") / "shard.log", "--kv-cache-mb", "16",
+                       "--threads", "1", "--max-running", "4", "--max-waiting", "4", "--retry-after", "0.5",
+                       "--cache", "", "--metrics-port", str(shard_metrics_port), timeout=60) as (listen, _), \
+            grpc.insecure_channel(listen) as channel:
+        yield listen, shard_pb2_grpc.ModelShardStub(channel)
+
+
+def _request(prompt, max_tokens=16, **sampling) -> shard_pb2.ShardGenerateRequest:
+    return shard_pb2.ShardGenerateRequest(prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(
+        max_tokens=max_tokens, ignore_eos=True, **sampling))
+
+
+def _start(stream_id, request, timeout_s=0.0) -> shard_pb2.BatchRequest:
+    return shard_pb2.BatchRequest(start=shard_pb2.BatchStart(stream_id=stream_id, request=request, timeout_s=timeout_s))
+
+
+def _by_stream(replies) -> dict[int, list[shard_pb2.BatchItem]]:
+    items: dict[int, list] = {}
+    for reply in replies:
+        for item in reply.items:
+            items.setdefault(item.stream_id, []).append(item)
+    return items
+
+
+def test_requests_on_one_stream_get_what_their_own_calls_get(shard):
+    _, stub = shard
+    alone = [[t for msg in stub.Generate(_request(p), timeout=60) for t in msg.token_ids] for p in PROMPTS]
+    replies = list(stub.GenerateBatch(iter([_start(i + 1, _request(p)) for i, p in enumerate(PROMPTS)]), timeout=60))
+    items = _by_stream(replies)
+    for i, tokens in enumerate(alone):
+        mine = items[i + 1]
+        assert [t for item in mine for t in item.response.token_ids] == tokens
+        assert [item.response.finish_reason for item in mine][-1] == "length"
+        assert mine[0].response.prompt_tokens == len(PROMPTS[i])
+        assert not any(item.status_code for item in mine)
+    # A step's tokens for every request in it travel together: far fewer messages than tokens.
+    assert any(len({item.stream_id for item in reply.items}) == len(PROMPTS) for reply in replies)
+    assert len(replies) < sum(len(t) for t in alone) / 2
+
+
+def test_a_bad_request_fails_alone_with_its_status(shard):
+    _, stub = shard
+    requests = [_start(1, _request(PROMPTS[0])), _start(2, _request([])), _start(3, _request([999999])),
+                _start(1, _request(PROMPTS[1]))]  # stream_id 1 is still running
+    items = _by_stream(stub.GenerateBatch(iter(requests), timeout=60))
+    assert items[2][-1].status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "empty" in items[2][-1].status_details
+    assert items[3][-1].status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "vocabulary" in items[3][-1].status_details
+    first, refused = items[1][:-1], items[1][-1]
+    if refused.status_code == 0:  # the refusal may come before the first request's tokens
+        first, refused = items[1][1:], items[1][0]
+    assert refused.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "in use" in refused.status_details
+    assert sum(len(item.response.token_ids) for item in first) == 16
+
+
+class _Requests:
+    """A request iterator fed from the test: the stream stays open until close()."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+
+    def send(self, request) -> None:
+        self._queue.put(request)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self):
+        while (request := self._queue.get(timeout=60)) is not None:
+            yield request
+
+
+def test_cancel_and_deadline_end_one_request_and_free_it(shard, shard_metrics_port):
+    _, stub = shard
+    requests = _Requests()
+    replies = stub.GenerateBatch(iter(requests), timeout=60)
+    requests.send(_start(1, _request(PROMPTS[0], max_tokens=4000)))
+    requests.send(_start(2, _request(PROMPTS[1], max_tokens=4000), timeout_s=0.3))
+    seen: dict[int, list] = {1: [], 2: []}
+    for reply in replies:
+        for item in reply.items:
+            seen[item.stream_id].append(item)
+        if seen[1] and not any(i.status_code for i in seen[1]) and len(seen[1]) == 3:
+            requests.send(shard_pb2.BatchRequest(cancel=1))
+        if seen[2] and seen[2][-1].status_code:
+            break
+    assert seen[2][-1].status_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert len(seen[1]) >= 3  # so the cancel went out
+    # Both long requests leave the engine, while the stream goes on serving others.
+    assert wait_for(lambda: metric(shard_metrics_port, "llmmesh_requests_running") == 0, timeout=10)
+    for stream_id in range(3, 8):
+        requests.send(_start(stream_id, _request(PROMPTS[stream_id % 3], max_tokens=3)))
+    requests.close()
+    rest = _by_stream(replies)
+    assert not any(i.status_code for i in rest.get(1, []))  # a cancelled request is told nothing more
+    assert sum(len(i.response.token_ids) for i in seen[1] + rest.get(1, [])) < 4000
+    for stream_id in range(3, 8):
+        assert not any(i.status_code for i in rest[stream_id]), rest[stream_id][-1].status_details
+        assert sum(len(i.response.token_ids) for i in rest[stream_id]) == 3
+
+
+def _pool(address: str, batched: bool = True) -> ShardPool:
+    pool = ShardPool([address], batched=batched)
+    pool.replicas[0].serving = True
+    return pool
+
+
+async def _collect(pool, request, deadline_s=60.0):
+    loop = asyncio.get_running_loop()
+    replica, call, msg = await open_shard_stream(pool, request, loop.time() + deadline_s, 30.0)
+    messages = [msg]
+    while not msg.finish_reason:
+        msg = await next_shard_message(call)
+        messages.append(msg)
+    assert await call.read() is grpc.aio.EOF
+    replica.end("")
+    return call, messages
+
+
+def test_gateway_calls_on_a_batch_stream_read_as_generate_calls(shard):
+    address, stub = shard
+    alone = [[t for msg in stub.Generate(_request(p), timeout=60) for t in msg.token_ids] for p in PROMPTS]
+
+    async def run():
+        pool = _pool(address)
+        try:
+            results = await asyncio.gather(*(_collect(pool, _request(p)) for p in PROMPTS))
+            for (call, messages), tokens in zip(results, alone):
+                assert getattr(call, "batched", False)
+                assert [t for m in messages for t in m.token_ids] == tokens
+            # A deadline ends the call as a Generate call's would.
+            loop = asyncio.get_running_loop()
+            _, call, _ = await open_shard_stream(pool, _request(PROMPTS[0], max_tokens=4000), loop.time() + 0.5, 30.0)
+            with pytest.raises(RpcError) as late:
+                while True:
+                    await next_shard_message(call)
+            assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_refusal_through_a_batch_stream_carries_its_retry_delay(shard):
+    address, _ = shard
+
+    async def run():
+        pool = _pool(address)
+        batches = pool.replicas[0].batches
+        try:
+            calls = [batches.start(_request(p, max_tokens=300), asyncio.get_running_loop().time() + 60)
+                     for p in PROMPTS * 4]
+            errors = []
+            for call in calls:
+                try:
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    errors.append(exc)
+            assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
+            assert retry_delay_s(errors[0]) == 0.5
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+class _OlderShard(shard_pb2_grpc.ModelShardServicer):
+    """A shard from before GenerateBatch: Generate only (passed on to a real shard)."""
+
+    def __init__(self, stub):
+        self.stub = stub
+
+    async def Generate(self, request, context):
+        async for msg in self.stub.Generate(request):
+            yield msg
+
+
+def test_a_shard_without_batch_streams_is_called_per_request(shard):
+    address, stub = shard
+    tokens = [t for msg in stub.Generate(_request(PROMPTS[0]), timeout=60) for t in msg.token_ids]
+
+    async def run():
+        async with grpc.aio.insecure_channel(address) as channel:
+            server = grpc.aio.server()
+            shard_pb2_grpc.add_ModelShardServicer_to_server(_OlderShard(shard_pb2_grpc.ModelShardStub(channel)), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            pool = _pool(f"127.0.0.1:{port}")
+            try:
+                for _ in range(2):
+                    call, messages = await _collect(pool, _request(PROMPTS[0]))
+                    assert not getattr(call, "batched", False)
+                    assert [t for m in messages for t in m.token_ids] == tokens
+                assert pool.replicas[0].batches.unsupported
+            finally:
+                await pool.close()
+                await server.stop(0)
+
+    asyncio.run(run())
+
+
+def test_a_shard_that_dies_loses_every_request_on_its_stream(tiny_model_dir, tmp_path):
+    with shard_process(tiny_model_dir, tmp_path / "shard.log", "--kv-cache-mb", "16", "--threads", "1",
+                       "--cache", "", timeout=60) as (address, proc):
+        async def run():
+            pool = _pool(address)
+            loop = asyncio.get_running_loop()
+            try:
+                opened = [await open_shard_stream(pool, _request(p, max_tokens=4000), loop.time() + 60, 30.0)
+                          for p in PROMPTS]
+                await asyncio.to_thread(proc.kill)
+                for _, call, _ in opened:
+                    with pytest.raises(ShardLost):
+                        while True:
+                            await next_shard_message(call)
+            finally:
+                await pool.close()
+
+        asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_replica_removed_finishes_its_requests_then_its_stream(shard):
+    address, stub = shard
+    tokens = [t for msg in stub.Generate(_request(PROMPTS[1], max_tokens=40), timeout=60) for t in msg.token_ids]
+
+    async def run():
+        pool = ShardPool([address], dynamic=True)
+        pool.replicas[0].serving = True
+        loop = asyncio.get_running_loop()
+        try:
+            _, call, msg = await open_shard_stream(pool, _request(PROMPTS[1], max_tokens=40), loop.time() + 60, 30.0)
+            pool.set_addresses([])  # discovery saw its pod go
+            got = list(msg.token_ids)
+            while not msg.finish_reason:
+                msg = await next_shard_message(call)
+                got.extend(msg.token_ids)
+            assert got == tokens
+            # Its stream ends once that request has, so the channel closes now, not after a grace period.
+            await asyncio.wait_for(asyncio.gather(*pool._closing), 10)
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
