@@ -1,6 +1,7 @@
 """The public Gateway service: tokenize, look up the response cache, stream from a shard, detokenize.
 
-Per request: one Encode RPC and one shard Generate stream; tokens become text here, from the tokenizer's
+Per request: one Encode RPC and one request on its shard's GenerateBatch stream (shared by every request
+routed to that replica, one message per engine step); tokens become text here, from the tokenizer's
 vocabulary held by the gateway (or, until it is, one DetokenizeStream) — never an RPC per token.
 """
 

@@ -29,7 +29,7 @@ def call_error(code: grpc.StatusCode, details: str, trailing: tuple = ()) -> grp
 
 
 def item_error(item: shard_pb2.BatchItem) -> grpc.aio.AioRpcError:
-    code = next(c for c in grpc.StatusCode if c.value[0] == item.status_code)
+    code = next((c for c in grpc.StatusCode if c.value[0] == item.status_code), grpc.StatusCode.UNKNOWN)
     trailing = tuple((m.key, m.value if m.key.endswith("-bin") else m.value.decode()) for m in item.trailing_metadata)
     return call_error(code, item.status_details, trailing)
 
