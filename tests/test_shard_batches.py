@@ -232,6 +232,22 @@ def test_a_shard_without_batch_streams_is_called_per_request(shard):
     asyncio.run(run())
 
 
+def test_a_gateway_told_to_call_per_request_does(shard):
+    address, stub = shard
+    tokens = [t for msg in stub.Generate(_request(PROMPTS[2]), timeout=60) for t in msg.token_ids]
+
+    async def run():
+        pool = _pool(address, batched=False)  # --shard-streams call
+        try:
+            call, messages = await _collect(pool, _request(PROMPTS[2]))
+            assert not getattr(call, "batched", False) and pool.replicas[0].batches is None
+            assert [t for m in messages for t in m.token_ids] == tokens
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
 def test_a_shard_that_dies_loses_every_request_on_its_stream(tiny_model_dir, tmp_path):
     with shard_process(tiny_model_dir, tmp_path / "shard.log", "--kv-cache-mb", "16", "--threads", "1",
                        "--cache", "", timeout=60) as (address, proc):
