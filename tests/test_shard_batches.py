@@ -71,18 +71,23 @@ def test_requests_on_one_stream_get_what_their_own_calls_get(shard):
 
 def test_a_bad_request_fails_alone_with_its_status(shard):
     _, stub = shard
-    requests = [_start(1, _request(PROMPTS[0])), _start(2, _request([])), _start(3, _request([999999])),
-                _start(1, _request(PROMPTS[1]))]  # stream_id 1 is still running
+    requests = [_start(1, _request(PROMPTS[0])), _start(2, _request([])), _start(3, _request([999999]))]
     items = _by_stream(stub.GenerateBatch(iter(requests), timeout=60))
     assert items[2][-1].status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "empty" in items[2][-1].status_details
     assert items[3][-1].status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "vocabulary" in items[3][-1].status_details
-    first, refused = items[1][:-1], items[1][-1]
-    if refused.status_code == 0:  # the refusal may come before the first request's tokens
-        first, refused = items[1][1:], items[1][0]
-    assert refused.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "in use" in refused.status_details
-    assert sum(len(item.response.token_ids) for item in first) == 16
+    assert sum(len(item.response.token_ids) for item in items[1]) == 16
+    assert items[1][-1].response.finish_reason == "length" and not any(item.status_code for item in items[1])
+
+
+def test_a_stream_id_used_twice_ends_the_stream(shard):
+    """No answer under that id could say which of the two requests it is for."""
+    _, stub = shard
+    requests = [_start(1, _request(PROMPTS[0], max_tokens=4000)), _start(1, _request(PROMPTS[1]))]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GenerateBatch(iter(requests), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "in use" in err.value.details()
 
 
 class _Requests:

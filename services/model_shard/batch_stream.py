@@ -53,7 +53,7 @@ class BatchStream:
     async def run(self, requests: AsyncIterator[shard_pb2.BatchRequest]) -> AsyncIterator[shard_pb2.BatchResponse]:
         """The stream's replies: what is ready at each wake-up, in one message. Ends once the caller
         has closed its side (or the shard drains) and no request is running; leaving early (the
-        caller went away) cancels every request."""
+        caller went away, or broke the protocol: CallError) cancels every request."""
         reader = asyncio.create_task(self._read(requests))
         drain_watch = asyncio.create_task(self._wake_on_drain())
         try:
@@ -64,8 +64,8 @@ class BatchStream:
                 items = [item for item in items if item is not None]
                 if items:
                     yield shard_pb2.BatchResponse(items=items)
-            if reader.done():  # else the shard drains while the caller's side is open
-                reader.result()  # what it raised (a malformed message's abort) ends the call with it
+                if reader.done() and reader.exception() is not None:
+                    raise reader.exception()  # a broken protocol or message ends the stream, with its status
         finally:
             drain_watch.cancel()
             reader.cancel()
@@ -90,10 +90,10 @@ class BatchStream:
         self._outbox.put_nowait(None)
 
     def _start(self, start: shard_pb2.BatchStart) -> None:
-        if start.stream_id in self._running:
-            self._outbox.put_nowait(error_item(start.stream_id, CallError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"stream_id {start.stream_id} is in use on this stream")))
-        elif self._draining.is_set():
+        if start.stream_id in self._running:  # no answer under that id could say which request it is for
+            raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"stream_id {start.stream_id} is in use on this "
+                            "stream: the stream ends")
+        if self._draining.is_set():
             self._outbox.put_nowait(error_item(start.stream_id, CallError(
                 grpc.StatusCode.UNAVAILABLE, "the model shard is draining")))
         else:

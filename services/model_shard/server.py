@@ -129,8 +129,11 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
             await context.abort(err.code, err.details, err.trailing_metadata)
 
     async def GenerateBatch(self, requests, context: grpc.aio.ServicerContext):
-        async for reply in BatchStream(self.responses, self.draining).run(requests):
-            yield reply
+        try:
+            async for reply in BatchStream(self.responses, self.draining).run(requests):
+                yield reply
+        except CallError as err:
+            await context.abort(err.code, err.details, err.trailing_metadata)
 
     async def responses(self, request: shard_pb2.ShardGenerateRequest):
         """One request's messages, as its Generate call streams them; CallError ends it with a status.
