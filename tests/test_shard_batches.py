@@ -273,7 +273,7 @@ def test_a_shard_that_dies_loses_every_request_on_its_stream(tiny_model_dir, tmp
         asyncio.run(asyncio.wait_for(run(), 60))
 
 
-def test_a_replica_removed_finishes_its_requests_then_its_stream(shard):
+def test_a_replica_removed_finishes_its_requests_then_its_stream(shard, shard_metrics_port):
     address, stub = shard
     tokens = [t for msg in stub.Generate(_request(PROMPTS[1], max_tokens=40), timeout=60) for t in msg.token_ids]
 
@@ -283,15 +283,18 @@ def test_a_replica_removed_finishes_its_requests_then_its_stream(shard):
         loop = asyncio.get_running_loop()
         try:
             _, call, msg = await open_shard_stream(pool, _request(PROMPTS[1], max_tokens=40), loop.time() + 60, 30.0)
+            _, endless, _ = await open_shard_stream(pool, _request(PROMPTS[0], max_tokens=4000), loop.time() + 60, 30.0)
             pool.set_addresses([])  # discovery saw its pod go
+            endless.cancel()  # its cancel still reaches the shard
             got = list(msg.token_ids)
             while not msg.finish_reason:
                 msg = await next_shard_message(call)
                 got.extend(msg.token_ids)
             assert got == tokens
-            # Its stream ends once that request has, so the channel closes now, not after a grace period.
+            # Its stream ends once those requests have, so the channel closes now, not after a grace period.
             await asyncio.wait_for(asyncio.gather(*pool._closing), 10)
         finally:
             await pool.close()
 
     asyncio.run(run())
+    assert metric(shard_metrics_port, "llmmesh_requests_running") == 0

@@ -85,7 +85,7 @@ class BatchCall:
 
     def _end(self, last) -> None:
         self._last = last
-        self._connection.calls.pop(self.stream_id, None)
+        self._connection.forget(self.stream_id)
         if self._timer is not None:
             self._timer.cancel()
         self._inbox.put_nowait(last)
@@ -101,25 +101,39 @@ class _Connection:
 
     def __init__(self, stub: shard_pb2_grpc.ModelShardStub):
         self.calls: dict[int, BatchCall] = {}
-        self.open = True
+        self.open = True  # takes new requests
+        self._half_closed = False
         self._outbox: asyncio.Queue = asyncio.Queue()
         self.call = stub.GenerateBatch(self._requests())
         self.reader: asyncio.Task | None = None  # held here: the loop keeps only a weak reference
 
     def send(self, request: shard_pb2.BatchRequest) -> None:
-        if self.open:
+        if not self._half_closed:
             self._outbox.put_nowait(request)
+
+    def forget(self, stream_id: int) -> None:
+        """A call ended; a finishing connection half-closes once none is left."""
+        self.calls.pop(stream_id, None)
+        if not self.open and not self.calls:
+            self._half_close()
 
     def close(self, error: grpc.aio.AioRpcError) -> None:
         self.open = False
-        self._outbox.put_nowait(None)
+        self._half_close()
         for call in list(self.calls.values()):
             call.fail(error)
 
     def finish(self) -> None:
-        """Send no more requests: the shard ends the stream once those started on it have ended."""
+        """No new requests; once those started have ended (their cancels can still be sent), send
+        nothing more: the shard then ends the stream."""
         self.open = False
-        self._outbox.put_nowait(None)
+        if not self.calls:
+            self._half_close()
+
+    def _half_close(self) -> None:
+        if not self._half_closed:
+            self._half_closed = True
+            self._outbox.put_nowait(None)
 
     async def _requests(self):
         while (request := await self._outbox.get()) is not None:

@@ -5,6 +5,7 @@ goes out as one message, so a step of a 64-request batch costs one write instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -57,7 +58,9 @@ class BatchStream:
         reader = asyncio.create_task(self._read(requests))
         drain_watch = asyncio.create_task(self._wake_on_drain())
         try:
-            while self._reading or self._running:
+            # While the writer waits on a write, a request may put its last item and leave: the outbox
+            # is drained before the stream ends.
+            while self._reading or self._running or not self._outbox.empty():
                 items = [await self._outbox.get()]
                 while not self._outbox.empty():
                     items.append(self._outbox.get_nowait())
@@ -106,8 +109,10 @@ class BatchStream:
             span = start_rpc_span(GENERATE_METHOD, server=True, context=parent)
             with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
                 try:
-                    async with asyncio.timeout(start.timeout_s or None):
-                        async for msg in self._responses(start.request):
+                    # aclosing: a cancelled request leaves the engine now, not when its generator is collected.
+                    async with asyncio.timeout(start.timeout_s or None), \
+                            contextlib.aclosing(self._responses(start.request)) as messages:
+                        async for msg in messages:
                             put(shard_pb2.BatchItem(stream_id=stream_id, response=msg))
                 except TimeoutError:
                     raise CallError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
