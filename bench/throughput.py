@@ -322,9 +322,10 @@ def main() -> None:
             if args.call_rows:
                 address, metrics_port, process = stack.enter_context(second_gateway(plan, ["--shard-streams", "call"]))
                 gateways.append((" (call per request)", address, metrics_port, {**mesh.processes, "gateway": process}))
-            for n in concurrency:
+            for i, n in enumerate(concurrency):
                 for mode in args.sampling.split(","):
-                    for suffix, address, metrics_port, processes in gateways:
+                    # Which goes first alternates: on a shared machine, the load drifts within a row.
+                    for suffix, address, metrics_port, processes in gateways[::-1 if i % 2 else 1]:
                         before, cpu_before = scrape(metrics_port), outside_engine_cpu(processes)
                         row = asyncio.run(drive(address, n, args.rounds, args.max_tokens, mode))
                         row["name"] += suffix
