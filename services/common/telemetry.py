@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
@@ -20,9 +20,17 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 VERSION = "0.1.0"
 
 # Health probes and reflection would drown real traffic in spans. A batch stream lives as long as
-# its connection: each request on it is traced as its own call instead (rpc_span).
-_UNTRACED = filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"),
-                                          filters.method_name("GenerateBatch")))
+# its connection: each request on it is traced as its own call instead (start_rpc_span).
+_UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _traced(details) -> bool:
+    """The instrumentation's filter, on the method name alone: its own filters test the details'
+    type against typing protocols on every call, a few percent of a busy gateway's time."""
+    method = details.method
+    if isinstance(method, bytes):  # grpc.aio's client details carry bytes (grpc/grpc#31092)
+        method = method.decode()
+    return not method.startswith(_UNTRACED_PREFIXES) and not method.endswith("/GenerateBatch")
 
 
 def setup_tracing(service_name: str, instance_id: str) -> TracerProvider:
@@ -54,11 +62,11 @@ def setup_tracing(service_name: str, instance_id: str) -> TracerProvider:
 
 
 def server_interceptor():
-    return aio_server_interceptor(filter_=_UNTRACED)
+    return aio_server_interceptor(filter_=_traced)
 
 
 def client_interceptors():
-    return aio_client_interceptors(filter_=_UNTRACED)
+    return aio_client_interceptors(filter_=_traced)
 
 
 def start_rpc_span(method: str, server: bool, context=None) -> trace.Span:
