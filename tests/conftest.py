@@ -128,10 +128,22 @@ def free_ports(n: int) -> list[int]:
     return list(ports)
 
 
+def pytest_collection_finish(session):
+    """Start the session's local Ray cluster now when a test will use it, before other tests leave
+    threads (gRPC's, event loops') in this process. Ray starts its processes with a preexec_fn,
+    Python run in the forked child, which can hang on a lock another thread held at the fork: a GCS
+    that never writes its port."""
+    if any("ray_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
+        from services.model_shard.executor.ray_workers import connect_ray
+
+        connect_ray()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """Tests that build parallel engines in this process share one local Ray cluster, started on
-    first use from the main thread (see connect_ray) and stopped at the end of the session."""
+    """Tests that build parallel engines in this process share one local Ray cluster, started from
+    the main thread before the first test (pytest_collection_finish, connect_ray) and stopped at
+    the end of the session."""
     yield
     import ray
 
