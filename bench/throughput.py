@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from bench.mesh_metrics import cpu_per_token, messages_per_token, outside_engine_cpu, scrape  # noqa: E402
-from services.launcher import Mesh, ServiceSpec, free_port, plan_mesh, wait_healthy  # noqa: E402
+from services.launcher import Mesh, ServiceSpec, free_port, plan_mesh  # noqa: E402
 from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
 TOPICS = ["the ocean", "volcanoes", "the history of bread", "how bees make honey", "the moon landing",
@@ -106,22 +105,14 @@ def _blocks_allocated(metrics_port: int) -> float:
     return scrape(metrics_port)["llmmesh_kv_blocks_allocated_total"]
 
 
-@contextlib.contextmanager
-def second_gateway(plan, extra_args: list[str]):
-    """Another gateway on the same tokenizer, cache and shards, with extra_args: (address, metrics
-    port, process)."""
-    port, metrics_port = free_port(), free_port()
-    spec = ServiceSpec("gateway-b", "services.gateway", f"127.0.0.1:{port}", metrics_port,
-                       [*plan.gateway.args, *extra_args])
-    with open("/tmp/llmmesh-bench-logs/gateway-b.log", "wb") as log:
-        process = subprocess.Popen(spec.argv(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(spec.listen, 60, process)
-            asyncio.run(drive(spec.listen, 4, 1, 1))  # its channels up before it is measured
-            yield spec.listen, metrics_port, process
-        finally:
-            process.terminate()
-            process.wait(30)
+def second_gateway(mesh: Mesh, extra_args: list[str]) -> tuple[str, int, subprocess.Popen]:
+    """Another gateway on the same tokenizer, cache and shards, with extra_args, stopped with the mesh:
+    (address, metrics port, process)."""
+    spec = ServiceSpec("gateway-b", "services.gateway", f"127.0.0.1:{free_port()}", free_port(),
+                       [*mesh.plan.gateway.args, *extra_args])
+    mesh.start_extra(spec, timeout=60)
+    asyncio.run(drive(spec.listen, 4, 1, 1))  # its channels up before it is measured
+    return spec.listen, spec.metrics_port, mesh.processes[spec.name]
 
 
 def engine_row(args, n: int, rounds: int, max_tokens: int) -> dict:
@@ -317,22 +308,22 @@ def main() -> None:
         # Warm up, and prefill every prompt once: each row (and each --sampling mode) then finds the
         # same prefix cache, instead of the first row paying for the prefills the later ones reuse.
         asyncio.run(drive(mesh.gateway_address, max(concurrency), args.rounds, 1))
-        gateways = [("", mesh.gateway_address, gateway_metrics, mesh.processes)]
-        with contextlib.ExitStack() as stack:
-            if args.call_rows:
-                address, metrics_port, process = stack.enter_context(second_gateway(plan, ["--shard-streams", "call"]))
-                gateways.append((" (call per request)", address, metrics_port, {**mesh.processes, "gateway": process}))
-            for i, n in enumerate(concurrency):
-                for mode in args.sampling.split(","):
-                    # Which goes first alternates: on a shared machine, the load drifts within a row.
-                    for suffix, address, metrics_port, processes in gateways[::-1 if i % 2 else 1]:
-                        before, cpu_before = scrape(metrics_port), outside_engine_cpu(processes)
-                        row = asyncio.run(drive(address, n, args.rounds, args.max_tokens, mode))
-                        row["name"] += suffix
-                        row["messages_per_token"] = messages_per_token(before, scrape(metrics_port))
-                        row.update(cpu_per_token(cpu_before, outside_engine_cpu(processes), row["tokens"]))
-                        rows.append(row)
-                        print(f"  measured {row['name']}: {row['tok_s']:.1f} tok/s", flush=True)
+        processes = dict(mesh.processes)  # the plan's: a second gateway's CPU is not theirs
+        gateways = [("", mesh.gateway_address, gateway_metrics, processes)]
+        if args.call_rows:
+            address, metrics_port, process = second_gateway(mesh, ["--shard-streams", "call"])
+            gateways.append((" (call per request)", address, metrics_port, {**processes, "gateway": process}))
+        for i, n in enumerate(concurrency):
+            for mode in args.sampling.split(","):
+                # Which goes first alternates: on a shared machine, the load drifts within a row.
+                for suffix, address, metrics_port, measured in gateways[::-1 if i % 2 else 1]:
+                    before, cpu_before = scrape(metrics_port), outside_engine_cpu(measured)
+                    row = asyncio.run(drive(address, n, args.rounds, args.max_tokens, mode))
+                    row["name"] += suffix
+                    row["messages_per_token"] = messages_per_token(before, scrape(metrics_port))
+                    row.update(cpu_per_token(cpu_before, outside_engine_cpu(measured), row["tokens"]))
+                    rows.append(row)
+                    print(f"  measured {row['name']}: {row['tok_s']:.1f} tok/s", flush=True)
         choice_rows = [asyncio.run(drive_choices(mesh.gateway_address, shard_metrics, args.choices, args.max_tokens,
                                                  as_choices)) for as_choices in (True, False)] if args.choices else []
 
