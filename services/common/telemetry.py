@@ -69,6 +69,10 @@ def client_interceptors():
     return aio_client_interceptors(filter_=_traced)
 
 
+# A request on a GenerateBatch stream is traced as this call, on both sides of it.
+BATCHED_REQUEST_METHOD = "/llmmesh.v1.ModelShard/Generate"
+
+
 def start_rpc_span(method: str, server: bool, context=None) -> trace.Span:
     """A span for one call carried inside another stream (a batched request), named and described as
     the gRPC instrumentation describes a call of its own (method: "/package.Service/Method")."""

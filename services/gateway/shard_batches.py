@@ -8,19 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
-import logging
 import time
 
 import grpc
 from opentelemetry import propagate, trace
 
 from llmmesh.v1 import shard_pb2, shard_pb2_grpc
-from services.common.telemetry import start_rpc_span
+from services.common.telemetry import BATCHED_REQUEST_METHOD, start_rpc_span
 from services.gateway import message_counts
-
-log = logging.getLogger(__name__)
-
-GENERATE_METHOD = "/llmmesh.v1.ModelShard/Generate"
 
 
 def call_error(code: grpc.StatusCode, details: str, trailing: tuple = ()) -> grpc.aio.AioRpcError:
@@ -44,7 +39,7 @@ class BatchCall:
         self._connection, self.stream_id = connection, stream_id
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._last = None  # EOF or the error it ended with: every read after the messages gives it
-        self.span = start_rpc_span(GENERATE_METHOD, server=False)
+        self.span = start_rpc_span(BATCHED_REQUEST_METHOD, server=False)
         self._timer = None
         if deadline is not None:
             self._timer = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), self._expire)

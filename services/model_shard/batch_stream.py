@@ -13,11 +13,9 @@ import grpc
 from opentelemetry import propagate, trace
 
 from llmmesh.v1 import shard_pb2
-from services.common.telemetry import start_rpc_span
+from services.common.telemetry import BATCHED_REQUEST_METHOD, start_rpc_span
 
 log = logging.getLogger(__name__)
-
-GENERATE_METHOD = "/llmmesh.v1.ModelShard/Generate"  # each batched request is traced as this call
 
 
 class CallError(Exception):
@@ -106,7 +104,7 @@ class BatchStream:
         stream_id, put = start.stream_id, self._outbox.put_nowait
         parent = propagate.extract(dict(start.trace_context))
         try:
-            span = start_rpc_span(GENERATE_METHOD, server=True, context=parent)
+            span = start_rpc_span(BATCHED_REQUEST_METHOD, server=True, context=parent)
             with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
                 try:
                     # aclosing: a cancelled request leaves the engine now, not when its generator is collected.

@@ -221,7 +221,7 @@ class AsyncEngine:
             if msg.stream is not None and self._streams.get(msg.request_id) is not msg.stream:
                 return
             if self.engine.abort(msg.request_id):
-                self._deliver(self._aborted_output(msg.request_id))
+                self._deliver_all([self._aborted_output(msg.request_id)])
         elif isinstance(msg, _Call):
             try:
                 result = msg.fn(self.engine)
@@ -233,9 +233,6 @@ class AsyncEngine:
     def _aborted_output(self, request_id: str) -> RequestOutput:
         stream = self._streams[request_id]
         return RequestOutput(request_id, [], FinishReason.ABORTED, len(stream.prompt_token_ids), 0, RequestTimes())
-
-    def _deliver(self, out: RequestOutput) -> None:
-        self._deliver_all([out])
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up of each event loop for all of them,
