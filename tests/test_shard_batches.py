@@ -278,8 +278,7 @@ def test_a_replica_removed_finishes_its_requests_then_its_stream(shard, shard_me
     tokens = [t for msg in stub.Generate(_request(PROMPTS[1], max_tokens=40), timeout=60) for t in msg.token_ids]
 
     async def run():
-        pool = ShardPool([address], dynamic=True)
-        pool.replicas[0].serving = True
+        pool = _pool(address)
         loop = asyncio.get_running_loop()
         try:
             _, call, msg = await open_shard_stream(pool, _request(PROMPTS[1], max_tokens=40), loop.time() + 60, 30.0)
