@@ -112,7 +112,8 @@ def test_cancel_and_deadline_end_one_request_and_free_it(shard, shard_metrics_po
     requests = _Requests()
     replies = stub.GenerateBatch(iter(requests), timeout=60)
     requests.send(_start(1, _request(PROMPTS[0], max_tokens=4000)))
-    requests.send(_start(2, _request(PROMPTS[1], max_tokens=4000), timeout_s=0.3))
+    # The tiny model's context (512) ends a request by itself within about 0.5 s: the deadline is before.
+    requests.send(_start(2, _request(PROMPTS[1], max_tokens=4000), timeout_s=0.1))
     seen: dict[int, list] = {1: [], 2: []}
     for reply in replies:
         for item in reply.items:
@@ -130,6 +131,7 @@ def test_cancel_and_deadline_end_one_request_and_free_it(shard, shard_metrics_po
     requests.close()
     rest = _by_stream(replies)
     assert not any(i.status_code for i in rest.get(1, []))  # a cancelled request is told nothing more
+    assert not any(i.response.finish_reason for i in seen[1] + rest.get(1, []))  # it ended before its end
     assert sum(len(i.response.token_ids) for i in seen[1] + rest.get(1, [])) < 4000
     for stream_id in range(3, 8):
         assert not any(i.status_code for i in rest[stream_id]), rest[stream_id][-1].status_details
@@ -165,10 +167,12 @@ def test_gateway_calls_on_a_batch_stream_read_as_generate_calls(shard):
             for (call, messages), tokens in zip(results, alone):
                 assert getattr(call, "batched", False)
                 assert [t for m in messages for t in m.token_ids] == tokens
-            # A deadline ends the call as a Generate call's would.
+            # A deadline ends the call as a Generate call's would. The tiny model's context (512) ends
+            # the request by itself within about 0.5 s, so the deadline is well before that.
             loop = asyncio.get_running_loop()
-            _, call, _ = await open_shard_stream(pool, _request(PROMPTS[0], max_tokens=4000), loop.time() + 0.5, 30.0)
             with pytest.raises(RpcError) as late:
+                _, call, _ = await open_shard_stream(pool, _request(PROMPTS[0], max_tokens=4000), loop.time() + 0.15,
+                                                     30.0)
                 while True:
                     await next_shard_message(call)
             assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -295,5 +299,9 @@ def test_a_replica_removed_finishes_its_requests_then_its_stream(shard, shard_me
         finally:
             await pool.close()
 
+    computed = metric(shard_metrics_port, "llmmesh_tenant_computed_tokens_total", tenant="none")
     asyncio.run(run())
     assert metric(shard_metrics_port, "llmmesh_requests_running") == 0
+    # The cancelled one stopped early: run to the end of the tiny model's context (512), it alone would
+    # have computed over 500 tokens.
+    assert metric(shard_metrics_port, "llmmesh_tenant_computed_tokens_total", tenant="none") - computed < 300
