@@ -1,13 +1,17 @@
 """One stream's latency through the mesh, beside the same model in-process.
 
-Rows (same prompt, greedy, same token budget, run one after another in one process tree):
+Rows (same prompt, greedy, same token budget):
   mesh (gRPC)          : client -> gateway -> tokenizer/cache/shard, streamed
   engine (in-process)  : our LLMEngine stepped directly, no gRPC: the model's own speed
   transformers generate: LlamaForCausalLM.generate, what the model costs without us
   llama-cpp-python     : llama.cpp on the GGUF the model ships as (Q4_1), when installed
 
-TTFT is the time to the first token; tokens/s counts completion tokens over the whole request;
-decode tok/s those after the first, over the time after it.
+The mesh's and the engine's runs alternate (this machine's speed drifts more between minutes than
+the mesh costs), and both print the inter-token p50 (ITL). TTFT is the time to the first token;
+tokens/s counts completion tokens over the whole request; decode tok/s those after the first, over
+the time after it. Below the table: the CPU each process spent per generated token outside the
+engine during the mesh's runs, this client's included. On a machine whose cores the engine fills,
+that CPU is what the mesh adds to each token.
 
     .venv/bin/python bench/latency.py [--dtype auto] [--quantization auto] [--runs 5] [--json out.json]
     (make bench runs it with the defaults: the configuration `make run` serves)
@@ -29,45 +33,79 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from bench.mesh_metrics import messages_per_token, scrape  # noqa: E402
+from bench.mesh_metrics import messages_per_token, outside_engine_cpu, scrape  # noqa: E402
 from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
 from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
 QUESTION = "Write a short story about a robot who learns to paint."
 
 
-def mesh_runs(stub, runs: int, max_tokens: int) -> list[tuple[float, int, float]]:
+class Run:
+    """One request: when it started, and when each token arrived."""
+
+    def __init__(self) -> None:
+        self.start, self.stamps = time.perf_counter(), []
+
+    def tokens(self, count: int) -> None:
+        self.stamps += [time.perf_counter()] * count
+
+    def row(self) -> tuple[float, int, float, list[float]]:
+        """(TTFT, tokens, seconds, inter-token gaps); tokens that came together share their gap."""
+        gaps, last = [], self.stamps[0]
+        for i, stamp in enumerate(self.stamps[1:], 1):
+            if stamp != last:
+                together = sum(1 for s in self.stamps[i:] if s == stamp)
+                gaps += [(stamp - last) / together] * together
+                last = stamp
+        return self.stamps[0] - self.start, len(self.stamps), time.perf_counter() - self.start, gaps
+
+
+def mesh_run(stub, max_tokens: int):
     request = gateway_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="user", content=QUESTION)],
                                           sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
-    out = []
-    for _ in range(runs + 1):  # the first warms up
-        start = time.perf_counter()
-        ttft, tokens = None, 0
-        for chunk in stub.GenerateStream(request, timeout=300):
-            if ttft is None and chunk.token_ids:
-                ttft = time.perf_counter() - start
-            tokens += len(chunk.token_ids)
-        out.append((ttft, tokens, time.perf_counter() - start))
-    return out[1:]
+    run = Run()
+    for chunk in stub.GenerateStream(request, timeout=300):
+        if chunk.token_ids:
+            run.tokens(len(chunk.token_ids))
+    return run.row()
 
 
-def engine_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int, dtype: str,
-                quantization: str | None):
-    from services.model_shard.engine.engine import EngineConfig, LLMEngine
+def engine_run(engine, prompt_ids: list[int], max_tokens: int, request_id: str):
     from services.model_shard.engine.request import SamplingParams
 
-    engine = LLMEngine.from_dir(model_dir, EngineConfig(dtype=dtype, quantization=quantization, kv_cache_bytes=256 << 20))
-    out = []
-    for i in range(runs + 1):
-        start = time.perf_counter()
-        seq = engine.add_request(f"bench-{i}", prompt_ids, SamplingParams(max_tokens=max_tokens))
-        ttft = None
-        while engine.has_work:
-            engine.step()
-            if ttft is None and seq.output_token_ids:
-                ttft = time.perf_counter() - start
-        out.append((ttft, len(seq.output_token_ids), time.perf_counter() - start))
-    return out[1:]
+    seq = engine.add_request(request_id, prompt_ids, SamplingParams(max_tokens=max_tokens))
+    run, made = Run(), 0
+    while engine.has_work:
+        engine.step()
+        run.tokens(len(seq.output_token_ids) - made)
+        made = len(seq.output_token_ids)
+    return run.row()
+
+
+def client_cpu() -> float:
+    return time.process_time()  # this process: the client while the mesh runs, idle otherwise
+
+
+def mesh_and_engine(args, stub, engine, prompt_ids: list[int], mesh: Mesh, metrics_port: int):
+    """Alternating mesh and engine runs after one warm-up each: their rows, the mesh's internal messages
+    per token, and its CPU microseconds per token by process outside the engine (client included)."""
+    mesh_run(stub, args.max_tokens)
+    engine_run(engine, prompt_ids, args.max_tokens, "warm-up")
+    mesh_rows, engine_rows, spent = [], [], {}
+    before = scrape(metrics_port)
+    for i in range(args.runs):
+        for which in ("mesh", "engine") if i % 2 == 0 else ("engine", "mesh"):
+            if which == "engine":
+                engine_rows.append(engine_run(engine, prompt_ids, args.max_tokens, f"bench-{i}"))
+                continue
+            cpu = {**outside_engine_cpu(mesh.processes), "client": client_cpu()}
+            mesh_rows.append(mesh_run(stub, args.max_tokens))
+            after = {**outside_engine_cpu(mesh.processes), "client": client_cpu()}
+            for name in after:
+                spent[name] = spent.get(name, 0.0) + after[name] - cpu[name]
+    tokens = sum(row[1] for row in mesh_rows)
+    per_token = messages_per_token(before, scrape(metrics_port))
+    return mesh_rows, engine_rows, per_token, {name: 1e6 * seconds / tokens for name, seconds in spent.items()}
 
 
 def transformers_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int, eos: list[int],
@@ -112,7 +150,7 @@ def llama_cpp_runs(model_dir: Path, runs: int, max_tokens: int):
 
 
 def summarize(name: str, rows) -> dict:
-    return {
+    out = {
         "name": name,
         "ttft_ms_p50": 1000 * statistics.median(r[0] for r in rows),
         "tokens": statistics.median(r[1] for r in rows),
@@ -120,6 +158,10 @@ def summarize(name: str, rows) -> dict:
         "decode_tokens_per_s": statistics.median((r[1] - 1) / (r[2] - r[0]) for r in rows),
         "e2e_ms_p50": 1000 * statistics.median(r[2] for r in rows),
     }
+    gaps = [gap for r in rows if len(r) > 3 for gap in r[3]]  # the mesh's and the engine's rows have them
+    if gaps:
+        out["itl_ms_p50"] = 1000 * statistics.median(gaps)
+    return out
 
 
 def main() -> None:
@@ -145,19 +187,21 @@ def main() -> None:
     tok = TextTokenizer(args.model)
     prompt_ids = tok.encode_chat([Message("user", QUESTION)])
 
-    ports = [free_port() for _ in range(7)]
+    from services.model_shard.engine.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine.from_dir(args.model, EngineConfig(dtype=args.dtype, quantization=args.quantization,
+                                                         kv_cache_bytes=256 << 20))
+    metrics_port = free_port()
+    ports = [free_port() for _ in range(4)]
     plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
-                     gateway_metrics_port=ports[4],
-                     shard_args=shard_args, gateway_args=["--no-response-cache"])
+                     gateway_metrics_port=metrics_port, shard_args=shard_args, gateway_args=["--no-response-cache"])
     with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
         mesh.start()
         with grpc.insecure_channel(mesh.gateway_address) as channel:
-            before = scrape(ports[4])
-            mesh_rows = mesh_runs(gateway_pb2_grpc.GatewayStub(channel), args.runs, args.max_tokens)
-            per_token = messages_per_token(before, scrape(ports[4]))
-    results = [summarize("mesh (gRPC, 4 services)", mesh_rows)]
-    results.append(summarize("engine (in-process)", engine_runs(args.model, prompt_ids, args.runs, args.max_tokens,
-                                                                args.dtype, args.quantization)))
+            mesh_rows, engine_rows, per_token, cpu = mesh_and_engine(
+                args, gateway_pb2_grpc.GatewayStub(channel), engine, prompt_ids, mesh, metrics_port)
+    del engine
+    results = [summarize("mesh (gRPC, 4 services)", mesh_rows), summarize("engine (in-process)", engine_rows)]
     results.append(summarize(f"transformers generate ({args.dtype})", transformers_runs(
         args.model, prompt_ids, args.runs, args.max_tokens, tok.eos_token_ids, DTYPES[args.dtype])))
     llama = llama_cpp_runs(args.model, args.runs, args.max_tokens)
@@ -167,16 +211,21 @@ def main() -> None:
     label = args.dtype + (f" + {args.quantization}" if args.quantization else "") + chosen
     print(f"\nSmolLM2-135M-Instruct {label}, prompt {len(prompt_ids)} tokens, greedy, max {args.max_tokens} new "
           f"tokens, median of {args.runs} runs, {torch.get_num_threads()} torch threads\n")
-    print(f"{'':34} {'TTFT ms':>9} {'tokens':>7} {'tok/s':>8} {'decode tok/s':>13} {'e2e ms':>9}")
+    print(f"{'':34} {'TTFT ms':>9} {'ITL p50 ms':>11} {'tokens':>7} {'tok/s':>8} {'decode tok/s':>13} {'e2e ms':>9}")
     for r in results:
-        print(f"{r['name']:34} {r['ttft_ms_p50']:9.1f} {r['tokens']:7.0f} {r['tokens_per_s']:8.1f} "
+        itl = f"{r['itl_ms_p50']:11.2f}" if "itl_ms_p50" in r else f"{'':11}"
+        print(f"{r['name']:34} {r['ttft_ms_p50']:9.1f} {itl} {r['tokens']:7.0f} {r['tokens_per_s']:8.1f} "
               f"{r['decode_tokens_per_s']:13.1f} {r['e2e_ms_p50']:9.1f}")
     mesh, engine = results[0], results[1]
-    overhead = mesh["ttft_ms_p50"] - engine["ttft_ms_p50"]
-    print(f"\nmesh overhead on TTFT vs the in-process engine: {overhead:+.1f} ms; "
-          f"throughput ratio mesh/engine: {mesh['tokens_per_s'] / engine['tokens_per_s']:.2f}; "
+    print(f"\nmesh vs the in-process engine: TTFT {mesh['ttft_ms_p50'] - engine['ttft_ms_p50']:+.1f} ms, "
+          f"ITL p50 {mesh['itl_ms_p50'] - engine['itl_ms_p50']:+.2f} ms, "
+          f"tokens/s ratio {mesh['tokens_per_s'] / engine['tokens_per_s']:.2f}; "
           f"gRPC messages between the gateway and its backends per generated token: {per_token:.2f}")
+    print("CPU per generated token outside the engine, during the mesh's runs (us): "
+          + ", ".join(f"{name.replace('shard-0', 'shard event loop')} {us:.0f}" for name, us in cpu.items())
+          + f"; in all {sum(cpu.values()):.0f}")
     mesh["internal_messages_per_token"] = per_token
+    mesh["cpu_us_per_token_outside_engine"] = cpu
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
