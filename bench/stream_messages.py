@@ -10,7 +10,12 @@ loopback gRPC, as fast as they are read, in the shapes the mesh would send at `-
 Printed per shape: tokens/s, and CPU microseconds per token on each side. The mesh at that load pays
 the difference on every token, on cores the model needs.
 
-    .venv/bin/python bench/stream_messages.py [--streams 64] [--tokens 20000] [--json out.json]
+With --step-ms, two more rows, at the pace of one stream's decode steps: a thread (the engine's
+stand-in) ticks every step and hands each tick to the server's event loop, which sends it as one
+message ("one stream, paced"); and the same ticks with no gRPC ("paced ticks alone"). Each message
+then finds both sides asleep, and what waking them costs is what one stream pays per token on each hop.
+
+    .venv/bin/python bench/stream_messages.py [--streams 64] [--tokens 20000] [--step-ms 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +39,7 @@ from llmmesh.v1 import common_pb2, gateway_pb2, shard_pb2  # noqa: E402
 from services.launcher import free_port  # noqa: E402
 
 PER_REQUEST, PER_CONNECTION = "/bench.Stream/PerRequest", "/bench.Stream/PerConnection"
+PACED = "/bench.Stream/Paced"
 
 
 def _ask(messages: int, width: int) -> shard_pb2.ShardGenerateRequest:
@@ -53,6 +60,27 @@ async def _per_connection(request: shard_pb2.ShardGenerateRequest, context):
                                                     for i, call in enumerate(ids)])
 
 
+async def paced_ticks(count: int, step_s: float):
+    """count ticks, one per step_s, made on a thread of their own and handed to this event loop as the
+    shard's engine thread hands over its outputs."""
+    loop, ticks = asyncio.get_running_loop(), asyncio.Queue()
+
+    def tick() -> None:
+        for i in range(count):
+            time.sleep(step_s)
+            loop.call_soon_threadsafe(ticks.put_nowait, i)
+        loop.call_soon_threadsafe(ticks.put_nowait, None)
+
+    threading.Thread(target=tick, daemon=True).start()
+    while (i := await ticks.get()) is not None:
+        yield i
+
+
+async def _paced(request: shard_pb2.ShardGenerateRequest, context):
+    async for i in paced_ticks(request.sampling.max_tokens, request.prompt_token_ids[0] / 1e6):
+        yield shard_pb2.ShardGenerateResponse(token_ids=[i % 49152])
+
+
 async def serve(port: int) -> None:
     handlers = {
         "PerRequest": grpc.unary_stream_rpc_method_handler(
@@ -61,6 +89,9 @@ async def serve(port: int) -> None:
         "PerConnection": grpc.unary_stream_rpc_method_handler(
             _per_connection, request_deserializer=shard_pb2.ShardGenerateRequest.FromString,
             response_serializer=gateway_pb2.GenerateResponse.SerializeToString),
+        "Paced": grpc.unary_stream_rpc_method_handler(
+            _paced, request_deserializer=shard_pb2.ShardGenerateRequest.FromString,
+            response_serializer=shard_pb2.ShardGenerateResponse.SerializeToString),
     }
     server = grpc.aio.server()
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Stream", handlers)])
@@ -80,7 +111,7 @@ async def _read(channel, method: str, deserialize, requests: list, count) -> int
     return sum(await asyncio.gather(*(one(r) for r in requests)))
 
 
-async def measure(port: int, server_pid: int, streams: int, tokens: int) -> list[dict]:
+async def measure(port: int, server_pid: int, streams: int, tokens: int, step_ms: float | None) -> list[dict]:
     rows = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         shapes = [
@@ -89,21 +120,36 @@ async def measure(port: int, server_pid: int, streams: int, tokens: int) -> list
             (f"per connection ({streams} tokens per message)", PER_CONNECTION, gateway_pb2.GenerateResponse.FromString,
              [_ask(tokens // streams, streams)], lambda m: sum(len(c.token_ids) for c in m.choices)),
         ]
+        if step_ms:
+            paced_tokens = min(tokens, int(10_000 / step_ms))  # about ten seconds
+            shapes.append((f"one stream, paced ({step_ms:g} ms a token)", PACED, shard_pb2.ShardGenerateResponse.FromString,
+                           [_ask(paced_tokens, int(step_ms * 1000))], lambda m: len(m.token_ids)))
         for name, method, deserialize, requests, count in shapes:
-            await _read(channel, method, deserialize, requests[:1], count)  # warm: the connection, the handlers
+            await _read(channel, method, deserialize, [_ask(1, requests[0].prompt_token_ids[0])], count)  # warm
             server_cpu, client_cpu, start = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
             got = await _read(channel, method, deserialize, requests, count)
             wall = time.perf_counter() - start
             rows.append({"name": name, "tokens": got, "tok_s": got / wall,
                          "server_us_per_token": 1e6 * (cpu_seconds(server_pid) - server_cpu) / got,
                          "client_us_per_token": 1e6 * (time.process_time() - client_cpu) / got})
+    if step_ms:
+        rows.append(await ticks_alone(paced_tokens, step_ms))
     return rows
+
+
+async def ticks_alone(count: int, step_ms: float) -> dict:
+    """The paced row's ticks, thread to event loop, in this process and without gRPC."""
+    cpu, start = time.process_time(), time.perf_counter()
+    got = sum([1 async for _ in paced_ticks(count, step_ms / 1000)])
+    return {"name": "paced ticks alone, no gRPC", "tokens": got, "tok_s": got / (time.perf_counter() - start),
+            "server_us_per_token": 1e6 * (time.process_time() - cpu) / got, "client_us_per_token": 0.0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=64, help="requests decoding at once")
     parser.add_argument("--tokens", type=int, default=20000)
+    parser.add_argument("--step-ms", type=float, help="also measure one stream paced at this step time")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server process
     args = parser.parse_args()
@@ -114,7 +160,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
-        rows = asyncio.run(measure(port, server.pid, args.streams, args.tokens))
+        rows = asyncio.run(measure(port, server.pid, args.streams, args.tokens, args.step_ms))
     finally:
         server.kill()
         server.wait()
