@@ -11,9 +11,15 @@ the mesh costs), and both print the inter-token p50 (ITL). TTFT is the time to t
 tokens/s counts completion tokens over the whole request; decode tok/s those after the first, over
 the time after it. Below the table: the CPU each process spent per generated token outside the
 engine during the mesh's runs, this client's included. On a machine whose cores the engine fills,
-that CPU is what the mesh adds to each token.
+that CPU is what the mesh adds to each token. Also below: the mean engine step in the shard beside the
+in-process one's; a longer step in the shard is the engine slowed by what shares its process and cores.
 
-    .venv/bin/python bench/latency.py [--dtype auto] [--quantization auto] [--runs 5] [--json out.json]
+--engine-cores 0 gives the engine cores of its own (Linux): the shard's engine threads and the
+in-process engine run there, with one torch thread per core; everything else (the rest of each mesh
+process, this client) runs on the other cores. What the mesh then adds is not CPU taken from the model.
+
+    .venv/bin/python bench/latency.py [--dtype auto] [--quantization auto] [--runs 5] [--engine-cores 0]
+                                      [--json out.json]
     (make bench runs it with the defaults: the configuration `make run` serves)
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,7 +40,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from bench.mesh_metrics import messages_per_token, outside_engine_cpu, scrape  # noqa: E402
+from bench.mesh_metrics import ENGINE_THREAD_NAME, messages_per_token, outside_engine_cpu, scrape, threads  # noqa: E402
 from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
 from services.model_shard.engine.engine import DTYPES  # noqa: E402
 
@@ -70,13 +77,16 @@ def mesh_run(stub, max_tokens: int):
     return run.row()
 
 
-def engine_run(engine, prompt_ids: list[int], max_tokens: int, request_id: str):
+def engine_run(engine, prompt_ids: list[int], max_tokens: int, request_id: str, steps: list[float]):
+    """One request on the in-process engine; each step's duration is added to steps."""
     from services.model_shard.engine.request import SamplingParams
 
     seq = engine.add_request(request_id, prompt_ids, SamplingParams(max_tokens=max_tokens))
     run, made = Run(), 0
     while engine.has_work:
+        started = time.perf_counter()
         engine.step()
+        steps.append(time.perf_counter() - started)
         run.tokens(len(seq.output_token_ids) - made)
         made = len(seq.output_token_ids)
     return run.row()
@@ -86,26 +96,58 @@ def client_cpu() -> float:
     return time.process_time()  # this process: the client while the mesh runs, idle otherwise
 
 
-def mesh_and_engine(args, stub, engine, prompt_ids: list[int], mesh: Mesh, metrics_port: int):
+class Placement:
+    """--engine-cores: the engines' threads on those cores, every other thread of the mesh and of this
+    process on the rest."""
+
+    def __init__(self, engine_cores: set[int]):
+        self.engine_cores, self.other_cores = engine_cores, os.sched_getaffinity(0) - engine_cores
+        if not self.other_cores:
+            raise SystemExit(f"--engine-cores {sorted(engine_cores)} leaves no core for the rest")
+
+    def mesh(self, mesh: Mesh) -> None:
+        for proc in mesh.processes.values():
+            for tid, name in threads(proc.pid).items():
+                os.sched_setaffinity(tid, self.engine_cores if name == ENGINE_THREAD_NAME else self.other_cores)
+
+    def this_process(self, for_engine: bool) -> None:
+        for tid in threads(os.getpid()):
+            os.sched_setaffinity(tid, self.engine_cores if for_engine else self.other_cores)
+
+
+def mesh_and_engine(args, stub, engine, prompt_ids: list[int], mesh: Mesh, metrics_ports: tuple[int, int],
+                    placement: Placement | None) -> dict:
     """Alternating mesh and engine runs after one warm-up each: their rows, the mesh's internal messages
-    per token, and its CPU microseconds per token by process outside the engine (client included)."""
+    per token, its CPU microseconds per token by process outside the engine (client included), and the
+    mean engine step in the shard and in-process."""
+    gateway_port, shard_port = metrics_ports
     mesh_run(stub, args.max_tokens)
-    engine_run(engine, prompt_ids, args.max_tokens, "warm-up")
-    mesh_rows, engine_rows, spent = [], [], {}
-    before = scrape(metrics_port)
+    engine_run(engine, prompt_ids, args.max_tokens, "warm-up", [])
+    if placement is not None:
+        placement.mesh(mesh)
+    out = {"mesh": [], "engine": [], "steps": []}
+    spent: dict[str, float] = {}
+    before, shard_before = scrape(gateway_port), scrape(shard_port)
     for i in range(args.runs):
         for which in ("mesh", "engine") if i % 2 == 0 else ("engine", "mesh"):
+            if placement is not None:
+                placement.this_process(for_engine=which == "engine")
             if which == "engine":
-                engine_rows.append(engine_run(engine, prompt_ids, args.max_tokens, f"bench-{i}"))
+                out["engine"].append(engine_run(engine, prompt_ids, args.max_tokens, f"bench-{i}", out["steps"]))
                 continue
             cpu = {**outside_engine_cpu(mesh.processes), "client": client_cpu()}
-            mesh_rows.append(mesh_run(stub, args.max_tokens))
+            out["mesh"].append(mesh_run(stub, args.max_tokens))
             after = {**outside_engine_cpu(mesh.processes), "client": client_cpu()}
             for name in after:
                 spent[name] = spent.get(name, 0.0) + after[name] - cpu[name]
-    tokens = sum(row[1] for row in mesh_rows)
-    per_token = messages_per_token(before, scrape(metrics_port))
-    return mesh_rows, engine_rows, per_token, {name: 1e6 * seconds / tokens for name, seconds in spent.items()}
+    tokens = sum(row[1] for row in out["mesh"])
+    out["messages_per_token"] = messages_per_token(before, scrape(gateway_port))
+    out["cpu"] = {name: 1e6 * seconds / tokens for name, seconds in spent.items()}
+    shard = {name: scrape(shard_port)[name] - shard_before[name]
+             for name in ("llmmesh_step_duration_seconds_sum", "llmmesh_step_duration_seconds_count")}
+    out["shard_step_ms"] = 1000 * shard["llmmesh_step_duration_seconds_sum"] / shard["llmmesh_step_duration_seconds_count"]
+    out["engine_step_ms"] = 1000 * statistics.mean(out.pop("steps"))
+    return out
 
 
 def transformers_runs(model_dir: Path, prompt_ids: list[int], runs: int, max_tokens: int, eos: list[int],
@@ -172,6 +214,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto (the default of make run): what model/precision.py chooses on this machine")
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"])
+    parser.add_argument("--engine-cores", help="comma-separated cores the engines run on alone (see above)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     # Resolved here as the shard resolves them, so every row runs the same precision.
@@ -187,21 +230,30 @@ def main() -> None:
     tok = TextTokenizer(args.model)
     prompt_ids = tok.encode_chat([Message("user", QUESTION)])
 
+    placement = None
+    if args.engine_cores:
+        placement = Placement({int(core) for core in args.engine_cores.split(",")})
+        torch.set_num_threads(len(placement.engine_cores))
+        shard_args += ["--threads", str(len(placement.engine_cores))]
     from services.model_shard.engine.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine.from_dir(args.model, EngineConfig(dtype=args.dtype, quantization=args.quantization,
                                                          kv_cache_bytes=256 << 20))
-    metrics_port = free_port()
+    metrics_ports = (free_port(), free_port())
     ports = [free_port() for _ in range(4)]
-    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, 0],
-                     gateway_metrics_port=metrics_port, shard_args=shard_args, gateway_args=["--no-response-cache"])
+    plan = plan_mesh(str(args.model), 1, gateway_port=ports[0], ports=ports[1:4], metrics_ports=[0, 0, metrics_ports[1]],
+                     gateway_metrics_port=metrics_ports[0], shard_args=shard_args, gateway_args=["--no-response-cache"])
     with Mesh(plan, log_dir=Path("/tmp/llmmesh-bench-logs")) as mesh:
         mesh.start()
         with grpc.insecure_channel(mesh.gateway_address) as channel:
-            mesh_rows, engine_rows, per_token, cpu = mesh_and_engine(
-                args, gateway_pb2_grpc.GatewayStub(channel), engine, prompt_ids, mesh, metrics_port)
+            measured = mesh_and_engine(args, gateway_pb2_grpc.GatewayStub(channel), engine, prompt_ids, mesh,
+                                       metrics_ports, placement)
+    if placement is not None:
+        os.sched_setaffinity(0, placement.engine_cores | placement.other_cores)
     del engine
-    results = [summarize("mesh (gRPC, 4 services)", mesh_rows), summarize("engine (in-process)", engine_rows)]
+    per_token, cpu = measured["messages_per_token"], measured["cpu"]
+    results = [summarize("mesh (gRPC, 4 services)", measured["mesh"]),
+               summarize("engine (in-process)", measured["engine"])]
     results.append(summarize(f"transformers generate ({args.dtype})", transformers_runs(
         args.model, prompt_ids, args.runs, args.max_tokens, tok.eos_token_ids, DTYPES[args.dtype])))
     llama = llama_cpp_runs(args.model, args.runs, args.max_tokens)
@@ -222,10 +274,15 @@ def main() -> None:
           f"tokens/s ratio {mesh['tokens_per_s'] / engine['tokens_per_s']:.2f}; "
           f"gRPC messages between the gateway and its backends per generated token: {per_token:.2f}")
     print("CPU per generated token outside the engine, during the mesh's runs (us): "
-          + ", ".join(f"{name.replace('shard-0', 'shard event loop')} {us:.0f}" for name, us in cpu.items())
+          + ", ".join(f"{name.replace('shard-0', 'shard outside its engine')} {us:.0f}" for name, us in cpu.items())
           + f"; in all {sum(cpu.values()):.0f}")
+    print(f"mean engine step during the runs: in the shard {measured['shard_step_ms']:.2f} ms, in-process "
+          f"{measured['engine_step_ms']:.2f} ms"
+          + (f"; engines on cores {sorted(placement.engine_cores)}, the rest on {sorted(placement.other_cores)}"
+             if placement else ""))
     mesh["internal_messages_per_token"] = per_token
     mesh["cpu_us_per_token_outside_engine"] = cpu
+    mesh["engine_step_ms"], engine["engine_step_ms"] = measured["shard_step_ms"], measured["engine_step_ms"]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -9,6 +9,8 @@ from urllib.request import urlopen
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.model_shard.engine.async_engine import ENGINE_THREAD_NAME
+
 
 def scrape(port: int) -> dict[str, float]:
     """Sample name -> value, summed over label sets (e.g. llmmesh_internal_messages_total over peers)."""
@@ -27,19 +29,42 @@ def messages_per_token(before: dict[str, float], after: dict[str, float]) -> flo
     return messages / tokens if tokens else float("nan")
 
 
-def cpu_seconds(pid: int, main_thread_only: bool = False) -> float:
-    """User + system CPU seconds of a process (or of its main thread: a shard's event loop, apart
-    from the engine's threads), from /proc."""
-    path = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (or of one of its threads), from /proc."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     with open(path) as f:
         fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def threads(pid: int) -> dict[int, str]:
+    """A process's threads: id -> name (the engine's are named ENGINE_THREAD_NAME)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                out[int(tid)] = f.read().strip()
+        except FileNotFoundError:  # it ended meanwhile
+            pass
+    return out
+
+
+def serving_cpu(pid: int) -> float:
+    """CPU seconds of a process's threads other than the engine's: a shard's event loop and gRPC threads."""
+    total = 0.0
+    for tid, name in threads(pid).items():
+        if name != ENGINE_THREAD_NAME:
+            try:
+                total += cpu_seconds(pid, tid)
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def outside_engine_cpu(processes: dict) -> dict[str, float]:
-    """CPU seconds so far of the gateway, the shards' event loops, the tokenizer and the cache (a Mesh's
-    processes, by name)."""
-    return {name: cpu_seconds(proc.pid, main_thread_only=name.startswith("shard"))
+    """CPU seconds so far of the gateway, the shards outside their engine threads, the tokenizer and the
+    cache (a Mesh's processes, by name)."""
+    return {name: serving_cpu(proc.pid) if name.startswith("shard") else cpu_seconds(proc.pid)
             for name, proc in processes.items()}
 
 

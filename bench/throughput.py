@@ -4,7 +4,8 @@ For each N in --concurrency, N streaming clients each send --rounds requests thr
 (real model, chat prompts of mixed lengths, response cache off). Printed per N: TTFT p50/p99,
 inter-token latency p50/p99 (gap between stream messages, per token), aggregate output tokens/s,
 internal messages per token, and the CPU per token spent outside the engine: the gateway's, and the
-rest's (the shard's event loop, the tokenizer, the cache), which on a small machine the model pays for.
+rest's (the shard's threads other than its engine's, the tokenizer, the cache), which on a small machine
+the model pays for.
 
 In the same run, on the workload of --baseline-n requests arriving together:
   (a) transformers generate, one request after another (how a naive server answers)

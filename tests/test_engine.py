@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 
 import pytest
 import torch
 
-from services.model_shard.engine.async_engine import AsyncEngine
+from services.model_shard.engine.async_engine import ENGINE_THREAD_NAME, AsyncEngine
 from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import FinishReason, SamplingParams, Sequence
@@ -246,6 +249,22 @@ def test_async_engine_reports_bad_requests(tiny_model_dir):
 
     try:
         asyncio.run(scenario())
+    finally:
+        async_engine.stop()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OS thread names are read from /proc")
+def test_the_engine_thread_is_named_in_the_os(tiny_model_dir):
+    """The benches tell the engine's CPU from its serving threads' by this name (bench/mesh_metrics.py)."""
+    async_engine = AsyncEngine(lambda: LLMEngine(load_model(tiny_model_dir), EngineConfig(max_model_len=64)))
+
+    def name(tid: int) -> str:
+        with open(f"/proc/{os.getpid()}/task/{tid}/comm") as f:
+            return f.read().strip()
+
+    try:
+        assert name(async_engine._thread.native_id) == ENGINE_THREAD_NAME
+        assert name(threading.main_thread().native_id) != ENGINE_THREAD_NAME
     finally:
         async_engine.stop()
 

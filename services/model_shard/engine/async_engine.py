@@ -12,8 +12,10 @@ fifth to a half of its speed on a small CPU. Pass a factory so the engine is bui
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -249,6 +251,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(_put_all, deliveries)
 
     def _run(self) -> None:
+        _name_os_thread(ENGINE_THREAD_NAME)
         try:
             if self._factory is not None:
                 self.engine = self._factory()
@@ -338,6 +341,18 @@ class AsyncEngine:
             return self._inbox.get_nowait()
         except queue.Empty:
             return None
+
+
+ENGINE_THREAD_NAME = "engine"
+
+
+def _name_os_thread(name: str) -> None:
+    """Give this thread its name in the OS too (top -H, /proc/PID/task/TID/comm), where the threads it
+    starts (the engine's OpenMP team) inherit it: what the engine spends is then told apart from what
+    serving it spends. Linux only; elsewhere nothing happens."""
+    if sys.platform == "linux":
+        PR_SET_NAME = 15
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def _put_all(deliveries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
