@@ -241,6 +241,50 @@ def test_a_shard_without_batch_streams_is_called_per_request(shard):
     asyncio.run(run())
 
 
+class _UpgradedShard(_OlderShard):
+    """The same address, first without GenerateBatch, then (upgraded) with it."""
+
+    upgraded = False
+
+    async def GenerateBatch(self, requests, context):
+        if not self.upgraded:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        async for reply in self.stub.GenerateBatch(requests):
+            yield reply
+
+
+def test_a_shard_upgraded_in_place_gets_its_batch_stream_back(shard):
+    """A shard found without GenerateBatch is tried again after recheck_s; still without, the request
+    is served per request as before, and once the shard has it, requests go on its stream."""
+    address, stub = shard
+    tokens = [t for msg in stub.Generate(_request(PROMPTS[1]), timeout=60) for t in msg.token_ids]
+
+    async def run():
+        async with grpc.aio.insecure_channel(address) as channel:
+            server, servicer = grpc.aio.server(), _UpgradedShard(shard_pb2_grpc.ModelShardStub(channel))
+            shard_pb2_grpc.add_ModelShardServicer_to_server(servicer, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            pool = _pool(f"127.0.0.1:{port}")
+            batches = pool.replicas[0].batches
+            try:
+                call, messages = await _collect(pool, _request(PROMPTS[1]))
+                assert not getattr(call, "batched", False) and batches.unsupported
+                batches.recheck_s = 0.0  # look again at the next request: still old, still served
+                call, messages = await _collect(pool, _request(PROMPTS[1]))
+                assert not getattr(call, "batched", False)
+                assert [t for m in messages for t in m.token_ids] == tokens
+                servicer.upgraded = True
+                call, messages = await _collect(pool, _request(PROMPTS[1]))
+                assert getattr(call, "batched", False) and not batches.unsupported
+                assert [t for m in messages for t in m.token_ids] == tokens
+            finally:
+                await pool.close()
+                await server.stop(0)
+
+    asyncio.run(run())
+
+
 def test_a_gateway_told_to_call_per_request_does(shard):
     address, stub = shard
     tokens = [t for msg in stub.Generate(_request(PROMPTS[2]), timeout=60) for t in msg.token_ids]

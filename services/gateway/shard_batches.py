@@ -139,11 +139,19 @@ class ShardBatchStream:
     """The gateway's GenerateBatch stream to one replica, opened on first use and again after it
     ends. When it breaks, every request on it fails with UNAVAILABLE (a lost shard: resumable)."""
 
-    def __init__(self, stub: shard_pb2_grpc.ModelShardStub, address: str):
-        self._stub, self.address = stub, address
+    def __init__(self, stub: shard_pb2_grpc.ModelShardStub, address: str, recheck_s: float = 60.0):
+        """recheck_s: how long a shard that answered UNIMPLEMENTED (an older version, without
+        GenerateBatch) is called per request before its stream is tried again: the shard at that
+        address may have been upgraded meanwhile."""
+        self._stub, self.address, self.recheck_s = stub, address, recheck_s
         self._ids = itertools.count(1)
         self._connection: _Connection | None = None
-        self.unsupported = False  # the shard has no GenerateBatch (an older version): use Generate
+        self._unsupported_at: float | None = None
+
+    @property
+    def unsupported(self) -> bool:
+        """The shard had no GenerateBatch less than recheck_s ago: use Generate."""
+        return self._unsupported_at is not None and time.monotonic() - self._unsupported_at < self.recheck_s
 
     def finish(self) -> None:
         """The replica leaves the pool: its stream ends once its requests have (so its channel can
@@ -180,7 +188,7 @@ class ShardBatchStream:
                         target.deliver(item)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self.unsupported = True
+                self._unsupported_at = time.monotonic()
                 error = exc
             else:
                 error = call_error(grpc.StatusCode.UNAVAILABLE,

@@ -37,12 +37,13 @@ async def open_shard_stream(shards: ShardPool, shard_request, deadline: float, f
     marked down and the next one is tried: nothing was sent to the client yet."""
     errors = []
     replicas = deque(order or shards.ordered(tenant))
+    per_request = None  # a replica whose shard refused a batch stream: called per request
     while replicas:
         replica = replicas.popleft()
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a shard answered")
-        call = start_call(replica, shard_request, deadline)
+        call = start_call(replica, shard_request, deadline, batch=replica is not per_request)
         replica.begin(tenant)
         try:
             async with asyncio.timeout(min(timeout, first_message_timeout_s)):
@@ -57,8 +58,9 @@ async def open_shard_stream(shards: ShardPool, shard_request, deadline: float, f
             continue
         except grpc.aio.AioRpcError as exc:
             replica.end(tenant)
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and batched(call) and replica.batches.unsupported:
-                replicas.appendleft(replica)  # an older shard without GenerateBatch: its own call
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and batched(call):
+                per_request = replica  # an older shard without GenerateBatch: a call of its own
+                replicas.appendleft(replica)
                 continue
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise downstream_error(exc, "model shard") from None
@@ -93,10 +95,10 @@ async def next_shard_message(call):
     return msg
 
 
-def start_call(replica: Replica, shard_request, deadline: float):
-    """The request on the replica's batch stream, or as a Generate call of its own where it has none
-    (or the shard is too old for one)."""
-    if replica.batches is not None and not replica.batches.unsupported:
+def start_call(replica: Replica, shard_request, deadline: float, batch: bool = True):
+    """The request on the replica's batch stream, or as a Generate call of its own where it has none,
+    the shard is too old for one, or not batch."""
+    if batch and replica.batches is not None and not replica.batches.unsupported:
         return replica.batches.start(shard_request, deadline)
     message_counts.sent("shard")
     return replica.stub.Generate(shard_request, timeout=deadline - time.monotonic())
