@@ -249,7 +249,10 @@ def connect_ray(ranks: int = 1) -> None:
         ray.init(address=address, log_to_driver=False, **({"_node_ip_address": own} if own else {}))
     else:
         # Ray waits 30 s for its GCS to bind a port; a busy small machine (a CI runner, a node that
-        # is loading models) has taken longer. Past that a local cluster is worth waiting for.
+        # is loading models) has taken longer. A GCS that never wrote its port at all was a hang,
+        # not slowness: Ray forks it with a preexec_fn, and a fork while another thread holds a lock
+        # (gRPC's, in a test process) can leave the child stuck. Start Ray from the main thread before
+        # serving, as the shard does (and the tests' conftest), rather than trusting this wait.
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         # Its CPUs are logical slots, one per rank (a rank's torch threads are threads_per_worker):
         # room for 16 ranks even on a small machine.
