@@ -96,8 +96,8 @@ async def next_shard_message(call):
 
 
 def start_call(replica: Replica, shard_request, deadline: float, batch: bool = True):
-    """The request on the replica's batch stream, or as a Generate call of its own where it has none,
-    the shard is too old for one, or not batch."""
+    """The request on the replica's batch stream, or as a Generate call of its own: when batch is
+    False, where the replica has no stream (--shard-streams call), or its shard is too old for one."""
     if batch and replica.batches is not None and not replica.batches.unsupported:
         return replica.batches.start(shard_request, deadline)
     message_counts.sent("shard")

@@ -27,6 +27,8 @@ from services.model_shard.engine.scheduler import QueueFullError
 
 log = logging.getLogger(__name__)
 
+ENGINE_THREAD_NAME = "engine"  # the engine thread's name in the OS, which its OpenMP team inherits
+
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; requests on it cannot finish."""
@@ -341,9 +343,6 @@ class AsyncEngine:
             return self._inbox.get_nowait()
         except queue.Empty:
             return None
-
-
-ENGINE_THREAD_NAME = "engine"
 
 
 def _name_os_thread(name: str) -> None:
