@@ -4,6 +4,11 @@ same computation on stock torch ops."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,35 @@ def test_native_kernels_build_here():
     if os.environ.get("LLMMESH_NATIVE_KERNELS") == "0":
         pytest.skip("native kernels switched off")
     assert native.available()
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start(tmp_path):
+    """torch's builder waits without end for its lock file, which a killed build leaves behind: the
+    next process (a copy of this machine's build, the lock an hour old) loads the kernels all the same."""
+    if not native.available():
+        pytest.skip("no native kernels here")
+    from torch.utils import cpp_extension
+
+    built = Path(cpp_extension._get_build_directory(native.NAME, verbose=False))
+    root = tmp_path / "extensions"
+    shutil.copytree(built, root / built.name, symlinks=True)  # where torch looks under TORCH_EXTENSIONS_DIR
+    lock = root / built.name / "lock"
+    lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    loaded = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(); "
+                             "from services.model_shard.model import native; print(native.available())"], env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root)},
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=240)
+    assert loaded.stdout.strip() == "True", loaded.stderr
+    assert "by a kernel build that did not finish" in loaded.stderr and not lock.exists()
+
+
+def test_a_recent_lock_is_waited_for_then_taken_as_left_behind(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    started = time.monotonic()
+    native.clear_stale_lock(lock, stale_after_s=0.3)
+    assert not lock.exists() and time.monotonic() - started >= 0.25  # it waited out the lock's youth
 
 
 def torch_reference(q, k_cache, v_cache, batch: DecodeBatch) -> torch.Tensor:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ SOURCES = [Path(__file__).with_name("csrc") / name
 NAME = "llmmesh_kernels"
 _kernels = None  # the compiled module (csrc/bindings.cpp)
 _available: bool | None = None
+# A build takes a minute or two on a small machine; a lock older than this was left by a killed one.
+STALE_LOCK_S = 300.0
 
 
 def available(verbose: bool = False) -> bool:
@@ -48,6 +51,7 @@ def _build(verbose: bool):
     from torch.utils import cpp_extension
 
     march = os.environ.get("LLMMESH_NATIVE_MARCH", "native")
+    clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False)) / "lock", STALE_LOCK_S)
     try:
         # The builder keys its cache on the sources and flags: an edited kernel is rebuilt.
         return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], is_python_module=True,
@@ -66,6 +70,23 @@ def _build(verbose: bool):
             return module
         log.warning("native kernels unavailable, the model runs on stock torch ops: %s", exc)
         return None
+
+
+def clear_stale_lock(lock: Path, stale_after_s: float) -> None:
+    """torch's builder takes this lock file even to load a library built before, and waits for it
+    without end; a build killed midway (Ctrl-C, a pod stopped while starting) leaves it behind, and
+    every later start would hang. Wait while the lock is younger than stale_after_s (another process
+    may be building), then take it as left behind and remove it."""
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after_s:
+            log.warning("removing %s, left %.0fs ago by a kernel build that did not finish", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(min(1.0, stale_after_s - age))  # as torch's own wait polls the file
 
 
 def vnni_supported() -> bool:
