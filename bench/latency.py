@@ -48,23 +48,22 @@ QUESTION = "Write a short story about a robot who learns to paint."
 
 
 class Run:
-    """One request: when it started, and when each token arrived."""
+    """One request: when it started, and when its tokens arrived (several may come at once)."""
 
     def __init__(self) -> None:
-        self.start, self.stamps = time.perf_counter(), []
+        self.start, self.arrivals = time.perf_counter(), []  # (time, tokens that came then)
 
     def tokens(self, count: int) -> None:
-        self.stamps += [time.perf_counter()] * count
+        if count:
+            self.arrivals.append((time.perf_counter(), count))
 
     def row(self) -> tuple[float, int, float, list[float]]:
         """(TTFT, tokens, seconds, inter-token gaps); tokens that came together share their gap."""
-        gaps, last = [], self.stamps[0]
-        for i, stamp in enumerate(self.stamps[1:], 1):
-            if stamp != last:
-                together = sum(1 for s in self.stamps[i:] if s == stamp)
-                gaps += [(stamp - last) / together] * together
-                last = stamp
-        return self.stamps[0] - self.start, len(self.stamps), time.perf_counter() - self.start, gaps
+        gaps = []
+        for (before, _), (now, count) in zip(self.arrivals, self.arrivals[1:]):
+            gaps += [(now - before) / count] * count
+        return (self.arrivals[0][0] - self.start, sum(count for _, count in self.arrivals),
+                time.perf_counter() - self.start, gaps)
 
 
 def mesh_run(stub, max_tokens: int):
@@ -72,8 +71,7 @@ def mesh_run(stub, max_tokens: int):
                                           sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
     run = Run()
     for chunk in stub.GenerateStream(request, timeout=300):
-        if chunk.token_ids:
-            run.tokens(len(chunk.token_ids))
+        run.tokens(len(chunk.token_ids))
     return run.row()
 
 
@@ -143,7 +141,8 @@ def mesh_and_engine(args, stub, engine, prompt_ids: list[int], mesh: Mesh, metri
     tokens = sum(row[1] for row in out["mesh"])
     out["messages_per_token"] = messages_per_token(before, scrape(gateway_port))
     out["cpu"] = {name: 1e6 * seconds / tokens for name, seconds in spent.items()}
-    shard = {name: scrape(shard_port)[name] - shard_before[name]
+    shard_after = scrape(shard_port)
+    shard = {name: shard_after[name] - shard_before[name]
              for name in ("llmmesh_step_duration_seconds_sum", "llmmesh_step_duration_seconds_count")}
     out["shard_step_ms"] = 1000 * shard["llmmesh_step_duration_seconds_sum"] / shard["llmmesh_step_duration_seconds_count"]
     out["engine_step_ms"] = 1000 * statistics.mean(out.pop("steps"))
