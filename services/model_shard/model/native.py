@@ -51,14 +51,15 @@ def _build(verbose: bool):
     from torch.utils import cpp_extension
 
     march = os.environ.get("LLMMESH_NATIVE_MARCH", "native")
-    clear_stale_lock(Path(cpp_extension._get_build_directory(NAME, verbose=False)) / "lock", STALE_LOCK_S)
+    build_dir = Path(cpp_extension._get_build_directory(NAME, verbose=False))
+    clear_stale_lock(build_dir / "lock", STALE_LOCK_S)
     try:
         # The builder keys its cache on the sources and flags: an edited kernel is rebuilt.
         return cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], is_python_module=True,
                                   extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                   verbose=verbose)
     except Exception as exc:  # no compiler, no ninja, a build error
-        built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
+        built = build_dir / f"{NAME}.so"
         if built.is_file():  # built ahead of time, e.g. in an image that carries no compiler
             # Also reached when a compiler is there but the sources fail to build: then warn, since the
             # library loaded is an earlier build.
