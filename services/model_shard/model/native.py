@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("bindings.cpp", "paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp",
-                         "silu_and_mul.cpp", "quantized_linear.cpp", "token_bitmask.cpp")]
+                         "silu_and_mul.cpp", "quantized_linear.cpp", "dense_linear.cpp", "token_bitmask.cpp")]
 NAME = "llmmesh_kernels"
 _kernels = None  # the compiled module (csrc/bindings.cpp)
 _available: bool | None = None
@@ -139,6 +139,22 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, out_
     """x [M, K] @ the packed 8-bit weights' transpose times scale [N] (float32), activations
     quantized to int8 per group of 32."""
     return _kernels.int8_linear(x, packed, scale, out_features)
+
+
+def dense_supported() -> bool:
+    """Whether the batch-invariant bfloat16 and float32 linear runs here (a CPU with AVX-512; AVX512-BF16 makes it faster)."""
+    return available() and _kernels.dense_supported()
+
+
+def dense_pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] bfloat16 (K even) or float32: the bytes dense_linear reads."""
+    return _kernels.dense_pack_weight(w)
+
+
+def dense_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, float_out: bool = False) -> torch.Tensor:
+    """x [M, K] (the weights' dtype) @ the packed weights' transpose, each output summed in input order whatever M:
+    [M, N] in x's dtype, or float32 with float_out."""
+    return _kernels.dense_linear(x, packed, out_features, float_out)
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> None:

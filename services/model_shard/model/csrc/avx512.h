@@ -37,6 +37,15 @@ LLMMESH_AVX512 inline __m512 bf16_widen16(__m256i bits) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
+// Round to bfloat16, nearest even (NaN stays NaN), as c10::BFloat16 rounds; 16 lanes of bits.
+LLMMESH_AVX512 inline __m256i bf16_round16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), bits, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(bits);
+}
+
 // 16 values of T (float32, bfloat16 or float16) from p, as float32.
 template <typename T>
 LLMMESH_AVX512 inline __m512 load16(const T* p) {

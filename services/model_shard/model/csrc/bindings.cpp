@@ -19,5 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_pack_weight", &llmmesh::int4_pack_weight, release());
   m.def("int8_linear", &llmmesh::int8_linear, release());
   m.def("int8_pack_weight", &llmmesh::int8_pack_weight, release());
+  m.def("dense_supported", &llmmesh::dense_supported);
+  m.def("dense_uses_bf16_instructions", &llmmesh::dense_uses_bf16_instructions);
+  m.def("dense_pack_weight", &llmmesh::dense_pack_weight, release());
+  m.def("dense_linear", &llmmesh::dense_linear, release());
   m.def("apply_token_bitmask", &llmmesh::apply_token_bitmask, release());
 }

@@ -33,6 +33,13 @@ at::Tensor int4_pack_weight(const at::Tensor& q, const at::Tensor& d, const at::
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N);
 at::Tensor int8_pack_weight(const at::Tensor& q);
 
+// bfloat16 and float32 linears with a fixed reduction order, batch-invariant (dense_linear.cpp); dense_supported:
+// whether this CPU runs them (AVX-512), dense_uses_bf16_instructions: with AVX512-BF16.
+bool dense_supported();
+bool dense_uses_bf16_instructions();
+at::Tensor dense_pack_weight(const at::Tensor& w);
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, bool float_out);
+
 // Grammar bitmasks onto the constrained rows' logits, in place (token_bitmask.cpp).
 void apply_token_bitmask(at::Tensor logits, const at::Tensor& rows, const at::Tensor& masks);
 

@@ -42,15 +42,6 @@ LLMMESH_AVX512 inline __m512 silu16(__m512 g) {
   return _mm512_mul_ps(g, _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
 }
 
-// Round to bfloat16, nearest even (NaN stays NaN), as c10::BFloat16 rounds; 16 lanes of bits.
-LLMMESH_AVX512 inline __m256i bf16_round16(__m512 f) {
-  const __m512i u = _mm512_castps_si512(f);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), bits, _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(bits);
-}
-
 // One row: n outputs from n gates and n ups (n a multiple of 16).
 LLMMESH_AVX512 void silu_and_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out,
                                     int64_t n) {
