@@ -380,7 +380,8 @@ class LlamaForServing(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, partition.tp_size) for _ in partition.layer_ids(cfg))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
         self.lm_head = None if cfg.tie_word_embeddings or not last else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.lm_head_int8: nn.Module | None = None
+        # The LM head as a module of its own, quantized (quant.py) or on the dense kernel (dense.py).
+        self.lm_head_kernel: nn.Module | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -421,8 +422,8 @@ class LlamaForServing(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] (only the rows that sample); returns float32 logits [N, vocab]."""
         hidden, _ = self.norm(hidden)
-        if self.lm_head_int8 is not None:  # set by quant.quantize
-            return self.lm_head_int8(hidden).float()
+        if self.lm_head_kernel is not None:
+            return self.lm_head_kernel(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
@@ -502,6 +503,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
         quantize(model, quantization, native_kernel=native_kernels)
     elif quantization is not None:
         raise ValueError(f"unknown quantization {quantization!r}; expected int8 or int4")
+    if native_kernels:
+        from services.model_shard.model.dense import use_dense_linears
+
+        use_dense_linears(model)  # what quantize left unquantized, on the batch-invariant kernel
     model.use_native_kernels(native_kernels)
     return model
 

@@ -85,7 +85,7 @@ def quantize(model: LlamaForServing, method: str, native_kernel: bool = False) -
     # there flips greedy answers). The embedding lookup keeps its float table.
     if model.norm is not None:  # the last pipeline stage holds the head
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        model.lm_head_int8 = Int8Linear(head, act_dtype, native_kernel=native_kernel)
+        model.lm_head_kernel = Int8Linear(head, act_dtype, native_kernel=native_kernel)
         model.lm_head = None
     return model
 
