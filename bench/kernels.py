@@ -2,11 +2,14 @@
 layers' qkv, o, gate/up and down projections of SmolLM2-135M) per number of rows, and one step's
 paged decode attention over 30 layers' caches (together far beyond L3, as in a real step).
 
-Linears, per row count M: the native W4A8 and W8A8 kernels (csrc/quantized_linear.cpp), torch's
-int4 and int8 weight-packed matmuls, and bfloat16 F.linear, all with bfloat16 activations. Every
-layer has its own weights, so one step reads them from memory as serving does.
+Linears, per row count M (512: a prefill chunk): the native W4A8 and W8A8 kernels
+(csrc/quantized_linear.cpp), torch's int4 and int8 weight-packed matmuls, bfloat16 F.linear (oneDNN,
+which uses AMX where the CPU has it) and the native batch-invariant dense kernel
+(csrc/dense_linear.cpp), all with bfloat16 activations; then float32, torch's (MKL) against the
+dense kernel's. Every layer has its own weights, so one step reads them from memory as serving does.
+The CPU's AMX / AVX-512 flags head the table.
 
-    .venv/bin/python bench/kernels.py [--rows 1,4,16,32,64,256] [--json out.json]
+    .venv/bin/python bench/kernels.py [--rows 1,4,16,32,64,256,512] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from services.model_shard.model import native  # noqa: E402
+from services.model_shard.model.dense import DenseLinear  # noqa: E402
+from services.model_shard.model.precision import cpu_flags  # noqa: E402
 from services.model_shard.model.quant import Int4Linear, Int8Linear  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 576, 1536, 9, 3, 64, 30
@@ -50,10 +55,20 @@ def linears(rows: list[int]) -> list[dict]:
     if native.vnni_supported():
         kinds["native W8A8"] = [Int8Linear(w, torch.bfloat16, native_kernel=True) for w in weights]
         kinds["native W4A8"] = [Int4Linear(w, torch.bfloat16, native_kernel=True) for w in weights]
+    if native.dense_supported():
+        kinds["dense bf16"] = [DenseLinear(w.bfloat16()) for w in weights]
+    float32 = {"float32": [lambda x, w=w: F.linear(x, w) for w in weights]}
+    if native.dense_supported():
+        float32["dense fp32"] = [DenseLinear(w) for w in weights]
+    return run_linears(kinds, rows, torch.bfloat16) + run_linears(float32, rows, torch.float32)
+
+
+def run_linears(kinds: dict, rows: list[int], dtype: torch.dtype) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
     out = []
     for m in rows:
-        inputs = {k: torch.randn(m, k, generator=gen).bfloat16() for k in (HIDDEN, HEADS * HEAD_DIM, INTER)}
-        row = {"rows": m}
+        inputs = {k: torch.randn(m, k, generator=gen).to(dtype) for k in (HIDDEN, HEADS * HEAD_DIM, INTER)}
+        row = {"rows": m, "dtype": str(dtype).removeprefix("torch.")}
         for name, layers in kinds.items():
             def step():
                 for (n, k), layer in zip(SHAPES * LAYERS, layers):
@@ -87,17 +102,21 @@ def attention(batches: list[tuple[int, int]]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,4,16,32,64,256")
+    parser.add_argument("--rows", default="1,4,16,32,64,256,512")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not native.available():
         sys.exit("the native kernels are not available here")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bfloat16 activations; ms per step (30 layers)")
+    flags = sorted(f for f in cpu_flags() if f.startswith(("amx", "avx512_bf16", "avx512_vnni")))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {' '.join(flags) or 'none of AMX/AVX512-BF16/VNNI'}")
+    print("ms per step (30 layers)")
     lin = linears([int(r) for r in args.rows.split(",")])
-    names = [k for k in lin[0] if k != "rows"]
-    print("\nlinears  " + "".join(f"{n:>13}" for n in names))
-    for row in lin:
-        print(f"M={row['rows']:<6} " + "".join(f"{row[n]:13.2f}" for n in names))
+    for dtype in ("bfloat16", "float32"):
+        table = [row for row in lin if row["dtype"] == dtype]
+        names = [k for k in table[0] if k not in ("rows", "dtype")]
+        print(f"\nlinears, {dtype} activations\n         " + "".join(f"{n:>13}" for n in names))
+        for row in table:
+            print(f"M={row['rows']:<6} " + "".join(f"{row[n]:13.2f}" for n in names))
     att = attention([(1, 330), (16, 200), (32, 340)])
     print("\npaged decode attention, bfloat16, 9/3 heads of 64")
     for row in att:
