@@ -17,6 +17,7 @@ class Piece:
     text: str
     finish_reason: str  # "" until the choice ends; "stop", "length", "tool_calls"
     tool_calls: list[common_pb2.ToolCall] = field(default_factory=list)
+    stop_sequence: str = ""  # the stop string that ended the choice
 
 
 class AnswerText:
@@ -31,9 +32,10 @@ class AnswerText:
         """The text a shard message's tokens complete; shard_finish_reason: the message's own."""
         text = await self.session.push(token_ids) if token_ids else ""
         text, stopped = self.matcher.feed(text)
+        if shard_finish_reason and not stopped:  # the end: whatever the detokenizer and matcher held back
+            tail, stopped = self.matcher.feed(await self.session.flush())
+            text += tail if stopped else tail + self.matcher.flush()
         finish_reason = "stop" if stopped else shard_finish_reason
-        if finish_reason and not stopped:  # the end: whatever the detokenizer and matcher held back
-            text += self.matcher.feed(await self.session.flush())[0] + self.matcher.flush()
         made = []
         if self.calls is not None:
             text, made = self.calls.feed(text)
@@ -41,4 +43,4 @@ class AnswerText:
                 text += self.calls.flush()
                 if self.calls.calls_made and finish_reason == "stop":
                     finish_reason = "tool_calls"
-        return Piece(text, finish_reason, made)
+        return Piece(text, finish_reason, made, self.matcher.matched if stopped else "")

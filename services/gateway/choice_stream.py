@@ -105,7 +105,7 @@ class ChoiceStreams:
                     text=piece.text, token_ids=msg.token_ids, request_id=c.request_id, index=c.index,
                     logprobs=msg.logprobs, top_logprobs=msg.top_logprobs, prompt_logprobs=msg.prompt_logprobs,
                     prompt_top_logprobs=msg.prompt_top_logprobs, finish_reason=finish_reason,
-                    tool_calls=piece.tool_calls)
+                    tool_calls=piece.tool_calls, stop_sequence=piece.stop_sequence)
                 if first:
                     first = False
                     chunk.usage.cached = msg.cached_tokens

@@ -112,6 +112,7 @@ class _Choice:
     top_logprobs: list[common_pb2.TopLogprobs] = field(default_factory=list)
     tool_calls: list[common_pb2.ToolCall] = field(default_factory=list)
     finish_reason: str = ""
+    stop_sequence: str = ""
 
 
 class Answer:
@@ -139,7 +140,7 @@ class Answer:
         self.prompt_top_logprobs.extend(chunk.prompt_top_logprobs)
         self.request_id = chunk.request_id or self.request_id
         if chunk.finish_reason:
-            choice.finish_reason = chunk.finish_reason
+            choice.finish_reason, choice.stop_sequence = chunk.finish_reason, chunk.stop_sequence
             self.finished += 1
         if chunk.HasField("usage"):
             self.usage = chunk.usage
@@ -155,13 +156,14 @@ class Answer:
             text="".join(first.texts), token_ids=first.token_ids, finish_reason=first.finish_reason,
             request_id=self.request_id, logprobs=first.logprobs, top_logprobs=first.top_logprobs,
             prompt_logprobs=self.prompt_logprobs, prompt_top_logprobs=self.prompt_top_logprobs,
-            prompt_token_ids=self.prompt_token_ids, tool_calls=first.tool_calls)
+            prompt_token_ids=self.prompt_token_ids, tool_calls=first.tool_calls, stop_sequence=first.stop_sequence)
         if self.usage is not None:
             out.usage.CopyFrom(self.usage)
         if self.n > 1:
             out.choices.extend(
                 gateway_pb2.Choice(index=i, text="".join(c.texts), token_ids=c.token_ids, finish_reason=c.finish_reason,
-                                   logprobs=c.logprobs, top_logprobs=c.top_logprobs, tool_calls=c.tool_calls)
+                                   logprobs=c.logprobs, top_logprobs=c.top_logprobs, tool_calls=c.tool_calls,
+                                   stop_sequence=c.stop_sequence)
                 for i, c in enumerate(self.choices))
         return out
 
@@ -171,11 +173,12 @@ def replay(cached: gateway_pb2.GenerateResponse, request_id: str, usage: common_
     Tool calls get new ids: a caller keys its results by them."""
     choices = list(cached.choices) or [gateway_pb2.Choice(
         index=0, text=cached.text, token_ids=cached.token_ids, finish_reason=cached.finish_reason,
-        logprobs=cached.logprobs, top_logprobs=cached.top_logprobs, tool_calls=cached.tool_calls)]
+        logprobs=cached.logprobs, top_logprobs=cached.top_logprobs, tool_calls=cached.tool_calls,
+        stop_sequence=cached.stop_sequence)]
     for i, c in enumerate(choices):
         chunk = gateway_pb2.GenerateStreamResponse(
             index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason, request_id=request_id,
-            logprobs=c.logprobs, top_logprobs=c.top_logprobs,
+            logprobs=c.logprobs, top_logprobs=c.top_logprobs, stop_sequence=c.stop_sequence,
             tool_calls=[common_pb2.ToolCall(id=new_call_id(), name=t.name, arguments=t.arguments) for t in c.tool_calls])
         if i == 0:
             chunk.prompt_token_ids.extend(cached.prompt_token_ids)

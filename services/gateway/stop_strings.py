@@ -10,6 +10,7 @@ class StopStringMatcher:
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._text = ""
         self._emitted = 0  # characters of _text already released
+        self.matched = ""  # the stop string that was hit
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text to release, whether a stop string was hit). After a hit the released text
@@ -20,7 +21,7 @@ class StopStringMatcher:
             # A match cannot start before _emitted: held-back text always covers a partial stop.
             idx = self._text.find(stop, self._emitted)
             if idx != -1 and (hit == -1 or idx < hit):
-                hit = idx
+                hit, self.matched = idx, stop
         if hit != -1:
             out, self._emitted = self._text[self._emitted : hit], hit
             return out, True
