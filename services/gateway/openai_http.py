@@ -100,7 +100,7 @@ class _AdmitFirst:
                     request.state.tenant = self.front._authenticate(request)
                 self.front._check_size(request)
             except OpenAIError as err:
-                await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
+                await self.front.error_response(request, err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -135,6 +135,8 @@ class OpenAIFront:
         self.model = model
         self.is_serving = is_serving
         self.created = int(time.time())
+        # (path prefix, err -> (status, body)): the routes under a prefix that speak another API's errors.
+        self.error_shapes: list[tuple[str, Any]] = []
         self.app = self._build_app()
 
     def _build_app(self) -> FastAPI:
@@ -142,11 +144,11 @@ class OpenAIFront:
 
         @app.exception_handler(OpenAIError)
         async def _openai_error(request: Request, exc: OpenAIError):
-            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+            return self.error_response(request, exc)
 
         @app.exception_handler(BadParam)
         async def _bad_param(request: Request, exc: BadParam):
-            return JSONResponse(OpenAIError(400, str(exc), param=exc.param).body(), status_code=400)
+            return self.error_response(request, OpenAIError(400, str(exc), param=exc.param))
 
         @app.exception_handler(RequestValidationError)
         async def _validation_error(request: Request, exc: RequestValidationError):
@@ -155,18 +157,18 @@ class OpenAIFront:
                 ctx = first.get("ctx") or {}
                 err = OpenAIError(400, f"the body is not valid JSON: {ctx.get('error', first.get('msg'))} "
                                        f"(at character {first.get('loc', ('', '?'))[-1]})")
-                return JSONResponse(err.body(), status_code=400)
+                return self.error_response(request, err)
             param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
             err = OpenAIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param)
-            return JSONResponse(err.body(), status_code=400)
+            return self.error_response(request, err)
 
         @app.exception_handler(StarletteHTTPException)
         async def _http_error(request: Request, exc: StarletteHTTPException):
             type_ = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
             message = {404: f"no such endpoint: {request.method} {request.url.path}",
                        405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-            err = OpenAIError(exc.status_code, message, type_)
-            return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+            err = OpenAIError(exc.status_code, message, type_, headers=getattr(exc, "headers", None))
+            return self.error_response(request, err)
 
         app.add_middleware(_AdmitFirst, front=self)
 
@@ -229,6 +231,14 @@ class OpenAIFront:
     def error(exc: RpcError) -> "OpenAIError":
         return OpenAIError.from_rpc(exc)
 
+    def error_response(self, request: Request, err: OpenAIError) -> JSONResponse:
+        """err in the shape of the API the request's path speaks (OpenAI's unless error_shapes says)."""
+        for prefix, shape in self.error_shapes:
+            if request.url.path.startswith(prefix):
+                status, body = shape(err)
+                return JSONResponse(body, status_code=status, headers=err.headers)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
     def _model_card(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "llmmesh"}
 
@@ -238,8 +248,11 @@ class OpenAIFront:
                               code="model_not_found", param="model")
 
     def _authenticate(self, request: Request) -> str:
+        """The tenant of the request's key: `authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`."""
+        api_key = request.headers.get("x-api-key")
+        authorization = request.headers.get("authorization") or (f"Bearer {api_key}" if api_key else None)
         try:
-            return self.gateway.authenticate(request.headers.get("authorization"))
+            return self.gateway.authenticate(authorization)
         except RpcError as exc:
             raise OpenAIError.from_rpc(exc) from None
 
@@ -276,6 +289,8 @@ class OpenAIFront:
         grpc_request.request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.priority is not None:
             grpc_request.priority = body.priority
+        if body.cache_salt is not None:
+            grpc_request.cache_salt = body.cache_salt
         method = "http.chat" if chat else "http.completions"
         span_name = f"POST /v1/{'chat/completions' if chat else 'completions'}"
         parent = propagate.extract(dict(request.headers))  # a caller's traceparent continues here
