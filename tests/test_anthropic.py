@@ -86,6 +86,10 @@ def test_stop_sequences_end_before_the_string_and_say_which(claude):
     reply = claude.messages.create(**kwargs, stop_sequences=["Zanzibar", "Paris"])
     assert reply.stop_reason == "stop_sequence" and reply.stop_sequence == "Paris"
     assert reply.content[0].text == full.split("Paris")[0]
+    again = claude.messages.create(**kwargs, stop_sequences=["Zanzibar", "Paris"])  # from the response cache
+    assert again.usage.cache_read_input_tokens == _prompt_tokens(again)
+    assert (again.stop_reason, again.stop_sequence, again.content[0].text) == ("stop_sequence", "Paris",
+                                                                               reply.content[0].text)
     with claude.messages.stream(**kwargs, stop_sequences=["Paris"]) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "stop_sequence" and final.stop_sequence == "Paris"

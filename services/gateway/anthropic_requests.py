@@ -9,7 +9,8 @@ Everything else (images, documents, thinking, server tools, a final assistant me
 is refused with a 400 naming it, never dropped.
 
 The conversation becomes the chat the OpenAI front would send: system first; an assistant's text
-and calls one assistant message; each tool_result a `tool` message answering its tool_use id.
+and calls one assistant message; each tool_result a `tool` message answering its tool_use id (its
+text after "Error: " when is_error is set).
 """
 
 from __future__ import annotations
