@@ -22,7 +22,7 @@ from services.model_shard.engine.engine import DTYPES, EngineConfig, ExecutorLos
 from services.model_shard.engine.fairness import POLICIES, FairnessConfig
 from services.model_shard.executor.ray_workers import connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
-from services.model_shard.model.llama import LlamaConfig, check_parallel
+from services.model_shard.model.llama import LlamaConfig, UnsupportedModel, check_parallel
 from services.model_shard.model.precision import resolve_dtype, resolve_quantization
 from services.model_shard.server import EngineCollector, ModelShardServicer, PrefixIndexFeed, observe_step
 
@@ -85,10 +85,14 @@ def main(argv: list[str] | None = None) -> None:
                              "instead of the native kernels (model/native.py)")
     args = parser.parse_args(argv)
     setup_logging("shard", args.log_level, args.log_format)
+    log = logging.getLogger(__name__)
+    refusal = unsupported_model(args.model)
+    if refusal:  # before anything starts: an architecture or config field the decoder does not implement
+        log.critical("cannot serve %s: %s", args.model, refusal)
+        parser.error(f"cannot serve {args.model}: {refusal}")
     setup_tracing("model_shard", instance_id(args.listen))
     dtype = resolve_dtype(args.dtype)
     quantization = resolve_quantization(args.quantization, args.model, dtype.value, not args.no_native_kernels)
-    log = logging.getLogger(__name__)
     log.info("dtype %s: %s", dtype.value, dtype.reason)
     log.info("quantization %s: %s", quantization.value or "none", quantization.reason)
     args.dtype, args.quantization = dtype.value, quantization.value
@@ -183,6 +187,18 @@ def main(argv: list[str] | None = None) -> None:
     if runtime_ref.get("exit_code"):
         log.critical("the engine failed for good; exiting so that the shard is restarted")
         sys.exit(runtime_ref["exit_code"])
+
+
+def unsupported_model(model_dir: str) -> str | None:
+    """Why the model in model_dir cannot be served (families/ names the architecture or config
+    field, and what is supported), or None. A missing folder is left to the engine's start."""
+    try:
+        LlamaConfig.from_dir(model_dir)
+    except OSError:
+        return None
+    except (UnsupportedModel, ValueError, KeyError) as exc:
+        return str(exc) if not isinstance(exc, KeyError) else f"config.json lacks the field {exc}"
+    return None
 
 
 if __name__ == "__main__":

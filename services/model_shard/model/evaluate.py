@@ -15,9 +15,10 @@ def prompt_logits(model: LlamaForServing, ids: list[int]) -> torch.Tensor:
     cfg, n = model.cfg, len(ids)
     dtype, block_size = model.dtype, 16
     blocks = -(-n // block_size)  # laid out as the engine lays a prompt out, so the same kernels run
-    caches = [(torch.zeros(cfg.num_kv_heads, blocks * block_size, cfg.head_dim, dtype=dtype),
-               torch.zeros(cfg.num_kv_heads, blocks * block_size, cfg.head_dim, dtype=dtype))
-              for _ in range(cfg.num_layers)]
+    kvh = model.num_kv_heads  # this partition's (tensor parallel)
+    caches = [(torch.zeros(kvh, blocks * block_size, cfg.head_dim, dtype=dtype),
+               torch.zeros(kvh, blocks * block_size, cfg.head_dim, dtype=dtype))
+              for _ in model.layers]
     span = PrefillSpan(0, n, 0, list(range(blocks)), block_size)
     meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[span])
     hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)

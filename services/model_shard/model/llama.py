@@ -4,17 +4,15 @@ Every sequence in a step contributes its new tokens to one flat batch `[T]`; att
 sequence's context from the KV cache through slot indices (`AttentionMetadata`), so sequences of any
 length share one forward pass with no padding of the projections or the MLP.
 
-The KV cache of a layer is a pair of tensors `[num_kv_heads, num_slots, head_dim]`, a slot being
-`block_id * block_size + offset`: tokens are written by slot, and decode reads whole blocks
-through each sequence's block table (a block is a contiguous run of slots).
+The decoder is shared by every family (families/): a family's config fields switch on what it adds
+(biases, q/k norms, norm placement, embedding scale, soft-capping, sliding windows, RoPE scaling).
+The paged KV cache and its attention inputs are attention.py's.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,53 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.model_shard.model import native
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> "LlamaConfig":
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"unsupported RoPE scaling {rope_type!r}; only 'default' is implemented")
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        num_heads = d["num_attention_heads"]
-        return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=d.get("num_key_value_heads", num_heads),
-            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
-
-    @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "LlamaConfig":
-        return cls.from_hf_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+# The engine, executors and tests import these from here too (re-exported).
+from services.model_shard.model.attention import (AttentionMetadata, DecodeBatch, PrefillSpan,  # noqa: F401
+                                                  decode_attention, slots_of)
+from services.model_shard.model.config import LlamaConfig
+from services.model_shard.model.families import UnsupportedModel, family_named
+from services.model_shard.model.rope import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -102,6 +59,9 @@ def check_parallel(cfg: LlamaConfig, tensor_parallel: int, pipeline_parallel: in
                   if cfg.num_heads % t == 0 and cfg.num_kv_heads % t == 0 and cfg.intermediate_size % t == 0]
             raise ValueError(f"tensor parallel size {tensor_parallel} does not divide the model's {n} {what} "
                              f"({cfg.num_heads} heads, {cfg.num_kv_heads} KV heads): use one of {ok}")
+    if tensor_parallel > 1 and cfg.qk_norm == "full":
+        raise ValueError(f"{cfg.architecture}: its q/k norms span all heads, so tensor parallel is not supported "
+                         "for it; use --tensor-parallel-size 1")
     if pipeline_parallel > cfg.num_layers:
         raise ValueError(f"pipeline parallel size {pipeline_parallel} exceeds the model's {cfg.num_layers} layers")
 
@@ -111,76 +71,6 @@ def stage_layers(num_layers: int, pipeline_parallel: int, stage: int) -> tuple[i
     base, extra = divmod(num_layers, pipeline_parallel)
     first = stage * base + min(stage, extra)
     return first, first + base + (1 if stage < extra else 0)
-
-
-@dataclass
-class DecodeBatch:
-    """Sequences that add exactly one token this step, attended in one padded call."""
-
-    token_index: torch.Tensor  # [B] positions of their tokens in the flat batch
-    block_tables: torch.Tensor  # [B, N] blocks holding each context, padded with block 0
-    context_lens: torch.Tensor  # [B] keys each sequence attends to (its new token's included)
-    block_size: int
-
-    @functools.cached_property
-    def bias(self) -> torch.Tensor:
-        """float32 [B, N * block_size]: 0 where the key is real context, -inf past it (the torch path's mask)."""
-        keys = torch.arange(self.block_tables.shape[1] * self.block_size).unsqueeze(0)
-        return torch.zeros(keys.shape[1]).masked_fill(keys >= self.context_lens.unsqueeze(1), float("-inf"))
-
-    @classmethod
-    def build(cls, token_index: list[int], block_tables: list[list[int]], lengths: list[int],
-              block_size: int) -> "DecodeBatch":
-        """block_tables: each sequence's blocks, at least enough for its context length."""
-        width = -(-max(lengths) // block_size)
-        tables = torch.tensor([b[:width] + [0] * (width - len(b[:width])) for b in block_tables])
-        return cls(torch.tensor(token_index), tables, torch.tensor(lengths), block_size)
-
-
-def slots_of(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The cache slots of a sequence's positions, given its blocks."""
-    return block_table[positions // block_size] * block_size + positions % block_size
-
-
-@dataclass
-class PrefillSpan:
-    """A sequence that adds several tokens: a whole prompt, or a chunk that continues a context whose
-    earlier keys are in the cache (a later chunk, or a prompt after reused prefix blocks)."""
-
-    start: int  # its tokens are flat[start:end]
-    end: int
-    context_start: int = 0  # the position of its first token; 0: the span is the whole context
-    block_table: list[int] | None = None  # the sequence's blocks (needed with context_start > 0)
-    block_size: int = 0
-
-    @functools.cached_property
-    def kv_slots(self) -> torch.Tensor:
-        """[C] the slots of the whole context, cached keys and the span's own (torch path)."""
-        positions = torch.arange(self.context_start + self.end - self.start)
-        return slots_of(torch.tensor(self.block_table), positions, self.block_size)
-
-    @functools.cached_property
-    def mask(self) -> torch.Tensor:
-        """[1, end - start, C]: each token sees the context up to itself (torch path)."""
-        positions = torch.arange(self.context_start, self.context_start + self.end - self.start)
-        return (torch.arange(len(self.kv_slots)).unsqueeze(0) <= positions.unsqueeze(1)).unsqueeze(0)
-
-    @functools.cached_property
-    def paged(self) -> DecodeBatch:
-        """The span's tokens as rows of paged decode attention, each over the context up to itself:
-        the native kernel reads the cached keys where they lie instead of a gathered copy."""
-        n = self.end - self.start
-        lengths = torch.arange(self.context_start + 1, self.context_start + n + 1)
-        width = -(-(self.context_start + n) // self.block_size)
-        table = torch.tensor(self.block_table[:width]).expand(n, width)
-        return DecodeBatch(torch.arange(self.start, self.end), table, lengths, self.block_size)
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
-    decode: DecodeBatch | None = None
-    prefills: list[PrefillSpan] = field(default_factory=list)
 
 
 class DirectModule(nn.Module):
@@ -210,52 +100,29 @@ class RMSNorm(DirectModule):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype), x
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotary positions, non-interleaved halves (HF layout). Looked up once per forward pass; each
-    layer rotates its queries and keys together."""
+class HeadNorm(DirectModule):
+    """The q/k RMSNorm before RoPE over each head of x [T, heads, D] (dim = D: Qwen3, Gemma 3), or
+    over all of a token's heads at once (dim = heads * D: OLMo 2). Stock torch: small, and applied
+    to a strided view of the fused projection."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        half = head_dim // 2
-        sin = emb.sin()
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        # rotate_half(x) * sin == roll(x, half) * sin with its first half negated: one op fewer.
-        self.register_buffer("signed_sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin of each token's position, [T, D] float32."""
-        return self.cos[positions], self.signed_sin[positions]
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [T, heads, D] rotated in float32 and cast back."""
-        cos, signed_sin = cos_sin[0].unsqueeze(1), cos_sin[1].unsqueeze(1)
-        xf = x.float()
-        return (xf * cos + xf.roll(x.shape[-1] // 2, -1) * signed_sin).to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(x.shape[0], -1, self.weight.shape[0])
+        out = self.weight * F.rms_norm(rows.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return out.view(x.shape)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """One query token per sequence. q [B, H, D]; k, v [KVH, B, L, D]; bias [B, L] float32 (0 for real
-    context, -inf past it). Returns [B, H, D].
-
-    Two batched matmuls with the query heads grouped under their KV head. CPU SDPA's flash kernel
-    spends milliseconds per call on this shape (one query row, a mask); this is ~20x faster.
-    """
-    B, H, D = q.shape
-    kvh = k.shape[0]
-    qg = q.view(B, kvh, H // kvh, D).transpose(0, 1)  # [KVH, B, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float()  # [KVH, B, G, L]
-    scores = torch.add(bias.view(1, B, 1, -1), scores, alpha=D**-0.5)  # scale and mask in one op
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [KVH, B, G, D]
-    return out.transpose(0, 1).reshape(B, H, D)
+def _bias(size: int, wanted: bool) -> nn.Parameter | None:
+    # Added after its linear rather than inside it: a quantized linear (quant.py) has no bias.
+    return nn.Parameter(torch.zeros(size)) if wanted else None
 
 
 class Attention(DirectModule):
-    def __init__(self, cfg: LlamaConfig, tp_size: int = 1):
+    def __init__(self, cfg: LlamaConfig, tp_size: int = 1, layer: int = 0):
         super().__init__()
         self.num_heads = cfg.num_heads // tp_size
         self.num_kv_heads = cfg.num_kv_heads // tp_size
@@ -265,6 +132,14 @@ class Attention(DirectModule):
         # q, k and v fused into one matmul; the loader concatenates the checkpoint's three weights.
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_bias = _bias(self.q_size + 2 * self.kv_size, cfg.qkv_bias)
+        self.o_bias = _bias(cfg.hidden_size, cfg.o_bias)  # added once, after the ranks' sum
+        per_head = cfg.qk_norm == "head"
+        self.q_norm = HeadNorm(cfg.head_dim if per_head else self.q_size, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg.head_dim if per_head else self.kv_size, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.window = cfg.window_of(layer)
+        self.scale = cfg.attn_scale or cfg.head_dim**-0.5
+        self.softcap = cfg.attn_softcap
         self.reduce = None  # tensor parallel: sums the ranks' partial outputs (row-parallel o_proj)
         self.native = False  # RoPE, cache writes and decode attention by native kernels (native.py)
 
@@ -272,6 +147,11 @@ class Attention(DirectModule):
         """cos_sin: RotaryEmbedding.lookup of the tokens' positions."""
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        if self.q_norm is not None:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            qkv = torch.cat([self.q_norm(q.view(T, H, D)).view(T, -1), self.k_norm(k.view(T, KVH, D)).view(T, -1), v], -1)
         k_cache, v_cache = kv_cache  # [KVH, S, D]
         if self.native:
             q, k = native.rope_and_cache(qkv, *cos_sin, meta.slot_mapping, k_cache, v_cache, H)
@@ -289,7 +169,7 @@ class Attention(DirectModule):
             d = meta.decode
             out.index_copy_(0, d.token_index, self._decode(q.index_select(0, d.token_index), k_cache, v_cache, d))
         for span in meta.prefills:
-            if self.native and span.block_table is not None:
+            if self.native and span.block_table is not None and self._native_fits(span.context_start + span.end - span.start):
                 # Every prompt token is a row of the paged kernel, as a decode row is: a token's
                 # attention is the same numbers whether it came in a whole prompt, a chunk after
                 # cached blocks, or a decode step, so greedy answers do not depend on the cache.
@@ -299,33 +179,50 @@ class Attention(DirectModule):
             if not span.context_start:
                 kp = k[span.start : span.end].transpose(0, 1)  # [KVH, L, D]
                 vp = v[span.start : span.end].transpose(0, 1)
-                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
             else:
                 kp = k_cache[:, span.kv_slots]  # [KVH, C, D]
                 vp = v_cache[:, span.kv_slots]
-                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, enable_gqa=True)
-            out[span.start : span.end] = op.transpose(0, 1)
+            out[span.start : span.end] = self._prompt(qp, kp, vp, span).transpose(0, 1)
         return self._project(out.view(T, self.q_size))
+
+    def _prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+        """Torch attention of a span's queries [H, L, D] over its context's keys [KVH, C, D]."""
+        if self.softcap is None and self.window is None and not span.context_start:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.scale)
+        mask = span.mask_within(self.window)  # [1, L, C]
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=self.scale)
+        group = q.shape[0] // k.shape[0]
+        scores = torch.matmul(q, k.repeat_interleave(group, 0).transpose(-1, -2)).float() * (self.scale / self.softcap)
+        scores = (torch.tanh(scores) * self.softcap).masked_fill(~mask, float("-inf"))
+        return torch.matmul(scores.softmax(-1).to(v.dtype), v.repeat_interleave(group, 0))
 
     def _values(self, qkv: torch.Tensor) -> torch.Tensor:
         """The value heads of the fused projection, [T, KVH, D] (a view)."""
         return qkv[:, self.q_size + self.kv_size :].view(qkv.shape[0], self.num_kv_heads, self.head_dim)
 
+    def _native_fits(self, longest_context: int) -> bool:
+        """The native kernel attends to whole contexts with the plain scores: a sliding window that
+        cuts a context, or soft-capping, take the torch path."""
+        return self.softcap is None and (self.window is None or longest_context <= self.window)
+
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
         """Attention of each decode row's query [B, H, D] over its sequence's cached context."""
-        if self.native:
+        if self.native and self._native_fits(self.window and int(d.context_lens.max())):
             return native.paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.block_size,
-                                                 self.head_dim**-0.5)
+                                                 self.scale)
         # Stock torch: copy each sequence's blocks out into a padded [KVH, B, L, D], then matmuls.
         B, KVH, D = q.shape[0], self.num_kv_heads, self.head_dim
         flat_blocks = d.block_tables.view(-1)
         kd = k_cache.view(KVH, -1, d.block_size, D).index_select(1, flat_blocks).view(KVH, B, -1, D)
         vd = v_cache.view(KVH, -1, d.block_size, D).index_select(1, flat_blocks).view(KVH, B, -1, D)
-        return decode_attention(q, kd, vd, d.bias)
+        bias = d.bias if self.window is None else d.windowed_bias(self.window)
+        return decode_attention(q, kd, vd, bias, self.scale, self.softcap)
 
     def _project(self, attn: torch.Tensor) -> torch.Tensor:
         out = self.o_proj(attn)
-        return out if self.reduce is None else self.reduce(out)
+        out = out if self.reduce is None else self.reduce(out)
+        return out if self.o_bias is None else out + self.o_bias
 
 
 class MLP(DirectModule):
@@ -334,34 +231,62 @@ class MLP(DirectModule):
         self.intermediate_size = cfg.intermediate_size // tp_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_bias = _bias(2 * self.intermediate_size, cfg.mlp_bias)
+        self.down_bias = _bias(cfg.hidden_size, cfg.mlp_bias)  # added once, after the ranks' sum
+        self.gelu = cfg.hidden_act == "gelu_tanh"
         self.reduce = None  # tensor parallel: sums the ranks' partial outputs (row-parallel down_proj)
         self.native = False  # SiLU(gate) * up by a native kernel (native.py)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
-        if self.native:
+        if self.gate_up_bias is not None:
+            gate_up = gate_up + self.gate_up_bias
+        if self.native and not self.gelu:
             hidden = native.silu_and_mul(gate_up)
         else:
             gate, up = gate_up.split(self.intermediate_size, dim=-1)
-            hidden = F.silu(gate) * up
+            hidden = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
         out = self.down_proj(hidden)
-        return out if self.reduce is None else self.reduce(out)
+        out = out if self.reduce is None else self.reduce(out)
+        return out if self.down_bias is None else out + self.down_bias
+
+
+# Each norm form's RMSNorms, by checkpoint name (see DecoderLayer.forward).
+LAYER_NORMS = {
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+}
 
 
 class DecoderLayer(DirectModule):
-    def __init__(self, cfg: LlamaConfig, tp_size: int = 1):
+    def __init__(self, cfg: LlamaConfig, tp_size: int = 1, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp_size)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.form = cfg.norm_form
+        for name in LAYER_NORMS[self.form]:
+            setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.self_attn = Attention(cfg, tp_size, layer)
         self.mlp = MLP(cfg, tp_size)
+        self.local_rope = cfg.local_rope is not None and cfg.window_of(layer) is not None
 
     def forward(self, x, residual, cos_sin, kv_cache, meta):
         """x: the previous layer's output; residual: the stream it adds to (None at a stage's first
         layer, whose x is the stream). Returns this layer's output and the stream, still unadded."""
-        h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos_sin, kv_cache, meta), residual)
-        return self.mlp(h), residual
+        if self.form == "pre":  # Llama: x + attn(norm(x)), then + mlp(norm(...))
+            h, residual = self.input_layernorm(x, residual)
+            h, residual = self.post_attention_layernorm(self.self_attn(h, cos_sin, kv_cache, meta), residual)
+            return self.mlp(h), residual
+        if self.form == "sandwich":  # Gemma: x + norm(attn(norm(x))), then + norm(mlp(norm(...)))
+            h, residual = self.input_layernorm(x, residual)
+            h, _ = self.post_attention_layernorm(self.self_attn(h, cos_sin, kv_cache, meta))
+            h, residual = self.pre_feedforward_layernorm(h, residual)
+            return self.post_feedforward_layernorm(self.mlp(h))[0], residual
+        # OLMo 2: x + norm(attn(x)), then + norm(mlp(...))
+        stream = x if residual is None else x + residual
+        h, _ = self.post_attention_layernorm(self.self_attn(stream, cos_sin, kv_cache, meta))
+        stream = stream + h
+        return self.post_feedforward_layernorm(self.mlp(stream))[0], stream
 
 
 class LlamaForServing(nn.Module):
@@ -373,19 +298,27 @@ class LlamaForServing(nn.Module):
         self.cfg = cfg
         self.partition = partition
         first, last = partition.is_first_stage(), partition.is_last_stage(cfg)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.build_rope()
         # A tied LM head reads the embedding table, so the last stage keeps it too.
         needs_embedding = first or (last and cfg.tie_word_embeddings)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if needs_embedding else None
-        self.layers = nn.ModuleList(DecoderLayer(cfg, partition.tp_size) for _ in partition.layer_ids(cfg))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, partition.tp_size, i) for i in partition.layer_ids(cfg))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
         self.lm_head = None if cfg.tie_word_embeddings or not last else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # The LM head as a module of its own, quantized (quant.py) or on the dense kernel (dense.py).
         self.lm_head_kernel: nn.Module | None = None
 
+    def build_rope(self) -> None:
+        """The RoPE tables: of full-attention layers, and of sliding ones where they differ (Gemma 3)."""
+        cfg = self.cfg
+        self.rope = RotaryEmbedding.from_parameters(cfg.rope or {"rope_theta": cfg.rope_theta}, cfg.head_dim,
+                                                    cfg.max_position_embeddings)
+        self.local_rope = (None if cfg.local_rope is None else
+                           RotaryEmbedding.from_parameters(cfg.local_rope, cfg.head_dim, cfg.max_position_embeddings))
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].input_layernorm.weight.dtype
+        return self.layers[0].post_attention_layernorm.weight.dtype  # every norm form has it
 
     @property
     def num_kv_heads(self) -> int:
@@ -412,29 +345,44 @@ class LlamaForServing(nn.Module):
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T]; returns the final hidden states [T, hidden]. A later pipeline
         stage passes the previous stage's output as `hidden` instead of embedding input_ids."""
-        x = self.embed_tokens(input_ids) if hidden is None else hidden
+        if hidden is None:
+            x = self.embed_tokens(input_ids)
+            if self.cfg.embed_scale is not None:  # rounded to the model's dtype first, as transformers does
+                x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        else:
+            x = hidden
         cos_sin = self.rope.lookup(positions)
+        local = cos_sin if self.local_rope is None else self.local_rope.lookup(positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos_sin, kv_cache, meta)
+            x, residual = layer(x, residual, local if layer.local_rope else cos_sin, kv_cache, meta)
         return x if residual is None else x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] (only the rows that sample); returns float32 logits [N, vocab]."""
         hidden, _ = self.norm(hidden)
         if self.lm_head_kernel is not None:
-            return self.lm_head_kernel(hidden).float()
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+            logits = self.lm_head_kernel(hidden).float()
+        else:
+            weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(hidden, weight).float()
+        cap = self.cfg.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load a HF Llama state dict (names as in `LlamaForCausalLM`), fusing q/k/v and gate/up,
-        and keeping only this partition's layers and tensor-parallel slices."""
+        """Load a HF state dict (the family's names, mapped onto `LlamaForCausalLM`'s), fusing q/k/v
+        and gate/up, and keeping only this partition's layers and tensor-parallel slices."""
         cfg, part = self.cfg, self.partition
+        tensors = family_named(cfg.family).weights(tensors, cfg)
         params = dict(self.named_parameters())
         r, tp, d = part.tp_rank, part.tp_size, cfg.head_dim
         hq, hk, inter = cfg.num_heads // tp * d, cfg.num_kv_heads // tp * d, cfg.intermediate_size // tp
+
+        def get(name: str) -> torch.Tensor:
+            if name not in tensors:
+                raise UnsupportedModel(f"{cfg.architecture}: the checkpoint has no tensor {name!r}")
+            return tensors[name]
 
         def put(name: str, value: torch.Tensor) -> None:
             param = params.pop(name)
@@ -442,31 +390,44 @@ class LlamaForServing(nn.Module):
                 raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}")
             param.copy_(value)
 
+        def norm(name: str, src: str) -> None:  # Gemma's norms scale by 1 + weight: folded in here
+            put(name, get(src).float() + cfg.norm_offset if cfg.norm_offset else get(src))
+
         def rows(t: torch.Tensor, size: int) -> torch.Tensor:  # column-parallel: this rank's outputs
             return t[r * size : (r + 1) * size]
 
         def cols(t: torch.Tensor, size: int) -> torch.Tensor:  # row-parallel: this rank's inputs
             return t[:, r * size : (r + 1) * size]
 
+        def fused(prefix: str, names: tuple[str, ...], sizes: tuple[int, ...], suffix: str) -> torch.Tensor:
+            return torch.cat([rows(get(f"{prefix}{n}.{suffix}"), s) for n, s in zip(names, sizes)])
+
         if self.embed_tokens is not None:
-            put("embed_tokens.weight", tensors["model.embed_tokens.weight"])
+            put("embed_tokens.weight", get("model.embed_tokens.weight"))
         if self.norm is not None:
-            put("norm.weight", tensors["model.norm.weight"])
+            norm("norm.weight", "model.norm.weight")
         if self.lm_head is not None:
-            put("lm_head.weight", tensors["lm_head.weight"])
+            put("lm_head.weight", get("lm_head.weight"))
+        qkv, gate_up = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
         for j, i in enumerate(part.layer_ids(cfg)):
             src, dst = f"model.layers.{i}.", f"layers.{j}."
-            attn = src + "self_attn."
-            put(dst + "self_attn.qkv_proj.weight", torch.cat([
-                rows(tensors[attn + "q_proj.weight"], hq), rows(tensors[attn + "k_proj.weight"], hk),
-                rows(tensors[attn + "v_proj.weight"], hk)]))
-            put(dst + "self_attn.o_proj.weight", cols(tensors[attn + "o_proj.weight"], hq))
-            mlp = src + "mlp."
-            put(dst + "mlp.gate_up_proj.weight",
-                torch.cat([rows(tensors[mlp + "gate_proj.weight"], inter), rows(tensors[mlp + "up_proj.weight"], inter)]))
-            put(dst + "mlp.down_proj.weight", cols(tensors[mlp + "down_proj.weight"], inter))
-            put(dst + "input_layernorm.weight", tensors[src + "input_layernorm.weight"])
-            put(dst + "post_attention_layernorm.weight", tensors[src + "post_attention_layernorm.weight"])
+            attn, mlp = src + "self_attn.", src + "mlp."
+            put(dst + "self_attn.qkv_proj.weight", fused(attn, qkv, (hq, hk, hk), "weight"))
+            put(dst + "self_attn.o_proj.weight", cols(get(attn + "o_proj.weight"), hq))
+            put(dst + "mlp.gate_up_proj.weight", fused(mlp, gate_up, (inter, inter), "weight"))
+            put(dst + "mlp.down_proj.weight", cols(get(mlp + "down_proj.weight"), inter))
+            if cfg.qkv_bias:
+                put(dst + "self_attn.qkv_bias", fused(attn, qkv, (hq, hk, hk), "bias"))
+            if cfg.o_bias:
+                put(dst + "self_attn.o_bias", get(attn + "o_proj.bias"))
+            if cfg.mlp_bias:
+                put(dst + "mlp.gate_up_bias", fused(mlp, gate_up, (inter, inter), "bias"))
+                put(dst + "mlp.down_bias", get(mlp + "down_proj.bias"))
+            if cfg.qk_norm:
+                norm(dst + "self_attn.q_norm.weight", attn + "q_norm.weight")
+                norm(dst + "self_attn.k_norm.weight", attn + "k_norm.weight")
+            for name in LAYER_NORMS[cfg.norm_form]:
+                norm(f"{dst}{name}.weight", f"{src}{name}.weight")
         if params:
             raise ValueError(f"checkpoint is missing {sorted(params)}")
 
@@ -486,7 +447,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
         model = LlamaForServing(cfg, partition)
     model = model.to_empty(device="cpu")
     # Buffers built on meta are empty: rebuild the RoPE tables for real.
-    model.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+    model.build_rope()
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(str(path)))
@@ -497,6 +458,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
     # Back to float32 for the rotation; the tables were rounded through the model dtype once, as
     # HF's bf16 cos/sin are.
     model.rope.float()
+    if model.local_rope is not None:
+        model.local_rope.float()
     if quantization in ("int8", "int4"):
         from services.model_shard.model.quant import quantize
 
