@@ -259,10 +259,34 @@ def test_unsupported_architecture_rope_and_fields_are_refused_by_name(tmp_path):
     LlamaConfig.from_dir(_config(tmp_path, attn_logit_softcapping=None, attention_bias=False, hidden_act="silu"))
 
 
-def test_the_shard_exits_non_zero_naming_the_architecture(tmp_path):
-    shard = subprocess.run([sys.executable, "-m", "services.model_shard", "--model",
-                            str(_config(tmp_path, architectures=["MixtralForCausalLM"]))],
+@pytest.mark.parametrize("fields, message", [
+    (dict(architectures=["MixtralForCausalLM"]), "unsupported architecture 'MixtralForCausalLM'; supported architectures:"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "RoPE type 'dynamic' (dynamic NTK) is not supported"),
+], ids=["architecture", "rope"])
+def test_the_shard_exits_non_zero_naming_what_it_refuses(tmp_path, fields, message):
+    shard = subprocess.run([sys.executable, "-m", "services.model_shard", "--model", str(_config(tmp_path, **fields))],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert shard.returncode == 2
-    assert "unsupported architecture 'MixtralForCausalLM'; supported architectures:" in shard.stderr
-    assert "Traceback" not in shard.stderr
+    assert message in shard.stderr  # the log line and the usage error both name it
+    assert shard.stderr.count(message) == 2 and "Traceback" not in shard.stderr
+
+
+def test_a_gemma3_shard_process_streams_transformers_tokens(tmp_path):
+    """The family with the most departures, served by a shard process over gRPC, streamed."""
+    import grpc
+
+    from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+
+    from .conftest import shard_process
+
+    model_dir = _build("gemma3", tmp_path / "gemma3")
+    prompt = _ids(11, seed=8)
+    expected = _hf_greedy(_reference(model_dir), prompt, 12)
+    with shard_process(model_dir, tmp_path / "shard.log", "--dtype", "float32", "--quantization", "none",
+                       "--kv-cache-mb", "4", "--threads", "1") as (listen, _):
+        with grpc.insecure_channel(listen) as channel:
+            request = shard_pb2.ShardGenerateRequest(prompt_token_ids=prompt,
+                                                     sampling=common_pb2.SamplingParams(max_tokens=12))
+            messages = list(shard_pb2_grpc.ModelShardStub(channel).Generate(request, timeout=60))
+    tokens = [t for m in messages for t in m.token_ids]
+    assert len(messages) > 1 and tokens == expected[: len(tokens)] and (len(tokens) == 12 or tokens[-1] == 2)

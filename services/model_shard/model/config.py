@@ -6,11 +6,13 @@ The fields past `eos_token_ids` say how a family departs from Llama 2; their def
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.model_shard.model.rope import check_rope, context_cap
 
+log = logging.getLogger(__name__)
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
@@ -78,6 +80,10 @@ def base_fields(d: dict) -> dict:
     num_heads = d["num_attention_heads"]
     rope = rope_parameters(d)
     max_positions = d.get("max_position_embeddings", 2048)
+    if context_cap(rope, max_positions) < max_positions:
+        log.warning("context capped at %d positions of the config's %d: longer contexts would need longrope's "
+                    "long factors, which re-rotate cached keys (model/rope.py)", context_cap(rope, max_positions),
+                    max_positions)
     return dict(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
