@@ -165,3 +165,49 @@ def test_an_image_through_the_sdk_is_a_bad_request(claude):
             {"type": "text", "text": "What is this?"},
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])
     assert err.value.status_code == 400 and "image" in err.value.body["error"]["message"]
+
+
+def test_a_conversation_becomes_the_chat_the_openai_front_sends():
+    from services.gateway.anthropic_requests import MessagesRequest, generate_request
+
+    body = MessagesRequest.model_validate({"model": MODEL, "max_tokens": 5, "system": [{"type": "text", "text": "S"}],
+                                           "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+                                           "tools": [{"name": "f", "input_schema": {"type": "object"}}], "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"},
+                                          {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "no", "is_error": True},
+                                     {"type": "text", "text": "next", "cache_control": {"type": "ephemeral"}}]}]})
+    request = generate_request(body)
+    assert [(m.role, m.content, m.tool_call_id) for m in request.messages] == [
+        ("system", "S", ""), ("user", "hi", ""), ("assistant", "ok", ""), ("tool", "Error: no", "t1"),
+        ("user", "next", "")]
+    assert [(c.id, c.name, c.arguments) for c in request.messages[2].tool_calls] == [("t1", "f", '{"a": 1}')]
+    assert request.tool_choice.required and not request.parallel_tool_calls
+    assert request.sampling.max_tokens == 5 and request.sampling.temperature == 1.0  # Anthropic's default
+
+
+def test_blocks_follow_the_order_the_answer_made_them():
+    from llmmesh.v1 import common_pb2, gateway_pb2
+    from services.gateway.anthropic_http import Blocks
+
+    blocks = Blocks()
+    events = [*blocks.feed(gateway_pb2.GenerateStreamResponse(text="Let me look. ")),
+              *blocks.feed(gateway_pb2.GenerateStreamResponse(tool_calls=[
+                  common_pb2.ToolCall(id="c1", name="f", arguments='{"a": 1}')])),
+              *blocks.feed(gateway_pb2.GenerateStreamResponse(
+                  text="Done", finish_reason="stop", stop_sequence="END",
+                  usage=common_pb2.Usage(prompt_tokens=10, completion_tokens=4, cached=8))),
+              *blocks.finish()]
+    assert [(e["type"], e.get("index")) for e in events] == [
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_stop", 1),
+        ("content_block_start", 2), ("content_block_delta", 2), ("content_block_stop", 2),
+        ("message_delta", None), ("message_stop", None)]
+    message = blocks.message("msg_1", MODEL)
+    assert message["content"] == [{"type": "text", "text": "Let me look. "},
+                                  {"type": "tool_use", "id": "c1", "name": "f", "input": {"a": 1}},
+                                  {"type": "text", "text": "Done"}]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "END")
+    assert message["usage"] == {"input_tokens": 2, "output_tokens": 4, "cache_creation_input_tokens": 0,
+                                "cache_read_input_tokens": 8}
