@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gateway-port", type=int, default=50051)
     parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API (0: off)")
     parser.add_argument("--api-keys-file", help="require API keys ('TENANT SHA256HEX' lines)")
+    parser.add_argument("--shared-prefix-cache", action="store_true",
+                        help="tenants reuse each other's cached prompt blocks (default: each tenant's own)")
     parser.add_argument("--tls-dir", type=Path,
                         help="certificates from `make certs`: TLS to the gateway, mutual TLS between services")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                                  "--quantization", args.quantization],
                      tokenizer_args=["--chat-template", args.chat_template] if args.chat_template else None,
                      gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),
-                                   *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else [])])
+                                   *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else []),
+                                   *(["--shared-prefix-cache"] if args.shared_prefix_cache else [])])
     mesh = Mesh(plan)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmmesh.v1 import common_pb2 as llmmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmmesh/v1/gateway.proto\x12\nllmmesh.v1\x1a\x17llmmesh/v1/common.proto\"\x8c\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.llmmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\x08priority\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05tools\x18\x06 \x03(\x0b\x32\x10.llmmesh.v1.Tool\x12+\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x16.llmmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14previous_response_id\x18\t \x01(\t\x12\x14\n\x0c\x63onversation\x18\n \x01(\t\x12\x12\n\x05store\x18\x0b \x01(\x08H\x02\x88\x01\x01\x42\x0b\n\t_priorityB\x16\n\x14_parallel_tool_callsB\x08\n\x06_store\"\xa5\x03\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\x08 \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\t \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12#\n\x07\x63hoices\x18\n \x03(\x0b\x32\x12.llmmesh.v1.Choice\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12(\n\ntool_calls\x18\x0c \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\x12\x13\n\x0bresponse_id\x18\r \x01(\t\x12\x15\n\rstop_sequence\x18\x0e \x01(\t\"\xd1\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12(\n\ntool_calls\x18\x07 \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\"\x95\x03\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\r\n\x05index\x18\x07 \x01(\r\x12-\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\t \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\n \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12(\n\ntool_calls\x18\x0c \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\x12\x13\n\x0bresponse_id\x18\r \x01(\t\x12\x15\n\rstop_sequence\x18\x0e \x01(\t\"#\n\x15StoredResponseRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xf6\x01\n\x0eStoredResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x01\x12\x14\n\x0c\x63onversation\x18\x03 \x01(\t\x12\x1c\n\x14previous_response_id\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\'\n\x06output\x18\x06 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\x0e\n\x06status\x18\x07 \x01(\t\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\r\n\x05model\x18\t \x01(\t\"&\n\x07\x44\x65leted\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"\xbe\x01\n\x19\x43reateConversationRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\x45\n\x08metadata\x18\x02 \x03(\x0b\x32\x33.llmmesh.v1.CreateConversationRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x13\x43onversationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x99\x01\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x01\x12\x38\n\x08metadata\x18\x03 \x03(\x0b\x32&.llmmesh.v1.Conversation.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x11\x43onversationItems\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage2\x87\x05\n\x07Gateway\x12\x45\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.llmmesh.v1.GenerateRequest\x1a\".llmmesh.v1.GenerateStreamResponse0\x01\x12L\n\x0bGetResponse\x12!.llmmesh.v1.StoredResponseRequest\x1a\x1a.llmmesh.v1.StoredResponse\x12H\n\x0e\x44\x65leteResponse\x12!.llmmesh.v1.StoredResponseRequest\x1a\x13.llmmesh.v1.Deleted\x12U\n\x12\x43reateConversation\x12%.llmmesh.v1.CreateConversationRequest\x1a\x18.llmmesh.v1.Conversation\x12L\n\x0fGetConversation\x12\x1f.llmmesh.v1.ConversationRequest\x1a\x18.llmmesh.v1.Conversation\x12J\n\x12\x44\x65leteConversation\x12\x1f.llmmesh.v1.ConversationRequest\x1a\x13.llmmesh.v1.Deleted\x12W\n\x15ListConversationItems\x12\x1f.llmmesh.v1.ConversationRequest\x1a\x1d.llmmesh.v1.ConversationItemsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmmesh/v1/gateway.proto\x12\nllmmesh.v1\x1a\x17llmmesh/v1/common.proto\"\xa0\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.llmmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\x08priority\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05tools\x18\x06 \x03(\x0b\x32\x10.llmmesh.v1.Tool\x12+\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x16.llmmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14previous_response_id\x18\t \x01(\t\x12\x14\n\x0c\x63onversation\x18\n \x01(\t\x12\x12\n\x05store\x18\x0b \x01(\x08H\x02\x88\x01\x01\x12\x12\n\ncache_salt\x18\x0c \x01(\tB\x0b\n\t_priorityB\x16\n\x14_parallel_tool_callsB\x08\n\x06_store\"\xa5\x03\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\x08 \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\t \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12#\n\x07\x63hoices\x18\n \x03(\x0b\x32\x12.llmmesh.v1.Choice\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12(\n\ntool_calls\x18\x0c \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\x12\x13\n\x0bresponse_id\x18\r \x01(\t\x12\x15\n\rstop_sequence\x18\x0e \x01(\t\"\xd1\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12(\n\ntool_calls\x18\x07 \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\"\x95\x03\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\r\n\x05index\x18\x07 \x01(\r\x12-\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\t \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\n \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12(\n\ntool_calls\x18\x0c \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\x12\x13\n\x0bresponse_id\x18\r \x01(\t\x12\x15\n\rstop_sequence\x18\x0e \x01(\t\"#\n\x15StoredResponseRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xf6\x01\n\x0eStoredResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x01\x12\x14\n\x0c\x63onversation\x18\x03 \x01(\t\x12\x1c\n\x14previous_response_id\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\'\n\x06output\x18\x06 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\x0e\n\x06status\x18\x07 \x01(\t\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.llmmesh.v1.Usage\x12\r\n\x05model\x18\t \x01(\t\"&\n\x07\x44\x65leted\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"\xbe\x01\n\x19\x43reateConversationRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\x45\n\x08metadata\x18\x02 \x03(\x0b\x32\x33.llmmesh.v1.CreateConversationRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x13\x43onversationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x99\x01\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x01\x12\x38\n\x08metadata\x18\x03 \x03(\x0b\x32&.llmmesh.v1.Conversation.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x11\x43onversationItems\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage2\x87\x05\n\x07Gateway\x12\x45\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.llmmesh.v1.GenerateRequest\x1a\".llmmesh.v1.GenerateStreamResponse0\x01\x12L\n\x0bGetResponse\x12!.llmmesh.v1.StoredResponseRequest\x1a\x1a.llmmesh.v1.StoredResponse\x12H\n\x0e\x44\x65leteResponse\x12!.llmmesh.v1.StoredResponseRequest\x1a\x13.llmmesh.v1.Deleted\x12U\n\x12\x43reateConversation\x12%.llmmesh.v1.CreateConversationRequest\x1a\x18.llmmesh.v1.Conversation\x12L\n\x0fGetConversation\x12\x1f.llmmesh.v1.ConversationRequest\x1a\x18.llmmesh.v1.Conversation\x12J\n\x12\x44\x65leteConversation\x12\x1f.llmmesh.v1.ConversationRequest\x1a\x13.llmmesh.v1.Deleted\x12W\n\x15ListConversationItems\x12\x1f.llmmesh.v1.ConversationRequest\x1a\x1d.llmmesh.v1.ConversationItemsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONVERSATION_METADATAENTRY']._loaded_options = None
   _globals['_CONVERSATION_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=66
-  _globals['_GENERATEREQUEST']._serialized_end=462
-  _globals['_GENERATERESPONSE']._serialized_start=465
-  _globals['_GENERATERESPONSE']._serialized_end=886
-  _globals['_CHOICE']._serialized_start=889
-  _globals['_CHOICE']._serialized_end=1098
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1101
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1506
-  _globals['_STOREDRESPONSEREQUEST']._serialized_start=1508
-  _globals['_STOREDRESPONSEREQUEST']._serialized_end=1543
-  _globals['_STOREDRESPONSE']._serialized_start=1546
-  _globals['_STOREDRESPONSE']._serialized_end=1792
-  _globals['_DELETED']._serialized_start=1794
-  _globals['_DELETED']._serialized_end=1832
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=1835
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=2025
-  _globals['_CREATECONVERSATIONREQUEST_METADATAENTRY']._serialized_start=1978
-  _globals['_CREATECONVERSATIONREQUEST_METADATAENTRY']._serialized_end=2025
-  _globals['_CONVERSATIONREQUEST']._serialized_start=2027
-  _globals['_CONVERSATIONREQUEST']._serialized_end=2060
-  _globals['_CONVERSATION']._serialized_start=2063
-  _globals['_CONVERSATION']._serialized_end=2216
-  _globals['_CONVERSATION_METADATAENTRY']._serialized_start=1978
-  _globals['_CONVERSATION_METADATAENTRY']._serialized_end=2025
-  _globals['_CONVERSATIONITEMS']._serialized_start=2218
-  _globals['_CONVERSATIONITEMS']._serialized_end=2280
-  _globals['_GATEWAY']._serialized_start=2283
-  _globals['_GATEWAY']._serialized_end=2930
+  _globals['_GENERATEREQUEST']._serialized_end=482
+  _globals['_GENERATERESPONSE']._serialized_start=485
+  _globals['_GENERATERESPONSE']._serialized_end=906
+  _globals['_CHOICE']._serialized_start=909
+  _globals['_CHOICE']._serialized_end=1118
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1121
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1526
+  _globals['_STOREDRESPONSEREQUEST']._serialized_start=1528
+  _globals['_STOREDRESPONSEREQUEST']._serialized_end=1563
+  _globals['_STOREDRESPONSE']._serialized_start=1566
+  _globals['_STOREDRESPONSE']._serialized_end=1812
+  _globals['_DELETED']._serialized_start=1814
+  _globals['_DELETED']._serialized_end=1852
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=1855
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=2045
+  _globals['_CREATECONVERSATIONREQUEST_METADATAENTRY']._serialized_start=1998
+  _globals['_CREATECONVERSATIONREQUEST_METADATAENTRY']._serialized_end=2045
+  _globals['_CONVERSATIONREQUEST']._serialized_start=2047
+  _globals['_CONVERSATIONREQUEST']._serialized_end=2080
+  _globals['_CONVERSATION']._serialized_start=2083
+  _globals['_CONVERSATION']._serialized_end=2236
+  _globals['_CONVERSATION_METADATAENTRY']._serialized_start=1998
+  _globals['_CONVERSATION_METADATAENTRY']._serialized_end=2045
+  _globals['_CONVERSATIONITEMS']._serialized_start=2238
+  _globals['_CONVERSATIONITEMS']._serialized_end=2300
+  _globals['_GATEWAY']._serialized_start=2303
+  _globals['_GATEWAY']._serialized_end=2950
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared-response-cache", action="store_true",
                         help="answer every tenant from one response cache (default: each tenant's own, so no "
                              "tenant learns from a hit what another asked)")
+    parser.add_argument("--shared-prefix-cache", action="store_true",
+                        help="let tenants reuse each other's cached prompt blocks (default: each tenant's blocks are "
+                             "its own, so cached_tokens never shows one tenant what another sent)")
     parser.add_argument("--rate-limit-rps", type=float, default=float(env_default("LLMMESH_RATE_LIMIT_RPS", "0")),
                         help="requests per second per tenant (0: no limit)")
     parser.add_argument("--rate-limit-tpm", type=float, default=float(env_default("LLMMESH_RATE_LIMIT_TPM", "0")),
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                         max_prompt_chars=args.max_prompt_chars, max_n=args.max_n)
         config = GatewayConfig(args.model_name, limits, not args.no_response_cache,
                                shared_response_cache=args.shared_response_cache, audit_prompts=args.audit_prompts,
+                               shared_prefix_cache=args.shared_prefix_cache,
                                redact_personal_data=args.redact_personal_data,
                                tokenizer_timeout_s=args.tokenizer_timeout,
                                shard_first_message_timeout_s=args.shard_first_token_timeout,

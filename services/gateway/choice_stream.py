@@ -45,6 +45,7 @@ class ChoiceCall:
     weight: float
     tool_names: frozenset[str] | None  # the calls to take out of the text; None: no tools
     retain_blocks: bool = False  # a stored conversation's turn: the shard keeps its blocks longest
+    cache_scope: bytes = b""  # whose cached prefix blocks it may reuse (block_hash.cache_scope)
 
 
 def resume_request(request: shard_pb2.ShardGenerateRequest, delivered: list[int]) -> shard_pb2.ShardGenerateRequest:
@@ -79,7 +80,8 @@ class ChoiceStreams:
         the prompt tokens the shard had cached; its last, its finish reason."""
         shard_request = shard_pb2.ShardGenerateRequest(request_id=c.call_id, prompt_token_ids=c.prompt_ids,
                                                        sampling=c.sampling, tenant=c.tenant, priority=c.priority,
-                                                       tenant_weight=c.weight, retain_blocks=c.retain_blocks)
+                                                       tenant_weight=c.weight, retain_blocks=c.retain_blocks,
+                                                       cache_scope=c.cache_scope)
         token_ids: list[int] = []
         finish_reason = last_shard_reason = ""
         last_at, resumes = None, 0

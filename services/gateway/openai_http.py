@@ -289,6 +289,8 @@ class OpenAIFront:
         grpc_request.request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.priority is not None:
             grpc_request.priority = body.priority
+        if body.cache_salt is not None:
+            grpc_request.cache_salt = body.cache_salt
         method = "http.chat" if chat else "http.completions"
         span_name = f"POST /v1/{'chat/completions' if chat else 'completions'}"
         parent = propagate.extract(dict(request.headers))  # a caller's traceparent continues here

@@ -96,6 +96,7 @@ class _Common(_Validated):
     stop_token_ids: list[int] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0)
     priority: int | None = Field(default=None, ge=0, le=UINT32_MAX)  # 0 interactive, 1 standard, 2 batch
+    cache_salt: str | None = Field(default=None, min_length=1)  # a further prefix-cache scope in the tenant
     response_format: dict[str, Any] | None = None  # and vLLM's structured-output fields: openai_structured.py
 
 

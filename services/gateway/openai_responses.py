@@ -42,6 +42,7 @@ class ResponsesRequest(_Validated):
     tool_choice: str | None = None
     parallel_tool_calls: bool | None = None
     priority: int | None = Field(default=None, ge=0, le=UINT32_MAX)
+    cache_salt: str | None = Field(default=None, min_length=1)  # as vLLM's: a further prefix-cache scope
 
     def conversation_id(self) -> str | None:
         if isinstance(self.conversation, dict):
@@ -98,6 +99,8 @@ def add_routes(app: FastAPI, front, conversations: Conversations) -> None:
         grpc_request = gateway_pb2.GenerateRequest(sampling=_sampling(body), request_id=plan.response_id)
         if body.priority is not None:
             grpc_request.priority = body.priority
+        if body.cache_salt is not None:
+            grpc_request.cache_salt = body.cache_salt
         chunks = conversations.run(plan, grpc_request, front._timeout(request), "http")
         if body.stream:
             events = _events(plan, chunks, front)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from services.common.block_hash import chain_block_hashes, index_key
+from services.common.block_hash import chain_block_hashes, index_key, scope_root
 from services.gateway.shards import Replica
 
 
@@ -23,8 +23,9 @@ class PrefixAffinity:
         self._owner: OrderedDict[bytes, str] = OrderedDict()  # block hash -> replica address
 
     @staticmethod
-    def hashes(token_ids: list[int], block_size: int) -> list[bytes]:
-        return chain_block_hashes(token_ids, block_size)
+    def hashes(token_ids: list[int], block_size: int, scope: bytes = b"") -> list[bytes]:
+        """The prompt's block hashes in its prefix-cache scope, as its shard names them."""
+        return chain_block_hashes(token_ids, block_size, root=scope_root(scope))
 
     def held_blocks(self, replica: Replica, hashes: list[bytes]) -> int:
         """Leading blocks of the prompt that `replica` holds (by its own index when it streams one)."""

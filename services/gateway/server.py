@@ -20,6 +20,7 @@ from prometheus_client import Counter, Histogram
 
 from llmmesh.v1 import cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, tokenizer_pb2
 from llmmesh.v1 import tokenizer_pb2_grpc
+from services.common.block_hash import cache_scope
 from services.common.hash_ring import HashRing
 from services.gateway import message_counts
 from services.gateway.admission import Admission
@@ -58,6 +59,7 @@ class GatewayConfig:
     limits: Limits = Limits()
     response_cache: bool = True
     shared_response_cache: bool = False  # one response cache for all tenants (off: each tenant its own)
+    shared_prefix_cache: bool = False  # tenants reuse each other's cached prompt blocks (off: each its own)
     default_timeout_s: float = 600.0  # when the client sets no deadline
     audit_prompts: bool = False  # audit lines never carry prompt text unless this is set
     redact_personal_data: bool = False  # e-mails, phones, cards, IBANs out of audit lines (redact.py)
@@ -236,6 +238,8 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         if (self.cache is not None and self.config.response_cache and is_deterministic(request.sampling)
                 and continuation is None):
             scope = "" if self.config.shared_response_cache else tenant
+            if request.cache_salt:  # a hit must not tell one salt what another asked either
+                scope = cache_scope(scope, request.cache_salt).decode()
             key = response_key(self.config.model, prompt_ids, request.sampling, max_tokens, scope)
             # Asked while the shard call starts: a miss costs no round trip before the first token,
             # a hit costs the shard a call cancelled at once.
@@ -245,12 +249,15 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         sampling.CopyFrom(request.sampling)
         sampling.max_tokens = max_tokens
         n = max(sampling.n, 1)
-        hashes = PrefixAffinity.hashes(prompt_ids, info.block_size) if self.affinity is not None else []
+        # Whose cached prompt blocks this request may reuse: its tenant's (and its salt's) unless shared.
+        prefix_scope = cache_scope(tenant, request.cache_salt, self.config.shared_prefix_cache)
+        hashes = PrefixAffinity.hashes(prompt_ids, info.block_size, prefix_scope) if self.affinity is not None else []
         # One replica for every choice: it prefills the prompt once for all of them.
         order = (self.affinity.order(self.shards.replicas, hashes, tenant) if self.affinity is not None
                  else self.shards.ordered(tenant))
         calls = [ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i), tokenizer_version,
-                            deadline, order, hashes, tenant, priority, weight, tool_names, continuation is not None)
+                            deadline, order, hashes, tenant, priority, weight, tool_names, continuation is not None,
+                            prefix_scope)
                  for i in range(n)]
         streams = [self.choice_streams.stream(c, list(request.sampling.stop)) for c in calls]
         messages = streams[0] if n == 1 else merge_choices(streams)

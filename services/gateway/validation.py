@@ -31,6 +31,7 @@ class Limits:
     max_n: int = 16  # choices per request
     max_top_logprobs: int = 20  # as OpenAI's (the shard's own bound too)
     max_tools: int = 128  # as OpenAI's
+    max_cache_salt_chars: int = 1024  # vLLM suggests 43 (256 random bits in base64)
 
 
 def check_request(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
@@ -55,6 +56,8 @@ def check_request(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
         raise InvalidRequest(f"request_id is longer than {limits.max_request_id_chars} characters")
     if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
         raise InvalidRequest("request_id may hold only visible ASCII characters (no spaces or control characters)")
+    if len(request.cache_salt) > limits.max_cache_salt_chars:
+        raise InvalidRequest(f"cache_salt is longer than {limits.max_cache_salt_chars} characters")
     check_sampling(request.sampling, limits)
 
 

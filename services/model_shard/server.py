@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
-from services.common.block_hash import chain_block_hashes, index_key
+from services.common.block_hash import chain_block_hashes, index_key, scope_root
 from services.common.errors import REQUEST_FAILED_KEY, retry_later
 from services.common.telemetry import record_span, tracer
 from services.common.labels import BoundedLabels
@@ -148,14 +148,15 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         params = sampling_from_proto(request.sampling, request.resume_draws)
         first, times, count, steps = True, None, 0, 0
         matcher = await self._matcher(params, list(request.prompt_token_ids))
+        root = scope_root(request.cache_scope)
         if self.shared_kv is not None:
-            await self._fetch_shared_prefix(list(request.prompt_token_ids))
+            await self._fetch_shared_prefix(list(request.prompt_token_ids), root)
         self._calls.setdefault(label, set()).add(request_id)
         try:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             request_class = RequestClass(request.tenant, request.priority, request.tenant_weight or 1.0,
-                                         request.retain_blocks)
+                                         request.retain_blocks, root)
             async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params, carrier,
                                                     request_class, matcher):
                 last = batch[-1]
@@ -230,15 +231,16 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
         except ValueError as exc:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, f"structured output: {exc}") from None
 
-    async def _fetch_shared_prefix(self, prompt: list[int]) -> None:
+    async def _fetch_shared_prefix(self, prompt: list[int], root: bytes) -> None:
         """Bring the prompt's leading blocks that this shard lacks from the cache service, so the
-        engine prefills only the rest. Failures are recorded on the span and otherwise ignored."""
+        engine prefills only the rest; root: its scope's (blocks of other scopes have other names).
+        Failures are recorded on the span and otherwise ignored."""
         engine = self.engine.engine
         if engine is None or not engine.config.enable_prefix_caching or not engine.can_transfer_blocks:
             return
         config = engine.config
         # As the scheduler does: the last prompt token is always computed, its logits pick the next.
-        hashes = chain_block_hashes(prompt, config.block_size)[: (len(prompt) - 1) // config.block_size]
+        hashes = chain_block_hashes(prompt, config.block_size, root=root)[: (len(prompt) - 1) // config.block_size]
         local = self.engine.cached_prefix_blocks(hashes)
         if local == len(hashes):
             return

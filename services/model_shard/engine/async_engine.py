@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from services.common.block_hash import ROOT
 from services.model_shard.engine.engine import LLMEngine
 from services.model_shard.engine.request import FinishReason, RequestOutput, RequestTimes, SamplingParams
 from services.model_shard.engine.scheduler import QueueFullError
@@ -51,6 +52,7 @@ class RequestClass:
     priority: int = 0
     weight: float = 1.0
     retain_blocks: bool = False  # its KV blocks are evicted last once it ends (kv_blocks.py)
+    cache_root: bytes = ROOT  # its prefix-cache scope's root: blocks are reused only within the scope
 
 
 @dataclass
@@ -215,7 +217,8 @@ class AsyncEngine:
             try:
                 c = msg.request_class
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.trace_carrier,
-                                        c.tenant, c.priority, c.weight, msg.matcher, c.retain_blocks)
+                                        c.tenant, c.priority, c.weight, msg.matcher, c.retain_blocks,
+                                        c.cache_root)
             except (ValueError, QueueFullError) as exc:
                 msg.loop.call_soon_threadsafe(_settle, msg.accepted, exc)
                 return

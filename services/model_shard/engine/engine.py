@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.block_hash import ROOT
 from services.model_shard.engine.fairness import FairnessConfig
 from services.model_shard.engine.grammar import Grammars, Matchers
 from services.model_shard.engine.kv_blocks import BlockPool
@@ -189,11 +190,14 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     trace_carrier: dict[str, str] | None = None, tenant: str = "", priority: int = 0,
-                    weight: float = 1.0, matcher=None, retain_blocks: bool = False) -> Sequence:
+                    weight: float = 1.0, matcher=None, retain_blocks: bool = False,
+                    cache_root: bytes = ROOT) -> Sequence:
         """trace_carrier: the request's W3C trace context, for spans recorded by parallel workers.
         tenant, priority (0 goes first) and the tenant's weight decide its place (fairness.py).
         matcher: for params.structured, one made by self.grammars (made here when not given).
-        retain_blocks: its KV blocks are evicted after all others once it ends (kv_blocks.py)."""
+        retain_blocks: its KV blocks are evicted after all others once it ends (kv_blocks.py).
+        cache_root: its prefix-cache scope's root (block_hash.scope_root): it reuses only blocks computed
+        in that scope."""
         params.validate()
         if priority < 0 or not 0 < weight < math.inf:
             raise ValueError(f"priority must be >= 0 and weight a finite number > 0, got {priority} and {weight}")
@@ -206,7 +210,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, seed_as_int64(seed),
                        trace_carrier=trace_carrier, tenant=tenant, priority=priority, weight=weight,
-                       retain_blocks=retain_blocks)
+                       retain_blocks=retain_blocks, cache_root=cache_root)
         if params.structured is not None:
             if matcher is None:
                 if self.grammars is None:

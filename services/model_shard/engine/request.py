@@ -7,6 +7,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from services.common.block_hash import ROOT
+
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 # The k most likely tokens at one position, most likely first: (token ids, log-probabilities).
@@ -114,6 +116,7 @@ class Sequence:
     priority: int = 0  # its class: 0 goes first
     weight: float = 1.0  # its tenant's weight
     retain_blocks: bool = False  # its blocks, once freed, are evicted last (a stored conversation's)
+    cache_root: bytes = ROOT  # where its block hash chain starts: its prefix-cache scope's (block_hash.py)
     enqueued_step: int = 0  # the scheduler step it last joined the waiting queue at
 
     def __post_init__(self) -> None:

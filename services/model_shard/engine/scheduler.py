@@ -268,7 +268,7 @@ class Scheduler:
         """Whether a full block seq would compute is being computed by another running sequence."""
         if not self._computing or seq.params.prompt_logprobs:
             return False
-        hashes = chain_block_hashes(seq.token_ids, self.pool.block_size, seq.block_hashes)
+        hashes = chain_block_hashes(seq.token_ids, self.pool.block_size, seq.block_hashes, seq.cache_root)
         return any(self._computing.get(h, seq) is not seq for h in hashes[: (seq.num_tokens - 1) // self.pool.block_size])
 
     def _claim_blocks(self, seq: Sequence) -> None:
@@ -280,7 +280,7 @@ class Scheduler:
         if not self.config.enable_prefix_caching or seq.block_ids:
             return
         bs = self.pool.block_size
-        chain_block_hashes(seq.token_ids, bs, seq.block_hashes)
+        chain_block_hashes(seq.token_ids, bs, seq.block_hashes, seq.cache_root)
         if seq.params.prompt_logprobs:  # it computes every prompt token: their log-probabilities need them
             return
         # At least the last token is computed: its logits pick the next one.
@@ -295,7 +295,8 @@ class Scheduler:
         full = seq.num_computed_tokens // self.pool.block_size
         if not self.config.enable_prefix_caching or full <= seq.num_registered_blocks:
             return
-        chain_block_hashes(seq.token_ids[: full * self.pool.block_size], self.pool.block_size, seq.block_hashes)
+        chain_block_hashes(seq.token_ids[: full * self.pool.block_size], self.pool.block_size, seq.block_hashes,
+                           seq.cache_root)
         prompt_blocks = len(seq.prompt_token_ids) // self.pool.block_size
         for j in range(seq.num_registered_blocks, full):
             self.pool.register(seq.block_ids[j], seq.block_hashes[j])

@@ -1,0 +1,164 @@
+"""What a client must not learn or break: another scope's cached prompt blocks (tenants, cache_salt),
+the server's health through its own oversized grammars, the body limit through a chunked body, and
+every request's time once no tokenizer serves.
+
+The shard runs a tiny random Llama with the real tokenizer's vocabulary: these tests are about the
+mesh's plumbing, not the model's answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from services.common.block_hash import ROOT, cache_scope, chain_block_hashes, scope_root
+from services.gateway.auth import hash_key
+from services.launcher import Mesh, plan_mesh, wait_healthy
+
+from .conftest import ROOT as REPO, free_ports
+
+pytestmark = pytest.mark.e2e
+MODEL = "SmolLM2-135M-Instruct"
+KEYS = {"tenant-a": "sk-a-scopes-0123456789", "tenant-b": "sk-b-scopes-0123456789"}
+MAX_REQUEST_BYTES = 100_000
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scopes")
+    (root / "keys").write_text("".join(f"{tenant} {hash_key(key)}\n" for tenant, key in KEYS.items()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mesh(real_model_dir, vocab_sized_tiny_model, root):
+    ports = free_ports(5)
+    plan = plan_mesh(str(real_model_dir), shards=1, gateway_port=ports[0], ports=ports[1:4],
+                     metrics_ports=[0, 0, 0], gateway_metrics_port=0,
+                     shard_args=["--kv-cache-mb", "64", "--dtype", "float32"],
+                     gateway_args=["--http-listen", f"127.0.0.1:{ports[4]}", "--api-keys-file", str(root / "keys"),
+                                   "--max-request-bytes", str(MAX_REQUEST_BYTES)])
+    shard = plan.shards[0]
+    shard.args[shard.args.index("--model") + 1] = str(vocab_sized_tiny_model)
+    with Mesh(plan, log_dir=root).start(timeout=120) as m:
+        m.http = f"http://127.0.0.1:{ports[4]}"
+        m.http_port = ports[4]
+        yield m
+
+
+class Gateway:
+    """One more gateway process over the mesh's services, with flags of its own."""
+
+    def __init__(self, mesh, root, name: str, *args: str, tokenizer: str | None = None):
+        self.grpc_port, self.http_port = free_ports(2)
+        self.http = f"http://127.0.0.1:{self.http_port}"
+        p = mesh.plan
+        with open(root / f"{name}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.gateway", "--listen", f"127.0.0.1:{self.grpc_port}",
+                 "--http-listen", f"127.0.0.1:{self.http_port}", "--api-keys-file", str(root / "keys"),
+                 "--model-name", MODEL, "--tokenizer", tokenizer or p.tokenizer.listen, "--cache", p.cache.listen,
+                 "--shards", ",".join(s.listen for s in p.shards), "--metrics-port", "0", *args],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(f"127.0.0.1:{self.grpc_port}", 60, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+def _post(base: str, path: str, body: dict, tenant: str = "tenant-a", timeout: float = 60) -> tuple[int, dict]:
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json",
+                                              "authorization": f"Bearer {KEYS[tenant]}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# --- prefix-cache scopes ---
+
+
+def _document() -> str:
+    """A prompt of several KV blocks that no other test sends (a fresh tag each call)."""
+    return (f"Confidential memo {uuid.uuid4().hex}: the merger with the harbour company closes on Friday; "
+            "the price is forty-two million and the board has not been told yet. ") * 3
+
+
+def _cached(base: str, prompt: str, tenant: str, max_tokens: int, **fields) -> int:
+    """The prompt tokens a completion reports cached. Each call of a test asks a different max_tokens:
+    never answered from the response cache, so only the prefix cache counts."""
+    status, reply = _post(base, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                                    "temperature": 0, **fields}, tenant)
+    assert status == 200, reply
+    assert reply["usage"]["prompt_tokens"] > 48  # several full blocks of 16
+    return reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_scopes_name_blocks_apart():
+    tokens = list(range(64))
+    default = chain_block_hashes(tokens, 16)
+    assert chain_block_hashes(tokens, 16, root=scope_root(b"")) == default and scope_root() == ROOT
+    scopes = [cache_scope("a"), cache_scope("b"), cache_scope("a", "s"), cache_scope("a", "t"), cache_scope("", "s"),
+              cache_scope("a:1", ""), cache_scope("a", ":1")]
+    assert cache_scope("a", shared=True) == b"" and cache_scope("a", "s", shared=True) == cache_scope("", "s")
+    chains = {tuple(chain_block_hashes(tokens, 16, root=scope_root(s))) for s in scopes}
+    assert len(chains) == len(scopes) and tuple(default) not in chains
+    assert not set(default) & {h for chain in chains for h in chain}
+
+
+def test_another_tenants_prompt_is_not_a_cache_hit(mesh):
+    document = _document()
+    assert _cached(mesh.http, document, "tenant-a", 2) == 0
+    assert _cached(mesh.http, document, "tenant-b", 3) == 0  # B learns nothing of what A sent
+    assert _cached(mesh.http, document, "tenant-a", 4) >= 48  # A's own blocks serve A
+    assert _cached(mesh.http, document, "tenant-b", 5) >= 48  # and B's, B
+
+
+def test_cache_salt_scopes_within_a_tenant(mesh):
+    document = _document()
+    assert _cached(mesh.http, document, "tenant-a", 2, cache_salt="user-1") == 0
+    assert _cached(mesh.http, document, "tenant-a", 3) == 0  # unsalted: another scope
+    assert _cached(mesh.http, document, "tenant-a", 4, cache_salt="user-2") == 0
+    assert _cached(mesh.http, document, "tenant-a", 5, cache_salt="user-1") >= 48
+    assert _cached(mesh.http, document, "tenant-b", 6, cache_salt="user-1") == 0  # a salt is no way into A's
+    chat = {"messages": [{"role": "user", "content": document}]}
+    status, reply = _post(mesh.http, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "cache_salt": "", **chat})
+    assert status == 400 and reply["error"]["param"] == "cache_salt", reply
+
+
+def test_cache_salt_separates_the_response_cache_too(mesh):
+    body = {"model": MODEL, "prompt": _document(), "max_tokens": 3, "temperature": 0}
+    first = _post(mesh.http, "/v1/completions", {**body, "cache_salt": "user-1"})[1]["usage"]
+    other = _post(mesh.http, "/v1/completions", {**body, "cache_salt": "user-2"})[1]["usage"]
+    again = _post(mesh.http, "/v1/completions", {**body, "cache_salt": "user-1"})[1]["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == other["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["prompt_tokens_details"]["cached_tokens"] == again["prompt_tokens"]  # the response cache's hit
+
+
+def test_shared_prefix_cache_shares_across_tenants_on_purpose(mesh, root):
+    shared = Gateway(mesh, root, "gateway-shared", "--shared-prefix-cache")
+    try:
+        document = _document()
+        assert _cached(shared.http, document, "tenant-a", 2) == 0
+        assert _cached(shared.http, document, "tenant-b", 3) >= 48
+        assert _cached(shared.http, document, "tenant-b", 4, cache_salt="mine") == 0  # a salt still scopes
+        assert _cached(mesh.http, document, "tenant-b", 5) == 0  # the default gateway keeps B's scope its own
+    finally:
+        shared.stop()
