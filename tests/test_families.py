@@ -3,7 +3,7 @@ itself builds (2 layers, hidden 64, biases and norm weights moved away from 0 an
 float32 logits of a whole prompt, of chunks after cached keys and of decode steps over the paged
 cache, on the native kernels and on stock torch; greedy tokens through the engine, batched, with
 chunked prefill and a reused prefix; int8 and int4 top-1 agreement; tensor parallel (in-process
-threads, the all-reduce a sum) and two pipeline stages.
+threads, the all-reduce a sum) and two pipeline stages. Mixtral and Qwen3-MoE share one MoE path.
 And the refusals: an unsupported architecture, RoPE type or config field, by name, at start."""
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ FAMILIES = {
     "phi3": ("Phi3Config", dict(sliding_window=WINDOW + 3, original_max_position_embeddings=64,
                                 rope_parameters=LONGROPE)),
     "olmo2": ("Olmo2Config", dict()),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True, mlp_only_layers=[1])),
 }
+MOE = {"mixtral", "qwen3_moe"}
 
 
 def _build(family: str, out: Path) -> Path:
@@ -64,6 +68,8 @@ def _build(family: str, out: Path) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn(p.shape) * 0.3)
+            elif name.endswith(".gate.weight"):  # a router: Qwen3-MoE's starts at 0, every expert tied
+                p.copy_(torch.randn(p.shape))
     model.save_pretrained(out)
     return out
 
@@ -149,6 +155,10 @@ def test_quantized_top1_agreement(family_dir, method, bound):
     quantized path that drops a bias or a norm (agreement near 1/256), not fine losses, which
     tests/test_quality.py measures on the real model."""
     family, model_dir = family_dir
+    if family in MOE:
+        with pytest.raises(UnsupportedModel, match=f"{method} quantization of experts is not implemented"):
+            load_model(model_dir, torch.bfloat16, method)
+        return
     ids = _ids(64, seed=5)
     full = prompt_logits(load_model(model_dir), ids).argmax(-1)
     quantized = prompt_logits(load_model(model_dir, torch.bfloat16, method), ids).argmax(-1)
@@ -243,9 +253,9 @@ def _config(tmp_path: Path, **fields) -> Path:
 
 
 def test_unsupported_architecture_rope_and_fields_are_refused_by_name(tmp_path):
-    with pytest.raises(UnsupportedModel, match=r"unsupported architecture 'MixtralForCausalLM'; supported "
+    with pytest.raises(UnsupportedModel, match=r"unsupported architecture 'Qwen2MoeForCausalLM'; supported "
                                                r"architectures: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
-        LlamaConfig.from_dir(_config(tmp_path, architectures=["MixtralForCausalLM"]))
+        LlamaConfig.from_dir(_config(tmp_path, architectures=["Qwen2MoeForCausalLM"]))
     with pytest.raises(ValueError, match=r"RoPE type 'dynamic' \(dynamic NTK\) is not supported.*supported: "
                                          r"default, linear, llama3, yarn, longrope"):
         LlamaConfig.from_dir(_config(tmp_path, rope_scaling={"type": "dynamic", "factor": 2.0}))
@@ -259,13 +269,17 @@ def test_unsupported_architecture_rope_and_fields_are_refused_by_name(tmp_path):
     LlamaConfig.from_dir(_config(tmp_path, attn_logit_softcapping=None, attention_bias=False, hidden_act="silu"))
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(architectures=["MixtralForCausalLM"]), "unsupported architecture 'MixtralForCausalLM'; supported architectures:"),
-    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "RoPE type 'dynamic' (dynamic NTK) is not supported"),
-], ids=["architecture", "rope"])
-def test_the_shard_exits_non_zero_naming_what_it_refuses(tmp_path, fields, message):
-    shard = subprocess.run([sys.executable, "-m", "services.model_shard", "--model", str(_config(tmp_path, **fields))],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+MIXTRAL = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("fields, args, message", [
+    (dict(architectures=["Qwen2MoeForCausalLM"]), [], "unsupported architecture 'Qwen2MoeForCausalLM'; supported architectures:"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), [], "RoPE type 'dynamic' (dynamic NTK) is not supported"),
+    (MIXTRAL, ["--quantization", "int8"], "int8 quantization of experts is not implemented"),
+], ids=["architecture", "rope", "quantized-experts"])
+def test_the_shard_exits_non_zero_naming_what_it_refuses(tmp_path, fields, args, message):
+    shard = subprocess.run([sys.executable, "-m", "services.model_shard", "--model", str(_config(tmp_path, **fields)),
+                            *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert shard.returncode == 2
     assert message in shard.stderr  # the log line and the usage error both name it
     assert shard.stderr.count(message) == 2 and "Traceback" not in shard.stderr

@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging("shard", args.log_level, args.log_format)
     log = logging.getLogger(__name__)
-    refusal = unsupported_model(args.model)
-    if refusal:  # before anything starts: an architecture or config field the decoder does not implement
-        log.critical("cannot serve %s: %s", args.model, refusal)
-        parser.error(f"cannot serve {args.model}: {refusal}")
     setup_tracing("model_shard", instance_id(args.listen))
     dtype = resolve_dtype(args.dtype)
     quantization = resolve_quantization(args.quantization, args.model, dtype.value, not args.no_native_kernels)
+    refusal = unsupported_model(args.model, quantization.value)
+    if refusal:  # before anything starts: an architecture or config field the decoder does not implement
+        log.critical("cannot serve %s: %s", args.model, refusal)
+        parser.error(f"cannot serve {args.model}: {refusal}")
     log.info("dtype %s: %s", dtype.value, dtype.reason)
     log.info("quantization %s: %s", quantization.value or "none", quantization.reason)
     args.dtype, args.quantization = dtype.value, quantization.value
@@ -189,15 +189,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(runtime_ref["exit_code"])
 
 
-def unsupported_model(model_dir: str) -> str | None:
+def unsupported_model(model_dir: str, quantization: str | None) -> str | None:
     """Why the model in model_dir cannot be served (families/ names the architecture or config
     field, and what is supported), or None. A missing folder is left to the engine's start."""
     try:
-        LlamaConfig.from_dir(model_dir)
+        cfg = LlamaConfig.from_dir(model_dir)
     except OSError:
         return None
     except (UnsupportedModel, ValueError, KeyError) as exc:
         return str(exc) if not isinstance(exc, KeyError) else f"config.json lacks the field {exc}"
+    if cfg.num_experts and quantization:
+        return f"{cfg.architecture}: {quantization} quantization of experts is not implemented; use --quantization none"
     return None
 
 

@@ -50,6 +50,14 @@ class LlamaConfig:
     final_softcap: float | None = None
     sliding_window: int | None = None  # keys a token sees in a sliding layer, itself included
     layer_types: tuple[str, ...] = ()  # per layer FULL or SLIDING; empty: all FULL
+    num_experts: int = 0  # > 0: a sparse mixture-of-experts MLP (moe.py)
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0  # each expert's
+    norm_topk_prob: bool = True  # renormalise the chosen experts' router probabilities to sum to 1
+    dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model
+
+    def is_moe(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of a layer, or None for full attention."""

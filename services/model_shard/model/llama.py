@@ -25,6 +25,7 @@ from services.model_shard.model.attention import (AttentionMetadata, DecodeBatch
                                                   decode_attention, slots_of)
 from services.model_shard.model.config import LlamaConfig
 from services.model_shard.model.families import UnsupportedModel, family_named
+from services.model_shard.model.moe import SparseMoE
 from services.model_shard.model.rope import RotaryEmbedding
 
 
@@ -59,6 +60,9 @@ def check_parallel(cfg: LlamaConfig, tensor_parallel: int, pipeline_parallel: in
                   if cfg.num_heads % t == 0 and cfg.num_kv_heads % t == 0 and cfg.intermediate_size % t == 0]
             raise ValueError(f"tensor parallel size {tensor_parallel} does not divide the model's {n} {what} "
                              f"({cfg.num_heads} heads, {cfg.num_kv_heads} KV heads): use one of {ok}")
+    if cfg.num_experts and cfg.moe_intermediate_size % tensor_parallel:
+        raise ValueError(f"tensor parallel size {tensor_parallel} does not divide the experts' "
+                         f"{cfg.moe_intermediate_size} columns")
     if tensor_parallel > 1 and cfg.qk_norm == "full":
         raise ValueError(f"{cfg.architecture}: its q/k norms span all heads, so tensor parallel is not supported "
                          "for it; use --tensor-parallel-size 1")
@@ -267,7 +271,7 @@ class DecoderLayer(DirectModule):
         for name in LAYER_NORMS[self.form]:
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
         self.self_attn = Attention(cfg, tp_size, layer)
-        self.mlp = MLP(cfg, tp_size)
+        self.mlp = SparseMoE(cfg, tp_size) if cfg.is_moe(layer) else MLP(cfg, tp_size)
         self.local_rope = cfg.local_rope is not None and cfg.window_of(layer) is not None
 
     def forward(self, x, residual, cos_sin, kv_cache, meta):
@@ -414,8 +418,16 @@ class LlamaForServing(nn.Module):
             attn, mlp = src + "self_attn.", src + "mlp."
             put(dst + "self_attn.qkv_proj.weight", fused(attn, qkv, (hq, hk, hk), "weight"))
             put(dst + "self_attn.o_proj.weight", cols(get(attn + "o_proj.weight"), hq))
-            put(dst + "mlp.gate_up_proj.weight", fused(mlp, gate_up, (inter, inter), "weight"))
-            put(dst + "mlp.down_proj.weight", cols(get(mlp + "down_proj.weight"), inter))
+            if cfg.is_moe(i):
+                put(dst + "mlp.gate.weight", get(mlp + "gate.weight"))
+                size = cfg.moe_intermediate_size // tp
+                for e in range(cfg.num_experts):
+                    src_e, dst_e = f"{mlp}experts.{e}.", f"{dst}mlp.experts.{e}."
+                    put(dst_e + "gate_up_proj.weight", fused(src_e, gate_up, (size, size), "weight"))
+                    put(dst_e + "down_proj.weight", cols(get(src_e + "down_proj.weight"), size))
+            else:
+                put(dst + "mlp.gate_up_proj.weight", fused(mlp, gate_up, (inter, inter), "weight"))
+                put(dst + "mlp.down_proj.weight", cols(get(mlp + "down_proj.weight"), inter))
             if cfg.qkv_bias:
                 put(dst + "self_attn.qkv_bias", fused(attn, qkv, (hq, hk, hk), "bias"))
             if cfg.o_bias:
@@ -460,6 +472,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, quanti
     model.rope.float()
     if model.local_rope is not None:
         model.local_rope.float()
+    if quantization in ("int8", "int4") and cfg.num_experts:
+        raise UnsupportedModel(f"{cfg.architecture}: {quantization} quantization of experts is not implemented; "
+                               "serve it with --quantization none")
     if quantization in ("int8", "int4"):
         from services.model_shard.model.quant import quantize
 

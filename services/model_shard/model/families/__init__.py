@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2")
+MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe")
 
 
 class UnsupportedModel(ValueError):
