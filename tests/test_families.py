@@ -57,7 +57,7 @@ FAMILIES = {
 MOE = {"mixtral", "qwen3_moe"}
 
 
-def _build(family: str, out: Path) -> Path:
+def _build(family: str, out: Path, max_shard_size: str | None = None) -> Path:
     import transformers
 
     config_cls, extra = FAMILIES[family]
@@ -70,7 +70,7 @@ def _build(family: str, out: Path) -> Path:
                 p.add_(torch.randn(p.shape) * 0.3)
             elif name.endswith(".gate.weight"):  # a router: Qwen3-MoE's starts at 0, every expert tied
                 p.copy_(torch.randn(p.shape))
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return out
 
 
@@ -203,6 +203,16 @@ def test_tensor_parallel_matches_transformers(family_dir):
     with torch.inference_mode():
         expected = _reference(model_dir)(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(_tensor_parallel_logits(model_dir, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_sharded_checkpoint_loads_like_transformers(tmp_path):
+    """Several *.safetensors beside model.safetensors.index.json."""
+    model_dir = _build("qwen2", tmp_path, max_shard_size="100KB")
+    assert len(list(model_dir.glob("*.safetensors"))) > 1 and (model_dir / "model.safetensors.index.json").exists()
+    ids = _ids(16, seed=9)
+    with torch.inference_mode():
+        expected = _reference(model_dir)(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(prompt_logits(load_model(model_dir), ids), expected, atol=1e-4, rtol=1e-4)
 
 
 @torch.inference_mode()
