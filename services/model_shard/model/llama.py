@@ -212,7 +212,7 @@ class Attention(DirectModule):
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch) -> torch.Tensor:
         """Attention of each decode row's query [B, H, D] over its sequence's cached context."""
-        if self.native and self._native_fits(self.window and int(d.context_lens.max())):
+        if self.native and self._native_fits(int(d.context_lens.max()) if self.window else 0):
             return native.paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.block_size,
                                                  self.scale)
         # Stock torch: copy each sequence's blocks out into a padded [KVH, B, L, D], then matmuls.

@@ -14,13 +14,9 @@ def fields(d: dict) -> dict:
              else {"rope_type": "default", "rope_theta": float(d.get("rope_local_base_freq", 10000.0))})
     if not nested and "rope_theta" not in d:
         d = {**d, "rope_theta": 1_000_000.0}  # Gemma3TextConfig's global default
-    return dict(gemma_fields(d, lambda i: (i + 1) % pattern != 0), qk_norm="head", local_rope=local,
-                **_global_rope(d))
-
-
-def _global_rope(d: dict) -> dict:
     rope = rope_parameters(d)
-    return dict(rope=rope, rope_theta=float(rope["rope_theta"]))
+    return dict(gemma_fields(d, lambda i: (i + 1) % pattern != 0), qk_norm="head", local_rope=local, rope=rope,
+                rope_theta=float(rope["rope_theta"]))
 
 
 FAMILY = Family("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), fields, GEMMA_FIELDS)
