@@ -19,6 +19,7 @@ from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import RequestOutput, SamplingParams, Sequence
 from services.model_shard.engine.sampler import seed_as_int64
 from services.model_shard.engine.scheduler import Scheduler, SchedulerConfig
+from services.model_shard.engine.speculative import SpeculativeConfig, Speculator
 from services.model_shard.executor.local import LocalExecutor, kv_cache_bytes_per_block
 from services.model_shard.model.llama import (LlamaConfig, LlamaForServing, check_parallel, load_model,
                                               weights_fingerprint)
@@ -58,6 +59,7 @@ class EngineConfig:
     placement_strategy: str = "PACK"
     placement_timeout_s: float = 60.0  # how long one try to place the parallel workers may wait
     native_kernels: bool = True  # the native kernels where they build and the CPU has them (model/native.py)
+    speculative: SpeculativeConfig = SpeculativeConfig()  # proposals checked in the batch (speculative.py)
 
     @property
     def parallel(self) -> bool:
@@ -111,6 +113,7 @@ class LLMEngine:
             ),
             self.pool,
             self.matchers,
+            Speculator(config.speculative) if config.speculative.method != "off" else None,
         )
         if executor_factory is not None:
             self.executor = executor_factory(num_blocks)

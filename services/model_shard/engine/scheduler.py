@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 from services.common.block_hash import chain_block_hashes
 from services.model_shard.engine.fairness import FairnessConfig, FairShares
+from services.model_shard.engine.grammar import grammar_failure
 from services.model_shard.engine.kv_blocks import BlockPool
 from services.model_shard.engine.request import FinishReason, RequestOutput, Sequence, TopLogprobs
+from services.model_shard.engine.speculative import Speculator, accepted_prefix
 
 
 class QueueFullError(Exception):
@@ -50,6 +52,9 @@ class ScheduledSeq:
     num_new_tokens: int  # tokens whose K/V this step computes
     sample: bool  # this step reaches the end of the sequence's tokens: sample the next one
     token_mask: object | None = None  # a constrained sequence's allowed next tokens (grammar.py), set by the engine
+    # Proposed tokens checked after the sequence's last one (speculative.py): num_new_tokens is
+    # 1 + len(draft), and each of those positions samples.
+    draft: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -67,8 +72,9 @@ class ModelRunnerOutput:
     """What an executor returns for a step: lists aligned with SchedulerOutput.scheduled (None
     where a sequence did not sample). Lists, not tensors: it may cross processes."""
 
-    tokens: list[int | None]
-    logprobs: list[float | None]
+    # A drafted sequence's entries are lists, one per checked position.
+    tokens: list[int | list[int] | None]
+    logprobs: list[float | list[float | None] | None]
     errors: list[str | None] | None = None  # why a row could not be sampled (None: all were)
     top_logprobs: list[TopLogprobs | None] | None = None  # None: no row asked
     prompt_logprobs: list[PromptLogprobs | None] | None = None  # None: no row asked
@@ -106,7 +112,8 @@ class Constraints:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, constraints: Constraints | None = None):
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, constraints: Constraints | None = None,
+                 speculator: Speculator | None = None):
         if config.max_batched_tokens < 1:
             raise ValueError("max_batched_tokens must be at least 1")
         if config.prefill_tokens_beside_decodes is not None and config.prefill_tokens_beside_decodes < 1:
@@ -114,6 +121,7 @@ class Scheduler:
         self.config = config
         self.pool = pool
         self.constraints = constraints or Constraints()
+        self.speculator = speculator  # proposes tokens for decoding sequences to check (None: off)
         self.shares = FairShares(config.fairness)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -194,6 +202,8 @@ class Scheduler:
         # Decodes first (a stable sort keeps admission order within each kind): a prompt still being
         # chunked never takes the budget a stream's next token needs.
         self.running.sort(key=self.shares.running_order_key)
+        if self.speculator is not None:
+            self.speculator.begin_step(self.running)
         decoding = sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
         cap = self.config.prefill_tokens_beside_decodes
         prompt_budget = cap if cap is not None and decoding else budget  # prompt tokens, of `budget`
@@ -205,6 +215,10 @@ class Scheduler:
             num_new = min(remaining, budget) if remaining == 1 else min(remaining, budget, prompt_budget)
             if num_new == 0:
                 break
+            if remaining == 1 and self._schedule_draft(out, seq, budget):
+                budget -= out.scheduled[-1].num_new_tokens
+                i += 1
+                continue
             while not self._grow(seq, seq.num_computed_tokens + num_new):
                 victim = self.shares.victim(self.running[i:], self.running)  # fcfs: the latest admitted
                 self.running.remove(victim)
@@ -246,6 +260,20 @@ class Scheduler:
     def _schedule(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
         self.shares.charge(seq, num_new)
+
+    def _schedule_draft(self, out: SchedulerOutput, seq: Sequence, budget: int) -> bool:
+        """Schedule a decoding seq's next token with proposals to check after it, where the speculator
+        has some and its blocks fit without preempting anyone; False: schedule it plainly."""
+        if self.speculator is None:
+            return False
+        limit = min(budget - 1, self.config.max_model_len - seq.num_tokens,
+                    seq.params.max_tokens - len(seq.output_token_ids) - 1)
+        draft = self.speculator.draft(seq, limit)
+        if not draft or not self._grow(seq, seq.num_computed_tokens + 1 + len(draft), self._watermark):
+            return False
+        out.scheduled.append(ScheduledSeq(seq, 1 + len(draft), True, draft=draft))
+        self.shares.charge(seq, 1 + len(draft))
+        return True
 
     def _make_room(self, out: SchedulerOutput) -> None:
         """Preempt running sequences for the request next in line where it deserves their place (a
@@ -327,7 +355,6 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         """result.tokens[i] is the token made for out.scheduled[i] (None where it did not sample)."""
         results = []
-        now = time.time_ns()
         nothing = [None] * len(out.scheduled)
         for item, token, logprob, error, top, prompt in zip(
                 out.scheduled, result.tokens, result.logprobs, result.errors or nothing,
@@ -338,45 +365,85 @@ class Scheduler:
             if error is not None:
                 results.append(self._fail(seq, error))
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
-            self._register_computed_blocks(seq)
+            tokens, logprobs, tops = self._verified(item, token, logprob, top)
             if prompt is not None:
                 _record_prompt_logprobs(seq, prompt)
             if not item.sample:
+                self._register_computed_blocks(seq)
                 continue
             first = not seq.output_token_ids
-            seq.append_token(token)
-            if seq.times.first_token_ns is None:
-                seq.times.first_token_ns = now
-            reason = None
-            try:
-                complete = seq.params.structured is not None and self.constraints.advance(seq, token)
-            except ValueError as exc:  # the grammar refused a token it had allowed: it cannot go on
-                results.append(self._fail(seq, f"constrained decoding failed: {exc}"))
+            made, reason, failure = self._append(seq, tokens)
+            if item.draft:  # the KV of every token but the last made is in the cache now
+                seq.num_computed_tokens = seq.num_tokens - 1
+            self._register_computed_blocks(seq)
+            if failure is not None:
+                results.append(self._fail(seq, failure))
                 continue
-            if seq.ends_with(token) or complete:
-                reason = FinishReason.STOP
-            elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                reason = FinishReason.LENGTH
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
-            results.append(
-                RequestOutput(
-                    request_id=seq.request_id,
-                    new_token_ids=[token],
-                    finish_reason=reason,
-                    prompt_tokens=len(seq.prompt_token_ids),
-                    cached_tokens=seq.num_cached_tokens,
-                    times=seq.times,
-                    new_logprobs=None if logprob is None else [logprob],
-                    new_top_logprobs=None if top is None else [top],
-                    prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
-                    prompt_top_logprobs=list(seq.prompt_top_logprobs)
-                    if first and seq.params.prompt_logprobs and seq.params.top_logprobs else None,
-                )
-            )
+            elif item.draft:
+                self._trim_blocks(seq)
+            results.append(self._output(seq, made, logprobs[: len(made)], tops[: len(made)], reason, first))
         return results
+
+
+    def _verified(self, item: ScheduledSeq, token, logprob, top) -> tuple[list, list, list]:
+        """The tokens item's step made, with their log-probabilities and alternatives: a drafted
+        sequence keeps the positions up to the first that differs from its proposal (that
+        position's token is the correction). A plain item's computed tokens are counted here."""
+        seq = item.seq
+        if not item.draft:
+            seq.num_computed_tokens += item.num_new_tokens
+            return [token], [logprob], [top]
+        n = len(token)
+        accepted = accepted_prefix(item.draft, token)
+        self.speculator.record(seq, len(item.draft), accepted)
+        keep = accepted + 1
+        return token[:keep], (logprob or [None] * n)[:keep], (top or [None] * n)[:keep]
+
+    def _trim_blocks(self, seq: Sequence) -> None:
+        """Free the blocks that only rejected proposals reached (none of them is registered)."""
+        keep = self.pool.blocks_for(seq.num_computed_tokens + 1)
+        if len(seq.block_ids) > keep:
+            self.pool.free(seq.block_ids[keep:])
+            del seq.block_ids[keep:]
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> tuple[list[int], FinishReason | None, str | None]:
+        """Append a step's tokens to seq up to the first that ends it: (those appended, why it ends,
+        why it fails)."""
+        made: list[int] = []
+        for token in tokens:
+            seq.append_token(token)
+            made.append(token)
+            if seq.times.first_token_ns is None:
+                seq.times.first_token_ns = time.time_ns()
+            try:
+                complete = seq.params.structured is not None and self.constraints.advance(seq, token)
+            except ValueError as exc:  # the grammar reached a limit, or refused a token it had allowed
+                return made, None, grammar_failure(exc)
+            if seq.ends_with(token) or complete:
+                return made, FinishReason.STOP, None
+            if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                return made, FinishReason.LENGTH, None
+        return made, None, None
+
+    @staticmethod
+    def _output(seq: Sequence, made: list[int], logprobs: list, tops: list, reason: FinishReason | None,
+                first: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=made,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_token_ids),
+            cached_tokens=seq.num_cached_tokens,
+            times=seq.times,
+            new_logprobs=None if logprobs[0] is None else logprobs,
+            new_top_logprobs=None if tops[0] is None else tops,
+            prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
+            prompt_top_logprobs=list(seq.prompt_top_logprobs)
+            if first and seq.params.prompt_logprobs and seq.params.top_logprobs else None,
+        )
 
 
 def _record_prompt_logprobs(seq: Sequence, prompt: PromptLogprobs) -> None:

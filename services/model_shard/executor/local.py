@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from services.model_shard.engine.sampler import SamplingBatch, sample, token_logprobs
+from services.model_shard.engine.request import Sequence
 from services.model_shard.engine.scheduler import ModelRunnerOutput, PromptLogprobs, ScheduledSeq, SchedulerOutput
 from services.model_shard.model.llama import (AttentionMetadata, DecodeBatch, LlamaConfig, LlamaForServing, PrefillSpan,
                                               slots_of, stage_layers)
@@ -80,11 +83,13 @@ class LocalExecutor:
             seq, start = item.seq, len(input_ids)
             first = seq.num_computed_tokens
             end_pos = first + item.num_new_tokens
-            input_ids.extend(seq.token_ids[first:end_pos])
+            input_ids.extend(seq.token_ids[first:end_pos] if not item.draft else seq.token_ids[first:] + item.draft)
             pos = torch.arange(first, end_pos)
             positions.append(pos)
             slots.append(self._slots(seq.block_ids, pos))
-            if item.sample:
+            if item.draft:  # every checked position samples
+                sample_index.extend(range(start, len(input_ids)))
+            elif item.sample:
                 sample_index.append(len(input_ids) - 1)
             if item.num_new_tokens == 1:
                 decode_rows.append((start, end_pos, seq.block_ids))
@@ -107,20 +112,25 @@ class LocalExecutor:
 
     def sample(self, scheduled: list[ScheduledSeq], hidden: torch.Tensor, sample_index: torch.Tensor) -> ModelRunnerOutput:
         """Tokens from the final hidden states of a step's (or micro-batch's) sequences."""
-        sampling = [item.seq for item in scheduled if item.sample]
+        sampling = [row for item in scheduled if item.sample for row in sampled_rows(item)]
         prompt = self.prompt_logprobs(scheduled, hidden)
         if not sampling:
             return ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled), prompt_logprobs=prompt)
         logits = self.model.compute_logits(hidden[sample_index])
-        masks = [item.token_mask for item in scheduled if item.sample]
+        masks = [item.token_mask for item in scheduled if item.sample for _ in range(1 + len(item.draft))]
         result = sample(logits, SamplingBatch.from_sequences(sampling, masks))
-        rows = iter(range(len(sampling)))
-        index = [next(rows) if item.sample else None for item in scheduled]
+        index, row = [], 0  # each item's rows: an int, a slice for a drafted one, None where none
+        for item in scheduled:
+            n = 1 + len(item.draft) if item.sample else 0
+            index.append(None if not n else row if not item.draft else slice(row, row + n))
+            row += n
 
         def aligned(values):
             return None if values is None else [None if i is None else values[i] for i in index]
 
-        return ModelRunnerOutput(aligned(result.tokens), aligned(result.logprobs), aligned(result.failed),
+        # A drafted item fails with its first position that could not be sampled.
+        errors = [next(filter(None, e), None) if isinstance(e, list) else e for e in aligned(result.failed)]
+        return ModelRunnerOutput(aligned(result.tokens), aligned(result.logprobs), errors,
                                  aligned(result.top_logprobs), prompt)
 
     def prompt_logprobs(self, scheduled: list[ScheduledSeq], hidden: torch.Tensor) -> list[PromptLogprobs | None] | None:
@@ -143,3 +153,19 @@ class LocalExecutor:
                 out[i] = PromptLogprobs(first, values, tops if seq.params.top_logprobs else None)
             offset += item.num_new_tokens
         return out if any(p is not None for p in out) else None
+
+
+def sampled_rows(item: ScheduledSeq) -> list[Sequence]:
+    """The sequences a scheduled item samples as: itself, or for a drafted one (speculative.py) one
+    row per checked position, each as the sequence would be with the proposals before it accepted,
+    so that penalties, min_tokens and seeded draws see exactly the history they would see without
+    speculation."""
+    if not item.draft:
+        return [item.seq]
+    rows = [item.seq]
+    for j in range(1, len(item.draft) + 1):
+        row = copy.copy(item.seq)
+        row.token_ids = item.seq.token_ids + item.draft[:j]
+        row.output_token_ids = item.seq.output_token_ids + item.draft[:j]
+        rows.append(row)
+    return rows
