@@ -22,7 +22,7 @@ from services.common.labels import BoundedLabels
 from services.model_shard.batch_stream import BatchStream, CallError
 from services.model_shard.engine.async_engine import AsyncEngine, EngineDeadError, RequestClass, StepReport
 from services.model_shard.engine.grammar import OutputSpec
-from services.model_shard.engine.request import FinishReason, SamplingParams
+from services.model_shard.engine.request import FinishReason, RequestFault, SamplingParams
 from services.model_shard.engine.scheduler import QueueFullError
 from services.model_shard.kv_share import KV_FETCHES_SKIPPED, SharedKvBlocks
 
@@ -163,6 +163,8 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 times = last.times
                 if last.finish_reason is FinishReason.ABORTED:
                     raise CallError(grpc.StatusCode.CANCELLED, f"request {label} was aborted")
+                if last.finish_reason is FinishReason.ERROR and isinstance(last.error, RequestFault):
+                    raise CallError(grpc.StatusCode.INVALID_ARGUMENT, str(last.error))  # the request's own fault
                 if last.finish_reason is FinishReason.ERROR:
                     # Tokens made before the failure are lost with the stream: the caller cannot
                     # resume it (the same request would fail again) and reports the error.

@@ -9,12 +9,14 @@ into Lark), choice (exactly one of a JSON list of strings).
 
 The grammar engine is llguidance: one small wheel with no dependencies, matchers built in about a
 millisecond, masks computed lazily with its own per-step work bounds (LLParserLimits), so a
-pathological grammar fails its request instead of stalling the batch.
+pathological grammar fails its request instead of stalling the batch. Such a failure is the request's
+fault, not the server's: it ends as a RequestFault naming the limit (INVALID_ARGUMENT, HTTP 400).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,9 +24,42 @@ from pathlib import Path
 
 import torch
 
+from services.model_shard.engine.request import RequestFault
+
 KINDS = ("json_schema", "json_object", "regex", "lark", "gbnf", "choice")
 GRAMMAR_CACHE_SIZE = 256  # compiled grammar texts kept, least recently used first out
 MASK_BITS = 32  # tokens per bitmask word: token t is bit t % 32 of word t // 32
+# llguidance's resource limits (LLParserLimits), by the words of the errors that reach them: what the
+# client's grammar asked too much of, said in terms a client can act on.
+LIMITS = (
+    (re.compile(r"Current row has \d+ items; max is \d+"),
+     "max_items_in_row: more alternatives live at one point than the parser follows (e.g. a choice or "
+     "alternation of that many options sharing a prefix)"),
+    (re.compile(r"Too many items \(limit", re.I), "step_max_items: parser items one step may make"),
+    (re.compile(r"fuel", re.I), "lexer fuel: the work one step of the grammar's lexer may do"),
+    (re.compile(r"too many states", re.I), "max_lexer_states: lexer states a grammar may build"),
+    (re.compile(r"too many expressions constructed", re.I), "lexer expressions: regular expressions the lexer "
+     "may build for a grammar's tokens (e.g. very many string alternatives)"),
+    (re.compile(r"grammar size \(number of symbols\) too big|initial lexer configuration \(grammar\) too big", re.I),
+     "max_grammar_size: symbols in the grammar"),
+)
+
+
+def limit_reached(error: str) -> str | None:
+    """Which of the grammar engine's limits `error` says was reached (None: no limit, another failure)."""
+    return next((what for pattern, what in LIMITS if pattern.search(error)), None)
+
+
+def grammar_failure(exc: Exception) -> str:
+    """Why a constrained sequence cannot go on, as its RequestOutput.error: a RequestFault (the
+    client's grammar reached a limit, named in the message) or a plain str (the server's fault)."""
+    error = str(exc)
+    limit = limit_reached(error)
+    if limit is None:
+        return f"constrained decoding failed: {error}"
+    first_line = error.strip().splitlines()[0] if error.strip() else error  # not the parser state dump below it
+    return RequestFault(f"the structured output's grammar reached a limit of the grammar engine ({limit}): "
+                        f"{first_line}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +114,8 @@ class Grammars:
         elsewhere, for a resumed stream); ValueError if the spec or the prefix does not fit."""
         ll = _llguidance()
         matcher = ll.LLMatcher(self.tokenizer, self.grammar(spec), log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"{spec.kind}: {matcher.get_error().strip()}")
         if prefix and not matcher.consume_tokens(list(prefix)):
             raise ValueError(f"the tokens already delivered do not match the {spec.kind}: {matcher.get_error()}")
         return matcher

@@ -153,6 +153,11 @@ class Sequence:
         return (*(() if self.params.ignore_eos else self.eos_token_ids), *self.params.stop_token_ids)
 
 
+class RequestFault(str):
+    """A RequestOutput.error that the request's content caused (e.g. its grammar reached a limit of
+    the grammar engine): the caller's to fix, answered INVALID_ARGUMENT, not a fault of the server."""
+
+
 @dataclass
 class RequestOutput:
     """What a step produced for one request: lists only, it may cross processes."""
@@ -164,7 +169,7 @@ class RequestOutput:
     cached_tokens: int
     times: RequestTimes
     new_logprobs: list[float] | None = None
-    error: str | None = None  # with FinishReason.ERROR: what went wrong
+    error: str | None = None  # with FinishReason.ERROR: what went wrong (a RequestFault: the request's fault)
     new_top_logprobs: list[TopLogprobs] | None = None
     prompt_logprobs: list[float] | None = None  # on a request's first output, when it asked
     prompt_top_logprobs: list[TopLogprobs] | None = None
