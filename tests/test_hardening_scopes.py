@@ -25,7 +25,7 @@ from .conftest import ROOT as REPO, free_ports
 pytestmark = pytest.mark.e2e
 MODEL = "SmolLM2-135M-Instruct"
 KEYS = {"tenant-a": "sk-a-scopes-0123456789", "tenant-b": "sk-b-scopes-0123456789"}
-MAX_REQUEST_BYTES = 100_000
+MAX_REQUEST_BYTES = 1_000_000
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,64 @@ def test_shared_prefix_cache_shares_across_tenants_on_purpose(mesh, root):
         assert _cached(mesh.http, document, "tenant-b", 5) == 0  # the default gateway keeps B's scope its own
     finally:
         shared.stop()
+
+
+# --- grammars past the grammar engine's limits ---
+
+
+def _structured(structured: dict, max_tokens: int = 8) -> tuple[int, dict]:
+    return _post(MESH[0].http, "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "Pick one."}], "max_tokens": max_tokens,
+        "structured_outputs": structured}, timeout=120)
+
+
+MESH: list = []  # the module's mesh, for the helpers above
+
+
+@pytest.fixture
+def http_mesh(mesh):
+    MESH[:] = [mesh]
+    return mesh
+
+
+def _alternatives(n: int) -> list[str]:
+    return [f"option number {i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("structured", [{"choice": _alternatives(20_000)},
+                                        {"grammar": "start: " + " | ".join(f'"alt{i}"' for i in range(20_000))}],
+                         ids=["choice", "lark"])
+def test_a_grammar_past_the_engines_limits_is_the_clients_400(http_mesh, structured):
+    status, reply = _structured(structured)
+    assert status == 400, reply
+    message = reply["error"]["message"]
+    assert "max_items_in_row" in message and "max is 2000" in message, message
+    assert "<state>" not in message  # the parser's state dump stays out of the answer
+
+
+def _sweep() -> list[tuple[str, dict]]:
+    """Grammars and schemas of growing size, the largest near the request's byte limit."""
+    cases = []
+    for n in (500, 2_500, 42_000):
+        cases.append((f"choice-{n}", {"choice": _alternatives(n)}))
+    for n in (2_500, 60_000):
+        cases.append((f"lark-{n}", {"grammar": "start: " + " | ".join(f'"w{i}"' for i in range(n))}))
+    cases.append(("regex-20000", {"regex": "(" + "|".join(f"r{i}" for i in range(20_000)) + ")"}))
+    cases.append(("properties-4000", {"json": {"type": "object", "required": [f"p{i}" for i in range(4_000)],
+                                               "properties": {f"p{i}": {"type": "integer"} for i in range(4_000)}}}))
+    cases.append(("enum-30000", {"json": {"enum": [f"e{i}" for i in range(30_000)]}}))
+    deep: dict = {"type": "integer"}
+    for _ in range(600):
+        deep = {"type": "array", "items": deep}
+    cases.append(("nested-600", {"json": deep}))
+    return cases
+
+
+def test_a_sweep_of_grammar_sizes_finds_only_200_or_4xx(http_mesh):
+    outcomes = {}
+    for name, structured in _sweep():
+        assert len(json.dumps(structured)) < MAX_REQUEST_BYTES - 1000, name  # within the request limit
+        status, reply = _structured(structured, max_tokens=4)
+        outcomes[name] = (status, reply.get("error", {}).get("message", "")[:160])
+    bad = {name: outcome for name, outcome in outcomes.items() if not (outcome[0] == 200 or 400 <= outcome[0] < 500)}
+    assert not bad, bad
