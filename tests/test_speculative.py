@@ -7,7 +7,8 @@ import torch
 
 from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.request import SamplingParams
-from services.model_shard.engine.speculative import NgramIndex, SpeculativeConfig, accepted_prefix
+from services.model_shard.engine.proposers import NgramIndex
+from services.model_shard.engine.speculative import SpeculativeConfig, accepted_prefix
 from services.model_shard.model.llama import load_model
 from services.tokenizer.text import Message, TextTokenizer
 
@@ -40,7 +41,7 @@ def test_tokens_are_the_same_with_speculation_on_or_off(real_model_dir, params):
     plain, _ = run("off")
     drafted, engine = run("ngram")
     assert drafted == plain
-    stats = engine.scheduler.speculator.stats
+    stats = engine.scheduler.speculator.totals()
     assert stats.proposed > 0 and stats.accepted > 0
     assert engine.pool.num_free == engine.pool.num_blocks  # rejected proposals' blocks were given back
     if params.temperature == 0:

@@ -53,6 +53,7 @@ class RequestClass:
     weight: float = 1.0
     retain_blocks: bool = False  # its KV blocks are evicted last once it ends (kv_blocks.py)
     cache_root: bytes = ROOT  # its prefix-cache scope's root: blocks are reused only within the scope
+    answer_scope: bytes = b""  # whose earlier answers speculation may propose to it (proposers.py)
 
 
 @dataclass
@@ -218,7 +219,7 @@ class AsyncEngine:
                 c = msg.request_class
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.trace_carrier,
                                         c.tenant, c.priority, c.weight, msg.matcher, c.retain_blocks,
-                                        c.cache_root)
+                                        c.cache_root, c.answer_scope)
             except (ValueError, QueueFullError) as exc:
                 msg.loop.call_soon_threadsafe(_settle, msg.accepted, exc)
                 return

@@ -194,13 +194,13 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     trace_carrier: dict[str, str] | None = None, tenant: str = "", priority: int = 0,
                     weight: float = 1.0, matcher=None, retain_blocks: bool = False,
-                    cache_root: bytes = ROOT) -> Sequence:
+                    cache_root: bytes = ROOT, answer_scope: bytes = b"") -> Sequence:
         """trace_carrier: the request's W3C trace context, for spans recorded by parallel workers.
         tenant, priority (0 goes first) and the tenant's weight decide its place (fairness.py).
         matcher: for params.structured, one made by self.grammars (made here when not given).
         retain_blocks: its KV blocks are evicted after all others once it ends (kv_blocks.py).
         cache_root: its prefix-cache scope's root (block_hash.scope_root): it reuses only blocks computed
-        in that scope."""
+        in that scope. answer_scope: speculation proposes it only answers given in that scope."""
         params.validate()
         if priority < 0 or not 0 < weight < math.inf:
             raise ValueError(f"priority must be >= 0 and weight a finite number > 0, got {priority} and {weight}")
@@ -213,7 +213,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         seq = Sequence(request_id, list(prompt_token_ids), params, self.eos_token_ids, seed_as_int64(seed),
                        trace_carrier=trace_carrier, tenant=tenant, priority=priority, weight=weight,
-                       retain_blocks=retain_blocks, cache_root=cache_root)
+                       retain_blocks=retain_blocks, cache_root=cache_root, answer_scope=answer_scope)
         if params.structured is not None:
             if matcher is None:
                 if self.grammars is None:
@@ -240,9 +240,13 @@ class LLMEngine:
         row, propagate (the engine must be rebuilt, or the process restarted)."""
         out = self.scheduler.schedule()
         constrained = [item for item in out.scheduled if item.sample and item.seq.params.structured is not None]
-        if constrained:
-            for item, mask in zip(constrained, self.matchers.masks([item.seq for item in constrained])):
+        plain = [item for item in constrained if not item.draft]
+        if plain:
+            for item, mask in zip(plain, self.matchers.masks([item.seq for item in plain])):
                 item.token_mask = mask
+        for item in constrained:  # a drafted one's mask is a list: one per checked position
+            if item.draft:
+                item.token_mask = self.matchers.draft_masks(item.seq, item.draft)
         try:
             sampled = self.executor.execute(out)
         except ExecutorLost:

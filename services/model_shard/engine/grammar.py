@@ -185,6 +185,26 @@ class Matchers:
         self._executor.unsafe_compute_mask_ptr(matchers, out.data_ptr(), words * 4, len(seqs))  # out is contiguous
         return list(out)
 
+    def valid_prefix(self, seq, draft: list[int]) -> int:
+        """How many leading tokens of a proposal seq's grammar allows (the rest could never be accepted)."""
+        matcher = self._by_seq.get(id(seq))
+        return len(draft) if matcher is None else matcher.validate_tokens(draft)
+
+    def draft_masks(self, seq, draft: list[int]) -> list[torch.Tensor]:
+        """The bitmasks of a drafted sequence's checked positions: position j's after its first j
+        proposals (valid_prefix has cut the draft to tokens the grammar allows). The matcher is rolled
+        back after: only accepted tokens advance it (advance)."""
+        matcher = self._by_seq[id(seq)]
+        words = -(-self.vocab_size // MASK_BITS)
+        masks = []
+        for j in range(len(draft) + 1):
+            bits = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+            masks.append(bits[:words].clone())
+            if j < len(draft) and not matcher.consume_token(draft[j]):
+                raise ValueError(matcher.get_error() or f"proposed token {draft[j]} does not fit the grammar")
+        matcher.rollback(len(draft))
+        return masks
+
     def advance(self, seq, token: int) -> bool:
         matcher = self._by_seq.get(id(seq))
         if matcher is None:

@@ -117,6 +117,7 @@ class Sequence:
     weight: float = 1.0  # its tenant's weight
     retain_blocks: bool = False  # its blocks, once freed, are evicted last (a stored conversation's)
     cache_root: bytes = ROOT  # where its block hash chain starts: its prefix-cache scope's (block_hash.py)
+    answer_scope: bytes = b""  # whose earlier answers may be proposed to it (speculative.py's suffix)
     enqueued_step: int = 0  # the scheduler step it last joined the waiting queue at
 
     def __post_init__(self) -> None:

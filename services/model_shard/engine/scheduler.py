@@ -110,6 +110,10 @@ class Constraints:
     def release(self, seq: Sequence) -> None:
         """seq is finished: forget its matcher."""
 
+    def valid_prefix(self, seq: Sequence, draft: list[int]) -> int:
+        """How many leading tokens of a proposal for seq its grammar allows."""
+        return len(draft)
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool, constraints: Constraints | None = None,
@@ -164,6 +168,8 @@ class Scheduler:
         seq.finish_reason = reason
         seq.times.finished_ns = time.time_ns()
         self._release(seq)
+        if self.speculator is not None:
+            self.speculator.finished(seq)
 
     def _release(self, seq: Sequence) -> None:
         for h in seq.block_hashes[seq.num_registered_blocks:]:
@@ -269,6 +275,8 @@ class Scheduler:
         limit = min(budget - 1, self.config.max_model_len - seq.num_tokens,
                     seq.params.max_tokens - len(seq.output_token_ids) - 1)
         draft = self.speculator.draft(seq, limit)
+        if draft and seq.params.structured is not None:
+            draft = draft[: self.constraints.valid_prefix(seq, draft)]
         if not draft or not self._grow(seq, seq.num_computed_tokens + 1 + len(draft), self._watermark):
             return False
         out.scheduled.append(ScheduledSeq(seq, 1 + len(draft), True, draft=draft))

@@ -117,7 +117,7 @@ class LocalExecutor:
         if not sampling:
             return ModelRunnerOutput([None] * len(scheduled), [None] * len(scheduled), prompt_logprobs=prompt)
         logits = self.model.compute_logits(hidden[sample_index])
-        masks = [item.token_mask for item in scheduled if item.sample for _ in range(1 + len(item.draft))]
+        masks = [mask for item in scheduled if item.sample for mask in position_masks(item)]
         result = sample(logits, SamplingBatch.from_sequences(sampling, masks))
         index, row = [], 0  # each item's rows: an int, a slice for a drafted one, None where none
         for item in scheduled:
@@ -153,6 +153,13 @@ class LocalExecutor:
                 out[i] = PromptLogprobs(first, values, tops if seq.params.top_logprobs else None)
             offset += item.num_new_tokens
         return out if any(p is not None for p in out) else None
+
+
+def position_masks(item: ScheduledSeq) -> list:
+    """The grammar masks of the rows item samples: a drafted constrained item has one per position."""
+    if isinstance(item.token_mask, list):
+        return item.token_mask
+    return [item.token_mask] * (1 + len(item.draft))
 
 
 def sampled_rows(item: ScheduledSeq) -> list[Sequence]:
