@@ -282,6 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-keys-file", help="require API keys ('TENANT SHA256HEX' lines)")
     parser.add_argument("--shared-prefix-cache", action="store_true",
                         help="tenants reuse each other's cached prompt blocks (default: each tenant's own)")
+    parser.add_argument("--shared-response-cache", action="store_true",
+                        help="tenants share cached answers, and speculation proposes one tenant's earlier "
+                             "answers to another (default: each tenant's own)")
+    parser.add_argument("--speculative", default="off",
+                        help="speculative decoding in each shard: off, ngram, suffix or auto (see the shard's --help)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="most tokens proposed per step")
     parser.add_argument("--tls-dir", type=Path,
                         help="certificates from `make certs`: TLS to the gateway, mutual TLS between services")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -304,11 +310,13 @@ def main(argv: list[str] | None = None) -> None:
                      shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb),
                                  "--tensor-parallel-size", str(args.tensor_parallel_size),
                                  "--pipeline-parallel-size", str(args.pipeline_parallel_size),
-                                 "--quantization", args.quantization],
+                                 "--quantization", args.quantization, "--speculative", args.speculative,
+                                 "--num-speculative-tokens", str(args.num_speculative_tokens)],
                      tokenizer_args=["--chat-template", args.chat_template] if args.chat_template else None,
                      gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),
                                    *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else []),
-                                   *(["--shared-prefix-cache"] if args.shared_prefix_cache else [])])
+                                   *(["--shared-prefix-cache"] if args.shared_prefix_cache else []),
+                                   *(["--shared-response-cache"] if args.shared_response_cache else [])])
     mesh = Mesh(plan)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmmesh.v1 import common_pb2 as llmmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmmesh/v1/shard.proto\x12\nllmmesh.v1\x1a\x17llmmesh/v1/common.proto\"\xed\x01\n\x14ShardGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.llmmesh.v1.SamplingParams\x12\x14\n\x0cresume_draws\x18\x04 \x01(\r\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x15\n\rtenant_weight\x18\x07 \x01(\x02\x12\x15\n\rretain_blocks\x18\x08 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_scope\x18\t \x01(\x0c\"\xff\x01\n\x15ShardGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\x07 \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\x08 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ShardInfoRequest\"\x94\x02\n\tShardInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0bmax_running\x18\x06 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\n \x01(\r\x12+\n\x07workers\x18\x0b \x03(\x0b\x32\x1a.llmmesh.v1.ParallelWorker\"9\n\x0eParallelWorker\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\t\"\x19\n\x17WatchPrefixIndexRequest\"V\n\x11PrefixIndexUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\x06\x12\x0f\n\x07removed\x18\x03 \x03(\x06\x12\x12\n\nblock_size\x18\x04 \x01(\r\"Q\n\x0c\x42\x61tchRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.llmmesh.v1.BatchStartH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\x04H\x00\x42\x06\n\x04kind\"\xdb\x01\n\nBatchStart\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x31\n\x07request\x18\x02 \x01(\x0b\x32 .llmmesh.v1.ShardGenerateRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12?\n\rtrace_context\x18\x04 \x03(\x0b\x32(.llmmesh.v1.BatchStart.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rBatchResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.llmmesh.v1.BatchItem\"\xb6\x01\n\tBatchItem\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x33\n\x08response\x18\x02 \x01(\x0b\x32!.llmmesh.v1.ShardGenerateResponse\x12\x13\n\x0bstatus_code\x18\x03 \x01(\r\x12\x16\n\x0estatus_details\x18\x04 \x01(\t\x12\x34\n\x11trailing_metadata\x18\x05 \x03(\x0b\x32\x19.llmmesh.v1.MetadataEntry\"+\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x32\xfb\x02\n\nModelShard\x12Q\n\x08Generate\x12 .llmmesh.v1.ShardGenerateRequest\x1a!.llmmesh.v1.ShardGenerateResponse0\x01\x12H\n\rGenerateBatch\x12\x18.llmmesh.v1.BatchRequest\x1a\x19.llmmesh.v1.BatchResponse(\x01\x30\x01\x12\x39\n\x05\x41\x62ort\x12\x18.llmmesh.v1.AbortRequest\x1a\x16.llmmesh.v1.AbortReply\x12;\n\x04Info\x12\x1c.llmmesh.v1.ShardInfoRequest\x1a\x15.llmmesh.v1.ShardInfo\x12X\n\x10WatchPrefixIndex\x12#.llmmesh.v1.WatchPrefixIndexRequest\x1a\x1d.llmmesh.v1.PrefixIndexUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmmesh/v1/shard.proto\x12\nllmmesh.v1\x1a\x17llmmesh/v1/common.proto\"\x83\x02\n\x14ShardGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.llmmesh.v1.SamplingParams\x12\x14\n\x0cresume_draws\x18\x04 \x01(\r\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x15\n\rtenant_weight\x18\x07 \x01(\x02\x12\x15\n\rretain_blocks\x18\x08 \x01(\x08\x12\x13\n\x0b\x63\x61\x63he_scope\x18\t \x01(\x0c\x12\x14\n\x0c\x61nswer_scope\x18\n \x01(\x0c\"\xff\x01\n\x15ShardGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\x07 \x03(\x02\x12\x34\n\x13prompt_top_logprobs\x18\x08 \x03(\x0b\x32\x17.llmmesh.v1.TopLogprobs\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ShardInfoRequest\"\x94\x02\n\tShardInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0bmax_running\x18\x06 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\n \x01(\r\x12+\n\x07workers\x18\x0b \x03(\x0b\x32\x1a.llmmesh.v1.ParallelWorker\"9\n\x0eParallelWorker\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\t\"\x19\n\x17WatchPrefixIndexRequest\"V\n\x11PrefixIndexUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\x06\x12\x0f\n\x07removed\x18\x03 \x03(\x06\x12\x12\n\nblock_size\x18\x04 \x01(\r\"Q\n\x0c\x42\x61tchRequest\x12\'\n\x05start\x18\x01 \x01(\x0b\x32\x16.llmmesh.v1.BatchStartH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\x04H\x00\x42\x06\n\x04kind\"\xdb\x01\n\nBatchStart\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x31\n\x07request\x18\x02 \x01(\x0b\x32 .llmmesh.v1.ShardGenerateRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12?\n\rtrace_context\x18\x04 \x03(\x0b\x32(.llmmesh.v1.BatchStart.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rBatchResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.llmmesh.v1.BatchItem\"\xb6\x01\n\tBatchItem\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x33\n\x08response\x18\x02 \x01(\x0b\x32!.llmmesh.v1.ShardGenerateResponse\x12\x13\n\x0bstatus_code\x18\x03 \x01(\r\x12\x16\n\x0estatus_details\x18\x04 \x01(\t\x12\x34\n\x11trailing_metadata\x18\x05 \x03(\x0b\x32\x19.llmmesh.v1.MetadataEntry\"+\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x32\xfb\x02\n\nModelShard\x12Q\n\x08Generate\x12 .llmmesh.v1.ShardGenerateRequest\x1a!.llmmesh.v1.ShardGenerateResponse0\x01\x12H\n\rGenerateBatch\x12\x18.llmmesh.v1.BatchRequest\x1a\x19.llmmesh.v1.BatchResponse(\x01\x30\x01\x12\x39\n\x05\x41\x62ort\x12\x18.llmmesh.v1.AbortRequest\x1a\x16.llmmesh.v1.AbortReply\x12;\n\x04Info\x12\x1c.llmmesh.v1.ShardInfoRequest\x1a\x15.llmmesh.v1.ShardInfo\x12X\n\x10WatchPrefixIndex\x12#.llmmesh.v1.WatchPrefixIndexRequest\x1a\x1d.llmmesh.v1.PrefixIndexUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHSTART_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_BATCHSTART_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_SHARDGENERATEREQUEST']._serialized_start=64
-  _globals['_SHARDGENERATEREQUEST']._serialized_end=301
-  _globals['_SHARDGENERATERESPONSE']._serialized_start=304
-  _globals['_SHARDGENERATERESPONSE']._serialized_end=559
-  _globals['_ABORTREQUEST']._serialized_start=561
-  _globals['_ABORTREQUEST']._serialized_end=595
-  _globals['_ABORTREPLY']._serialized_start=597
-  _globals['_ABORTREPLY']._serialized_end=624
-  _globals['_SHARDINFOREQUEST']._serialized_start=626
-  _globals['_SHARDINFOREQUEST']._serialized_end=644
-  _globals['_SHARDINFO']._serialized_start=647
-  _globals['_SHARDINFO']._serialized_end=923
-  _globals['_PARALLELWORKER']._serialized_start=925
-  _globals['_PARALLELWORKER']._serialized_end=982
-  _globals['_WATCHPREFIXINDEXREQUEST']._serialized_start=984
-  _globals['_WATCHPREFIXINDEXREQUEST']._serialized_end=1009
-  _globals['_PREFIXINDEXUPDATE']._serialized_start=1011
-  _globals['_PREFIXINDEXUPDATE']._serialized_end=1097
-  _globals['_BATCHREQUEST']._serialized_start=1099
-  _globals['_BATCHREQUEST']._serialized_end=1180
-  _globals['_BATCHSTART']._serialized_start=1183
-  _globals['_BATCHSTART']._serialized_end=1402
-  _globals['_BATCHSTART_TRACECONTEXTENTRY']._serialized_start=1351
-  _globals['_BATCHSTART_TRACECONTEXTENTRY']._serialized_end=1402
-  _globals['_BATCHRESPONSE']._serialized_start=1404
-  _globals['_BATCHRESPONSE']._serialized_end=1457
-  _globals['_BATCHITEM']._serialized_start=1460
-  _globals['_BATCHITEM']._serialized_end=1642
-  _globals['_METADATAENTRY']._serialized_start=1644
-  _globals['_METADATAENTRY']._serialized_end=1687
-  _globals['_MODELSHARD']._serialized_start=1690
-  _globals['_MODELSHARD']._serialized_end=2069
+  _globals['_SHARDGENERATEREQUEST']._serialized_end=323
+  _globals['_SHARDGENERATERESPONSE']._serialized_start=326
+  _globals['_SHARDGENERATERESPONSE']._serialized_end=581
+  _globals['_ABORTREQUEST']._serialized_start=583
+  _globals['_ABORTREQUEST']._serialized_end=617
+  _globals['_ABORTREPLY']._serialized_start=619
+  _globals['_ABORTREPLY']._serialized_end=646
+  _globals['_SHARDINFOREQUEST']._serialized_start=648
+  _globals['_SHARDINFOREQUEST']._serialized_end=666
+  _globals['_SHARDINFO']._serialized_start=669
+  _globals['_SHARDINFO']._serialized_end=945
+  _globals['_PARALLELWORKER']._serialized_start=947
+  _globals['_PARALLELWORKER']._serialized_end=1004
+  _globals['_WATCHPREFIXINDEXREQUEST']._serialized_start=1006
+  _globals['_WATCHPREFIXINDEXREQUEST']._serialized_end=1031
+  _globals['_PREFIXINDEXUPDATE']._serialized_start=1033
+  _globals['_PREFIXINDEXUPDATE']._serialized_end=1119
+  _globals['_BATCHREQUEST']._serialized_start=1121
+  _globals['_BATCHREQUEST']._serialized_end=1202
+  _globals['_BATCHSTART']._serialized_start=1205
+  _globals['_BATCHSTART']._serialized_end=1424
+  _globals['_BATCHSTART_TRACECONTEXTENTRY']._serialized_start=1373
+  _globals['_BATCHSTART_TRACECONTEXTENTRY']._serialized_end=1424
+  _globals['_BATCHRESPONSE']._serialized_start=1426
+  _globals['_BATCHRESPONSE']._serialized_end=1479
+  _globals['_BATCHITEM']._serialized_start=1482
+  _globals['_BATCHITEM']._serialized_end=1664
+  _globals['_METADATAENTRY']._serialized_start=1666
+  _globals['_METADATAENTRY']._serialized_end=1709
+  _globals['_MODELSHARD']._serialized_start=1712
+  _globals['_MODELSHARD']._serialized_end=2091
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ShardGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "resume_draws", "tenant", "priority", "tenant_weight", "retain_blocks", "cache_scope")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "resume_draws", "tenant", "priority", "tenant_weight", "retain_blocks", "cache_scope", "answer_scope")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ShardGenerateRequest(_message.Message):
     TENANT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     RETAIN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_SCOPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -27,7 +28,8 @@ class ShardGenerateRequest(_message.Message):
     tenant_weight: float
     retain_blocks: bool
     cache_scope: bytes
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., resume_draws: _Optional[int] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., tenant_weight: _Optional[float] = ..., retain_blocks: _Optional[bool] = ..., cache_scope: _Optional[bytes] = ...) -> None: ...
+    answer_scope: bytes
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., resume_draws: _Optional[int] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., tenant_weight: _Optional[float] = ..., retain_blocks: _Optional[bool] = ..., cache_scope: _Optional[bytes] = ..., answer_scope: _Optional[bytes] = ...) -> None: ...
 
 class ShardGenerateResponse(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "prompt_tokens", "cached_tokens", "logprobs", "top_logprobs", "prompt_logprobs", "prompt_top_logprobs")

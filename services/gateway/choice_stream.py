@@ -46,6 +46,7 @@ class ChoiceCall:
     tool_names: frozenset[str] | None  # the calls to take out of the text; None: no tools
     retain_blocks: bool = False  # a stored conversation's turn: the shard keeps its blocks longest
     cache_scope: bytes = b""  # whose cached prefix blocks it may reuse (block_hash.cache_scope)
+    answer_scope: bytes = b""  # whose earlier answers the shard may propose to it (speculative decoding)
 
 
 def resume_request(request: shard_pb2.ShardGenerateRequest, delivered: list[int]) -> shard_pb2.ShardGenerateRequest:
@@ -81,7 +82,7 @@ class ChoiceStreams:
         shard_request = shard_pb2.ShardGenerateRequest(request_id=c.call_id, prompt_token_ids=c.prompt_ids,
                                                        sampling=c.sampling, tenant=c.tenant, priority=c.priority,
                                                        tenant_weight=c.weight, retain_blocks=c.retain_blocks,
-                                                       cache_scope=c.cache_scope)
+                                                       cache_scope=c.cache_scope, answer_scope=c.answer_scope)
         token_ids: list[int] = []
         finish_reason = last_shard_reason = ""
         last_at, resumes = None, 0

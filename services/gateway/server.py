@@ -251,13 +251,15 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         n = max(sampling.n, 1)
         # Whose cached prompt blocks this request may reuse: its tenant's (and its salt's) unless shared.
         prefix_scope = cache_scope(tenant, request.cache_salt, self.config.shared_prefix_cache)
+        # Whose earlier answers the shard's speculation may propose: the response cache's scope.
+        answer_scope = cache_scope(tenant, request.cache_salt, self.config.shared_response_cache)
         hashes = PrefixAffinity.hashes(prompt_ids, info.block_size, prefix_scope) if self.affinity is not None else []
         # One replica for every choice: it prefills the prompt once for all of them.
         order = (self.affinity.order(self.shards.replicas, hashes, tenant) if self.affinity is not None
                  else self.shards.ordered(tenant))
         calls = [ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i), tokenizer_version,
                             deadline, order, hashes, tenant, priority, weight, tool_names, continuation is not None,
-                            prefix_scope)
+                            prefix_scope, answer_scope)
                  for i in range(n)]
         streams = [self.choice_streams.stream(c, list(request.sampling.stop)) for c in calls]
         messages = streams[0] if n == 1 else merge_choices(streams)

@@ -20,6 +20,7 @@ from services.common.telemetry import setup_tracing
 from services.model_shard.engine.async_engine import AsyncEngine
 from services.model_shard.engine.engine import DTYPES, EngineConfig, ExecutorLost, LLMEngine
 from services.model_shard.engine.fairness import POLICIES, FairnessConfig
+from services.model_shard.engine.speculative import SpeculativeConfig
 from services.model_shard.executor.ray_workers import connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
 from services.model_shard.model.llama import LlamaConfig, UnsupportedModel, check_parallel
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-native-kernels", action="store_true",
                         help="attention, norms, RoPE, SiLU and the int8/int4 linears on stock torch ops "
                              "instead of the native kernels (model/native.py)")
+    add_speculative_args(parser)
     args = parser.parse_args(argv)
+    speculative = speculative_config(parser, args)
     setup_logging("shard", args.log_level, args.log_format)
     log = logging.getLogger(__name__)
     setup_tracing("model_shard", instance_id(args.listen))
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         threads_per_worker=args.threads_per_worker, placement_strategy=args.placement_strategy,
         placement_timeout_s=args.placement_timeout,
-        native_kernels=not args.no_native_kernels,
+        native_kernels=not args.no_native_kernels, speculative=speculative,
     )
     if config.parallel:  # a split the model cannot take is refused here, before anything starts
         try:
@@ -187,6 +190,34 @@ def main(argv: list[str] | None = None) -> None:
     if runtime_ref.get("exit_code"):
         log.critical("the engine failed for good; exiting so that the shard is restarted")
         sys.exit(runtime_ref["exit_code"])
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculative", default=env_default("LLMMESH_SPECULATIVE", "off"),
+                        help="speculative decoding, checked in the batch and exact (engine/speculative.py): off; "
+                             "ngram (prompt lookup in the request's own context); suffix (that, and earlier answers "
+                             "in the request's response-cache scope); auto (suffix)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="most tokens proposed per step")
+    parser.add_argument("--speculative-max-decoding", type=int, default=4,
+                        help="speculate only while at most this many sequences decode in a step (beyond, a step "
+                             "is compute-bound and checked positions cost time)")
+    parser.add_argument("--speculative-answer-tokens", type=int, default=200_000,
+                        help="suffix: tokens of earlier answers kept for proposals, least recently used evicted")
+
+
+def speculative_config(parser: argparse.ArgumentParser, args) -> SpeculativeConfig:
+    """The --speculative* flags as a config; a method or size the engine cannot run is refused here."""
+    if args.speculative.startswith("draft:"):
+        parser.error("--speculative draft:PATH: a draft model is not implemented; use ngram, suffix or auto, "
+                     "which need no second model")
+    config = SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
+                               max_decoding=args.speculative_max_decoding,
+                               answer_store_tokens=args.speculative_answer_tokens)
+    try:
+        config.validate()
+    except ValueError as exc:
+        parser.error(f"--speculative: {exc}")
+    return config
 
 
 def unsupported_model(model_dir: str, quantization: str | None) -> str | None:

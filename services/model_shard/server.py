@@ -156,7 +156,7 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             request_class = RequestClass(request.tenant, request.priority, request.tenant_weight or 1.0,
-                                         request.retain_blocks, root)
+                                         request.retain_blocks, root, request.answer_scope)
             async for batch in self.engine.generate(request_id, list(request.prompt_token_ids), params, carrier,
                                                     request_class, matcher):
                 last = batch[-1]
@@ -198,7 +198,9 @@ class ModelShardServicer(shard_pb2_grpc.ModelShardServicer):
                 del self._calls[label]
             if times is not None and times.first_token_ns is not None:
                 record_span("decode", times.first_token_ns, times.finished_ns or times.first_token_ns,
-                            {"llmmesh.completion_tokens": count, "llmmesh.decode_steps": max(steps - 1, 0)})
+                            {"llmmesh.completion_tokens": count, "llmmesh.decode_steps": max(steps - 1, 0),
+                             # each step made one token and its accepted proposals
+                             "llmmesh.speculative_accepted_tokens": count - steps})
 
     @staticmethod
     def _first_message(msg: shard_pb2.ShardGenerateResponse, batch, tenant: str) -> None:
@@ -333,6 +335,22 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("llmmesh_preemptions", "Sequences preempted for lack of KV blocks",
                                   value=e.stats.preemptions)
         yield from tenant_metrics(e.scheduler)
+        if e.scheduler.speculator is not None:
+            yield from speculation_metrics(e.scheduler.speculator)
+
+
+def speculation_metrics(speculator):
+    """Proposed and accepted tokens by proposer, and the checks that made them: a check makes
+    accepted + 1 tokens in one step, so acceptance is accepted / proposed and tokens per step
+    (accepted + checks) / checks, over any window's rates."""
+    families = [CounterMetricFamily(f"llmmesh_speculative_{name}", text, labels=["proposer"]) for name, text in (
+        ("proposed_tokens", "Tokens proposed by speculative decoding and checked by the model"),
+        ("accepted_tokens", "Proposed tokens the model accepted (each a token made without a step of its own)"),
+        ("checks", "Sequence-steps that checked proposals"))]
+    for proposer, stats in list(speculator.stats.items()):  # a copy: the engine thread adds proposers
+        for family, value in zip(families, (stats.proposed, stats.accepted, stats.checks)):
+            family.add_metric([proposer], value)
+    yield from families
 
 
 def tenant_metrics(scheduler):
