@@ -165,7 +165,7 @@ def _chi_square_p(observed: list[int], probs: list[float]) -> float:
 
 def test_unseeded_sampling_keeps_the_model_s_distribution(tmp_path):
     """A 16-token vocabulary and a proposer that is mostly wrong: the first three tokens' frequencies
-    over 3 000 unseeded answers match the model's own probabilities (transformers', fp32)."""
+    over 2 000 unseeded answers match the model's own probabilities (transformers', fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(3)
@@ -190,9 +190,9 @@ def test_unseeded_sampling_keeps_the_model_s_distribution(tmp_path):
         speculative=SpeculativeConfig(method="ngram", num_tokens=3, max_decoding=256)))
     wrong = _OftenWrong(int(p1.argmax()), vocab)
     engine.scheduler.speculator = Speculator(engine.config.speculative, proposer=wrong)
-    answers = engine.generate([prompt] * 3000, SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True))
+    answers = engine.generate([prompt] * 2000, SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True))
     stats = engine.scheduler.speculator.stats["test"]
-    assert stats.checks > 1000 and 0 < stats.accepted < stats.proposed / 2
+    assert stats.checks > 800 and 0 < stats.accepted < stats.proposed / 2
     for position, probs_at in enumerate(expected):
         counts = [0] * vocab
         for answer in answers:
