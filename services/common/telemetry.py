@@ -87,6 +87,13 @@ def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name, VERSION)
 
 
+def trace_exemplar() -> dict[str, str] | None:
+    """The current trace's id as a histogram exemplar: a slow bucket links to a request's trace
+    (exemplars show only in the OpenMetrics exposition, which Prometheus asks for)."""
+    ctx = trace.get_current_span().get_span_context()
+    return {"trace_id": format(ctx.trace_id, "032x")} if ctx.is_valid else None
+
+
 def record_span(name: str, start_ns: int, end_ns: int, attributes: dict | None = None) -> None:
     """A child span of the current one for a stretch timed elsewhere (e.g. on the engine thread)."""
     span = tracer("llmmesh").start_span(name, start_time=start_ns, attributes=attributes or {})

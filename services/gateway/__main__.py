@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from prometheus_client import REGISTRY
+
 from llmmesh.v1 import cache_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import make_channel
 from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
@@ -13,6 +15,7 @@ from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
 from services.gateway.auth import ApiKeys, AuthenticateFirst
+from services.gateway.backend_health import BackendHealthCollector, CacheProbes
 from services.gateway.detokenize import TokenizerMirror
 from services.gateway.rate_limit import TenantRateLimiter
 from services.gateway.readiness import Readiness
@@ -91,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = TokenizerReplicas([a.strip() for a in args.tokenizer.split(",") if a.strip()], tls)
         probes: list[asyncio.Task] = []
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
-        cache = HashRing({a: cache_pb2_grpc.CacheStub(make_channel(a, tls)) for a in caches}) if caches else None
+        cache_channels = {a: make_channel(a, tls) for a in caches}
+        cache = HashRing({a: cache_pb2_grpc.CacheStub(c) for a, c in cache_channels.items()}) if caches else None
+        cache_probes = CacheProbes(cache_channels)
         discovered = args.discovery == "kubernetes"
         shards = ShardPool([] if discovered else [a.strip() for a in args.shards.split(",") if a.strip()],
                            tls=tls, dynamic=discovered, batched=args.shard_streams == "batch")
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         servicer = GatewayServicer(config,
                                    tokenizer, cache, shards, api_keys,
                                    TenantRateLimiter(args.rate_limit_rps, args.rate_limit_tpm), vocabulary, store)
+        REGISTRY.register(BackendHealthCollector(tokenizer, cache_probes, shards))
         http = {}
 
         def register(server):
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             readiness.set("model shards", shards.available)  # kubernetes discovery starts with none
             shards.on_availability = lambda available: readiness.set("model shards", available)
             probes.extend(tokenizer.probes(lambda up: readiness.set("tokenizer", up)))
+            probes.extend(cache_probes.start())
             await runtime.set_dependencies_ok(readiness.ready)
             if store is not None and store.retention_s:
                 probes.append(asyncio.get_running_loop().create_task(purge_expired_forever(store)))

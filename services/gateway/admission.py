@@ -29,6 +29,8 @@ from services.gateway.tenants import PRIORITY_CLASSES, PolicyError, TenantGate, 
 TENANT_TOKENS = Counter("llmmesh_tenant_generation_tokens", "Completion tokens returned, by tenant", ["tenant"])
 TENANT_WAIT = Histogram("llmmesh_tenant_gateway_queue_seconds", "Time in the tenant's line at the gateway "
                         "(its max_concurrent)", ["tenant"], buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+RATE_LIMITED = Counter("llmmesh_rate_limited_requests", "Requests refused by the per-tenant rate limit, by tenant",
+                       ["tenant"])
 TENANT_RUNNING = Gauge("llmmesh_tenant_gateway_requests_running", "Requests in flight at the gateway, by tenant",
                        ["tenant"])
 
@@ -57,6 +59,7 @@ class Admission:
         try:
             self.rate_limiter.admit(tenant)
         except RateLimited as exc:
+            RATE_LIMITED.labels(self.tenant_label(tenant)).inc()
             refusal = retry_later(str(exc), round(exc.retry_after_s, 3))
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details, refusal.trailing_metadata,
                            retry_after_s=exc.retry_after_s) from None

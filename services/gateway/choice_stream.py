@@ -13,6 +13,7 @@ from opentelemetry import trace
 from prometheus_client import Histogram
 
 from llmmesh.v1 import common_pb2, gateway_pb2, shard_pb2
+from services.common.telemetry import trace_exemplar
 from services.gateway.answer_text import AnswerText
 from services.gateway.detokenize import DetokenizeSession, close_stream
 from services.gateway.errors import RpcError
@@ -116,9 +117,9 @@ class ChoiceStreams:
                         chunk.prompt_token_ids.extend(c.prompt_ids)
                 now = time.monotonic()
                 if msg.token_ids and last_at is not None:
-                    gap = (now - last_at) / len(msg.token_ids)
+                    gap, exemplar = (now - last_at) / len(msg.token_ids), trace_exemplar()
                     for _ in msg.token_ids:
-                        ITL.observe(gap)
+                        ITL.observe(gap, exemplar)
                 if msg.token_ids:
                     last_at = now
                 yield chunk

@@ -22,6 +22,7 @@ from llmmesh.v1 import cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
 from llmmesh.v1 import tokenizer_pb2_grpc
 from services.common.block_hash import cache_scope
 from services.common.hash_ring import HashRing
+from services.common.telemetry import trace_exemplar
 from services.gateway import message_counts
 from services.gateway.admission import Admission
 from services.gateway.auth import ApiKeys, AuthError, bearer_token
@@ -87,12 +88,6 @@ async def _status_of(method: str, context: grpc.aio.ServicerContext):
         await context.abort(code, "internal error in the gateway; see its log")
     finally:
         REQUESTS.labels(method, code.name).inc()
-
-
-def _exemplar() -> dict[str, str] | None:
-    """Links a histogram observation to its trace (shown by Prometheus' OpenMetrics exposition)."""
-    ctx = trace.get_current_span().get_span_context()
-    return {"trace_id": format(ctx.trace_id, "032x")} if ctx.is_valid else None
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -276,8 +271,8 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
                 u = cached.usage
                 usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                          cached=u.prompt_tokens + u.completion_tokens, from_response_cache=True)
-                TTFT.observe(time.monotonic() - start, _exemplar())
-                E2E.observe(time.monotonic() - start, _exemplar())
+                TTFT.observe(time.monotonic() - start, trace_exemplar())
+                E2E.observe(time.monotonic() - start, trace_exemplar())
                 for chunk in replay(cached, request_id, usage):
                     yield chunk
                 return
@@ -287,14 +282,14 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
             async for chunk in messages:
                 if first and (chunk.text or chunk.finish_reason):
                     first = False
-                    TTFT.observe(time.monotonic() - start, _exemplar())
+                    TTFT.observe(time.monotonic() - start, trace_exemplar())
                 yield tally.add(chunk)
         except grpc.aio.AioRpcError as exc:
             raise downstream_error(exc, "tokenizer") from None
         finally:
             await messages.aclose()
         GENERATED.inc(answer.completion_tokens)
-        E2E.observe(time.monotonic() - start, _exemplar())
+        E2E.observe(time.monotonic() - start, trace_exemplar())
         if key is not None:
             # After the last message went out, before the call closes: the client already has its
             # answer, and a finished call means the next identical request hits.

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from prometheus_client import Counter
 from sqlalchemy import event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -17,6 +18,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from services.gateway.store.schema import migrate
 
 log = logging.getLogger(__name__)
+STORE_ERRORS = Counter("llmmesh_store_errors", "Conversation store transactions that failed: the database was "
+                       "unreachable or did not answer in time", ["dialect"])
 
 
 class StoreUnavailable(RuntimeError):
@@ -60,6 +63,7 @@ class Database:
                 async with self.engine.begin() as conn:
                     yield conn
         except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+            STORE_ERRORS.labels(self.dialect).inc()
             raise StoreUnavailable(f"the conversation store ({self.dialect}) is unreachable: "
                                    f"{_reason(exc)}") from None
 
