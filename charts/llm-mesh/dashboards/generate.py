@@ -4,15 +4,27 @@ import json
 from pathlib import Path
 
 P = "llmmesh_"
+R = "llmmesh:"  # recorded series (rules/llm-mesh.rules.yaml)
 
 
-def q(expr: str, legend: str) -> dict:
-    return {"expr": expr, "legendFormat": legend, "datasource": {"type": "prometheus", "uid": "${datasource}"}}
+def q(expr: str, legend: str, **extra) -> dict:
+    return {"expr": expr, "legendFormat": legend, "datasource": {"type": "prometheus", "uid": "${datasource}"}, **extra}
 
 
 def quantiles(metric: str) -> list[dict]:
-    return [q(f"histogram_quantile({p}, sum by (le) (rate({P}{metric}_bucket[$__rate_interval])))", f"p{int(p * 100)}")
-            for p in (0.5, 0.9, 0.99)]
+    """p50 / p90 / p99 from the recording rules (rules/llm-mesh.rules.yaml), one series per quantile."""
+    return [q(f"{R}{metric}:quantile_rate5m", "p{{quantile}}")]
+
+
+def exemplars(metric: str, legend: str) -> dict:
+    """A p99 on the raw buckets: exemplars belong to them, and each links to its request's trace
+    (the Prometheus data source's exemplarTraceIdDestinations, trace_id)."""
+    return q(f"histogram_quantile(0.99, sum by (le) (rate({P}{metric}_bucket[$__rate_interval])))", legend,
+             exemplar=True)
+
+
+def burn(slo: str, record: str) -> dict:
+    return q(f'{R}{record}:ratio_rate1h / on() {R}slo_error_budget:ratio{{slo="{slo}"}}', slo)
 
 
 PANELS = [
@@ -30,14 +42,19 @@ PANELS = [
       q(f"sum by (instance) ({P}requests_waiting)", "waiting {{instance}}")]),
     ("Batch size (sequences per step)", "short", quantiles("batch_size")),
     ("KV blocks in use", "percentunit", [q(f"{P}kv_blocks_used_ratio", "{{instance}}")]),
-    ("Prefix cache hit ratio (tokens)", "percentunit",
-     [q(f"sum(rate({P}prefix_cache_hits_total[$__rate_interval])) / "
-        f"sum(rate({P}prefix_cache_queries_total[$__rate_interval]))", "hit ratio")]),
-    ("Response cache hit ratio", "percentunit",
-     [q(f"sum(rate({P}cache_hits_total[$__rate_interval])) / sum(rate({P}cache_queries_total[$__rate_interval]))",
-        "hit ratio")]),
+    ("Prefix cache hit ratio (tokens)", "percentunit", [q(f"{R}prefix_cache_hit:ratio_rate5m", "hit ratio")]),
+    ("Response cache hit ratio", "percentunit", [q(f"{R}response_cache_hit:ratio_rate5m", "hit ratio")]),
     ("Response cache bytes", "bytes", [q(f"{P}cache_bytes", "{{instance}}")]),
     ("Preemptions / s", "short", [q(f"sum(rate({P}preemptions_total[$__rate_interval]))", "preemptions")]),
+    ("Error budget burn rate (1h; 1 spends it in 30 days)", "short",
+     [burn("availability", "requests_server_errors"), burn("ttft", "ttft_over_threshold"),
+      burn("itl", "itl_over_threshold")]),
+    ("Backends up (as the gateways see them)", "short",
+     [q(f"max by (backend, address) ({P}backend_up)", "{{backend}} {{address}}")]),
+    ("Slow requests to their traces (p99 with exemplars)", "s",
+     [exemplars("time_to_first_token_seconds", "time to first token"),
+      exemplars("inter_token_latency_seconds", "inter-token latency"),
+      exemplars("e2e_request_latency_seconds", "end-to-end")]),
 ]
 
 
