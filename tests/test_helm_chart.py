@@ -13,7 +13,8 @@ import yaml
 
 CHART = Path(__file__).resolve().parent.parent / "charts" / "llm-mesh"
 KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("ray.io/v1", "RayCluster")}  # CRDs: no bundled schema
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+                ("ray.io/v1", "RayCluster")}  # CRDs: no bundled schema (a PrometheusRule's rules: promtool, below)
 KEY_HASH = "a" * 64
 
 VALUE_SETS = {
@@ -31,6 +32,9 @@ VALUE_SETS = {
                                                    "encryptionKeySecret": {"name": "mesh-store-keys"},
                                                    "redactPersonalData": True}},
     "conversations-sqlite": {"gateway": {"replicas": 1}, "conversations": {"store": "sqlite", "sqliteClaim": "mesh-data"}},
+    "rules": {"metrics": {"rules": {"enabled": True, "labels": {"release": "kube-prometheus-stack"},
+                                    "runbookUrl": "https://wiki.example.com/llm-mesh/runbooks.md",
+                                    "slo": {"ttft": {"objective": 0.95, "thresholdSeconds": "2.5"}}}}},
     "kuberay": {"shards": {"ray": {"enabled": True, "workerReplicas": 2}, "gpu": {"enabled": True},
                            "tensorParallelSize": 3, "pipelineParallelSize": 2}},
 }
@@ -163,6 +167,8 @@ def test_kuberay_puts_the_workers_in_a_ray_cluster(chart):
     ({"conversations": {"store": "postgresql"}}, "/conversations/urlSecret/name"),
     ({"conversations": {"store": "sqlite"}}, "/gateway/replicas"),  # two replicas, two SQLite stores
     ({"conversations": {"store": "mysql"}}, "/conversations/store"),
+    ({"metrics": {"rules": {"slo": {"ttft": {"thresholdSeconds": "0.7"}}}}}, "/metrics/rules/slo/ttft/thresholdSeconds"),
+    ({"metrics": {"rules": {"slo": {"availability": {"objective": 1}}}}}, "/metrics/rules/slo/availability/objective"),
 ])
 def test_bad_values_are_refused_with_the_offending_key(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -185,3 +191,35 @@ def test_conversation_store_settings_reach_the_gateway(chart):
     assert volume["persistentVolumeClaim"] == {"claimName": "mesh-data"}
     default = container(find(render(chart, {}), "Deployment", "prod-llm-mesh-gateway"))
     assert "--conversation-store=none" in default["args"]
+
+
+def _rule_groups(docs: list[dict]) -> list[dict]:
+    return find(docs, "PrometheusRule", "prod-llm-mesh")["spec"]["groups"]
+
+
+def test_the_prometheus_rule_is_the_rules_file_with_the_slo_values(chart, tmp_path):
+    import shutil
+    import subprocess
+
+    plain = yaml.safe_load((CHART / "rules" / "llm-mesh.rules.yaml").read_text())["groups"]
+    assert not [d for d in render(chart, {}) if d["kind"] == "PrometheusRule"]  # off unless asked for
+    assert _rule_groups(render(chart, {"metrics": {"rules": {"enabled": True}}})) == plain
+    docs = render(chart, VALUE_SETS["rules"])
+    rule = find(docs, "PrometheusRule", "prod-llm-mesh")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    groups = _rule_groups(docs)
+    assert [g["name"] for g in groups] == [g["name"] for g in plain]
+    assert groups[1:] != plain[1:] and all(  # the same rules but for the runbook links
+        "wiki.example.com/llm-mesh/runbooks.md#" in r["annotations"]["runbook_url"]
+        for g in groups for r in g["rules"] if "alert" in r)
+    parameters = {(r["record"], r["labels"]["slo"]): r for r in groups[0]["rules"]}
+    assert parameters["llmmesh:slo_objective:ratio", "ttft"]["expr"] == "vector(0.95)"
+    assert parameters["llmmesh:slo_threshold:seconds", "ttft"]["labels"]["le"] == "2.5"
+    assert parameters["llmmesh:slo_objective:ratio", "availability"]["expr"] == "vector(0.995)"  # the default
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install -y prometheus)")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

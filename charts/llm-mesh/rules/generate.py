@@ -37,10 +37,14 @@ PARAMETERS_GROUP = "llm-mesh-slo-parameters"
 
 
 def parameter_rules(slo: dict) -> list[dict]:
-    rules = [{"record": "llmmesh:slo_objective:ratio", "labels": {"slo": name}, "expr": f"vector({s['objective']})"}
-             for name, s in slo.items()]
-    rules += [{"record": "llmmesh:slo_threshold:seconds", "labels": {"slo": name, "le": s["thresholdSeconds"]},
-               "expr": f"vector({s['thresholdSeconds']})"} for name, s in slo.items() if "thresholdSeconds" in s]
+    """Each SLO's objective, and its latency threshold as a bucket's le label (the chart's template
+    writes the same rules from values, in this order)."""
+    rules = []
+    for name, s in slo.items():
+        rules.append({"record": "llmmesh:slo_objective:ratio", "labels": {"slo": name}, "expr": f"vector({s['objective']})"})
+        if "thresholdSeconds" in s:
+            rules.append({"record": "llmmesh:slo_threshold:seconds", "labels": {"slo": name, "le": s["thresholdSeconds"]},
+                          "expr": f"vector({s['thresholdSeconds']})"})
     return rules
 
 
