@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 ARGS ?=
 
-.PHONY: install model run test protos bench trace certs clean
+.PHONY: install model run monitor test protos bench trace certs clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ $(MODEL_DIR)/config.json:
 
 run: model
 	$(BIN)/python -m services.launcher --model $(MODEL_DIR) $(ARGS)
+
+# Prometheus and Alertmanager beside `make run` (same ARGS, e.g. ARGS='--shards 2'), with the chart's rules.
+monitor: install
+	$(BIN)/python -m services.monitor $(ARGS)
 
 test: model
 	LLMMESH_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest -ra $(ARGS)
