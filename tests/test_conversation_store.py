@@ -206,12 +206,17 @@ def test_unreachable_database_is_unavailable_fast(tmp_path):
     from services.launcher import free_port
 
     async def scenario():
+        from services.gateway.store.database import STORE_ERRORS
+
         db = Database(f"postgresql://nobody@127.0.0.1:{free_port()}/x", timeout_s=1)
+        errors = STORE_ERRORS.labels("postgresql")
+        before = errors._value.get()
         try:
             async with asyncio.timeout(10):
                 with pytest.raises(StoreUnavailable, match="unreachable"):
                     async with db.transaction():
                         pass
+            assert errors._value.get() == before + 1  # what LLMMeshStoreErrors alerts on
         finally:
             await db.close()
 

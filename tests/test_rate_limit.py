@@ -18,7 +18,7 @@ from services.gateway.auth import hash_key
 from services.gateway.rate_limit import RateLimited, TenantRateLimiter
 from services.launcher import wait_healthy
 
-from .conftest import free_ports
+from .conftest import free_ports, metric
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,10 +62,10 @@ def test_gateway_refuses_a_tenant_over_its_limit(mesh):
     root = Path(mesh.log_dir).parent / "rate-limit"
     root.mkdir(exist_ok=True)
     (root / "keys").write_text("".join(f"{t} {hash_key(k)}\n" for t, k in keys.items()))
-    port, http_port = free_ports(2)
+    port, http_port, metrics_port = free_ports(3)
     p = mesh.plan
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.gateway", "--listen", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "services.gateway", "--listen", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port),
          "--http-listen", f"127.0.0.1:{http_port}", "--api-keys-file",
          str(root / "keys"), "--rate-limit-rps", "0.2", "--tokenizer", p.tokenizer.listen, "--cache",
          p.cache.listen, "--shards", ",".join(s.listen for s in p.shards)],
@@ -97,6 +97,9 @@ def test_gateway_refuses_a_tenant_over_its_limit(mesh):
         assert refused.value.code == 429
         assert 1 <= int(refused.value.headers["retry-after"]) <= 5
         assert json.loads(refused.value.read())["error"]["type"] == "rate_limit_error"
+        # Both refusals counted against alpha, none against beta: what LLMMeshTenantRateLimitFlood reads.
+        assert metric(metrics_port, "llmmesh_rate_limited_requests_total", tenant="alpha") == 2
+        assert metric(metrics_port, "llmmesh_rate_limited_requests_total", tenant="beta") == 0
     finally:
         proc.terminate()
         proc.wait(30)
