@@ -2,8 +2,9 @@
 services export, exemplars that lead to exported traces, and a replica alert delivered to a webhook.
 
 One mesh (two shard replicas of a tiny model behind the real tokenizer) and one monitoring pair serve
-every test of the module; the replica test runs last, as it kills a shard. Intervals are a second (the
-rules' `for` durations too), so alerts fire and resolve within seconds.
+every test of the module, in order: idle first, then an overload, then the rest; the replica test runs
+last, as it kills a shard. Intervals are a second (the rules' `for` durations too), so alerts fire and
+resolve within seconds.
 """
 
 from __future__ import annotations
@@ -32,15 +33,20 @@ DASHBOARD = RULES.parents[1] / "dashboards" / "llm-mesh.json"
 SCRAPE_S = 1
 # Grafana's $__rate_interval: max($__interval + scrape interval, 4 x scrape interval), at a 15 s $__interval.
 RATE_INTERVAL = f"{max(15 + SCRAPE_S, 4 * SCRAPE_S)}s"
+TTFT_THRESHOLD = "0.1"
+MAX_RUNNING = 2  # sequences per shard step: a burst past it queues, as in an overload
 
 
 def fast_rules(path) -> None:
-    """The chart's rules with every alert's `for` at a second: the same expressions, sooner."""
+    """The chart's rules with every alert's `for` at a second: the same expressions, sooner. The TTFT
+    threshold is set as the chart's values would set it, to what a queue of a few requests exceeds."""
     rules = yaml.safe_load(RULES.read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
             if "alert" in rule:
                 rule["for"] = "1s"
+            if rule.get("record") == "llmmesh:slo_threshold:seconds" and rule["labels"]["slo"] == "ttft":
+                rule["labels"]["le"], rule["expr"] = TTFT_THRESHOLD, f"vector({TTFT_THRESHOLD})"
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
 
 
@@ -57,7 +63,7 @@ def monitored(real_model_dir, vocab_sized_tiny_model, tmp_path_factory, webhook)
     root = tmp_path_factory.mktemp("monitored")
     ports = free_ports(10)
     plan = plan_mesh(str(real_model_dir), shards=2, gateway_port=ports[0], ports=ports[1:5], metrics_ports=ports[5:9],
-                     gateway_metrics_port=ports[9], shard_args=["--kv-cache-mb", "64"])
+                     gateway_metrics_port=ports[9], shard_args=["--kv-cache-mb", "64", "--max-running", str(MAX_RUNNING)])
     for shard in plan.shards:
         shard.args[shard.args.index("--model") + 1] = str(vocab_sized_tiny_model)
     rules = root / "rules.yaml"
@@ -111,6 +117,19 @@ def test_an_idle_mesh_fires_nothing(monitored):
 
     assert wait_for(evaluated_since_all_up, timeout=30)
     assert [(r["name"], r["state"]) for r in _alert_rules(monitor) if r["state"] != "inactive"] == []
+
+
+def test_an_overload_burns_the_ttft_budget(monitored):
+    """Six times the requests the shards batch at once, each long enough that those queued behind
+    wait past the threshold: more than 14.4 times the budget's share, over both windows."""
+    _mesh, monitor, stub = monitored
+    firing = 'ALERTS{alertname="LLMMeshTimeToFirstTokenBudgetBurnFast", alertstate="firing"}'
+    assert not monitor.query(firing)  # the first requests of the module
+    streams = 6 * 2 * MAX_RUNNING
+    with ThreadPoolExecutor(streams) as pool:
+        answers = list(pool.map(lambda i: _ask(stub, f"Overload {i}", max_tokens=64, ignore_eos=True), range(streams)))
+    assert all(a[-1].finish_reason for a in answers)
+    assert wait_for(lambda: monitor.query(firing), timeout=30), monitor.query("llmmesh:ttft_over_threshold:ratio_rate5m")
 
 
 def test_every_dashboard_expression_and_recording_rule_returns_data(monitored):
