@@ -22,8 +22,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from services.launcher import MeshPlan, plan_mesh
 
 RULES = Path(__file__).resolve().parent.parent / "charts" / "llm-mesh" / "rules" / "llm-mesh.rules.yaml"
@@ -99,8 +97,9 @@ class Monitor:
                                "(apt-get install -y prometheus prometheus-alertmanager)")
         prometheus, alertmanager = found
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "prometheus.yml").write_text(yaml.safe_dump(self.prometheus_config(), sort_keys=False))
-        (self.root / "alertmanager.yml").write_text(yaml.safe_dump(self.alertmanager_config(), sort_keys=False))
+        # JSON is YAML to both servers, and needs no YAML package here.
+        (self.root / "prometheus.yml").write_text(json.dumps(self.prometheus_config(), indent=2))
+        (self.root / "alertmanager.yml").write_text(json.dumps(self.alertmanager_config(), indent=2))
         try:
             self._spawn("alertmanager", [alertmanager, f"--config.file={self.root / 'alertmanager.yml'}",
                                          f"--storage.path={self.root / 'alertmanager-data'}",
