@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.tokenizer.tool_prompt import TOOL_FORMATS
+
 
 @dataclass
 class ServiceSpec:
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages in each shard")
     parser.add_argument("--chat-template", help="a Jinja chat template to use instead of the model's (e.g. one "
                         "that renders tools)")
+    parser.add_argument("--tool-call-format", choices=["auto", *TOOL_FORMATS], default="auto",
+                        help="the tool call format the model writes and the gateway parses (auto: the chat "
+                             "template's, else the model family's)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
     args = parser.parse_args(argv)
     if args.shards < 1:
@@ -312,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
                                  "--pipeline-parallel-size", str(args.pipeline_parallel_size),
                                  "--quantization", args.quantization, "--speculative", args.speculative,
                                  "--num-speculative-tokens", str(args.num_speculative_tokens)],
-                     tokenizer_args=["--chat-template", args.chat_template] if args.chat_template else None,
+                     tokenizer_args=[*(["--chat-template", args.chat_template] if args.chat_template else []),
+                                     "--tool-call-format", args.tool_call_format],
                      gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),
                                    *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else []),
                                    *(["--shared-prefix-cache"] if args.shared_prefix_cache else []),
