@@ -215,7 +215,7 @@ def tool_mesh(request, dirs, tmp_path_factory):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("tool_mesh", ["llama3", "mistral"], indirect=True)
+@pytest.mark.parametrize("tool_mesh", ["mistral"], indirect=True)  # its marker is a special token: the hardest
 def test_calls_in_the_familys_format_come_back_parsed_unary_and_streamed(tool_mesh):
     import openai
 
