@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from pathlib import Path
 
 from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
@@ -33,7 +34,18 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("tokenizer", args.log_level, args.log_format)
     setup_tracing("tokenizer", instance_id(args.listen))
     tool_format = None if args.tool_call_format == "auto" else args.tool_call_format
-    tokenizer = TextTokenizer(args.model, args.chat_template, tool_format)
+    model = Path(args.model)
+    if model.suffix == ".gguf" and model.is_file():  # its tokenizer, converted once beside it
+        from services.model_shard.model.families import UnsupportedModel
+        from services.model_shard.model.gguf_checkpoint import open_gguf
+
+        try:
+            model = open_gguf(model)
+        except UnsupportedModel as exc:
+            parser.error(f"cannot serve {args.model}: {exc}")
+    if not (model / "tokenizer.json").exists():
+        parser.error(f"{args.model} has no tokenizer (tokenizer.json; a GGUF file's is converted with transformers)")
+    tokenizer = TextTokenizer(model, args.chat_template, tool_format)
     log.info("tool calls are written and read as %s", tokenizer.tool_format)
     servicer = TokenizerServicer(tokenizer)
 
