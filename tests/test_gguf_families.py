@@ -5,6 +5,10 @@ and decode over the paged cache); quantized blocks are dequantized and name the 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -69,18 +73,30 @@ def test_quantized_blocks_are_dequantized_and_name_the_precision_served(tmp_path
 
 
 def test_what_a_gguf_file_cannot_say_is_refused_by_name(tmp_path):
-    import gguf
-
     model_dir = _build("qwen2", tmp_path / "hf")
     odd = write_gguf(model_dir, tmp_path / "odd.gguf", extra_tensors={"blk.0.attn_q.scale": np.ones(4, np.int32)})
     with pytest.raises(UnsupportedModel, match=r"GGUF tensor 'blk.0.attn_q.scale' is of type I32"):
         open_gguf(odd)
-    writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv6")
+    with pytest.raises(UnsupportedModel, match="GGUF architecture 'rwkv6' is not supported; supported GGUF "
+                                               "architectures: llama, qwen2, qwen3, gemma2, gemma3"):
+        open_gguf(_rwkv(tmp_path / "rwkv.gguf"))
+
+
+def _rwkv(path: Path) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModel, match="GGUF architecture 'rwkv6' is not supported; supported GGUF "
-                                               "architectures: llama, qwen2, qwen3, gemma2, gemma3"):
-        open_gguf(tmp_path / "rwkv.gguf")
+    return path
+
+
+def test_the_shard_exits_non_zero_naming_the_gguf_architecture_it_refuses(tmp_path):
+    path = _rwkv(tmp_path / "rwkv.gguf")
+    done = subprocess.run([sys.executable, "-m", "services.model_shard", "--model", str(path)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "GGUF architecture 'rwkv6' is not supported; supported GGUF architectures: llama, qwen2" in done.stderr

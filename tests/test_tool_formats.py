@@ -129,6 +129,18 @@ ANSWERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def matchers(dirs):
+    """Each family's tokenizer, and the shard's grammar compiler over its vocabulary."""
+    from services.model_shard.engine.grammar import Grammars
+
+    out = {}
+    for family in ("llama3", "mistral"):
+        tok = TextTokenizer(dirs[family])
+        out[family] = tok, Grammars.from_model_dir(dirs[family], tok.vocab_size, tok.eos_token_ids)
+    return out
+
+
 @pytest.mark.parametrize("family", ["llama3", "mistral"])
 @pytest.mark.parametrize("choice,parallel,accepted", [
     # auto: text (a call after text is text), or calls leading the answer
@@ -137,13 +149,11 @@ ANSWERS = {
     ({"required": True}, None, [False, True, True, False, False, False]),
     ({"function": "get_weather"}, None, [False, True, False, False, False, False]),
 ])
-def test_each_tool_choice_allows_exactly_its_answers_in_the_familys_format(dirs, family, choice, parallel, accepted):
+def test_each_tool_choice_allows_exactly_its_answers_in_the_familys_format(matchers, family, choice, parallel,
+                                                                         accepted):
     import llguidance
 
-    from services.model_shard.engine.grammar import Grammars
-
-    tok = TextTokenizer(dirs[family])
-    grammars = Grammars.from_model_dir(dirs[family], tok.vocab_size, tok.eos_token_ids)
+    tok, grammars = matchers[family]
     fmt = ToolFormat(tok.tool_format, tok.tool_marker_id)
     grammar = tool_grammar(_request(choice, parallel), fmt)
     assert not llguidance.LLMatcher.validate_grammar(grammar, grammars.tokenizer)

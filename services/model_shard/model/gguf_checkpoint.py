@@ -236,3 +236,14 @@ def _save_tokenizer(path: Path, reader, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer.save_pretrained(out)
     shutil.rmtree(out / "__pycache__", ignore_errors=True)
+    # What the tokenizer service reads that the converter may leave out: the template and special tokens.
+    template = _field(reader, "tokenizer.chat_template")
+    if template and not (out / "chat_template.jinja").exists():
+        (out / "chat_template.jinja").write_text(template)
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and not config.get(f"{role}_token"):
+            config[f"{role}_token"] = tokenizer.convert_ids_to_tokens(token_id)
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
