@@ -36,18 +36,11 @@ GGUF_FAMILIES = {
 
 
 @pytest.fixture(scope="module", params=list(GGUF_FAMILIES))
-def gguf_family(request, tmp_path_factory, monkeypatch_module):
+def gguf_family(request, tmp_path_factory):
     family = request.param
-    monkeypatch_module.setitem(FAMILIES, family, (FAMILIES[family][0], GGUF_FAMILIES[family]))
     root = tmp_path_factory.mktemp(f"gguf-{family}")
-    model_dir = _build(family, root / "hf")
+    model_dir = _build(family, root / "hf", extra=GGUF_FAMILIES[family])
     return family, model_dir, write_gguf(model_dir, root / f"{family}.gguf")
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
 
 
 def test_a_gguf_file_loads_to_transformers_logits(gguf_family):
@@ -61,7 +54,7 @@ def test_a_gguf_file_loads_to_transformers_logits(gguf_family):
 
 
 def test_quantized_blocks_are_dequantized_and_name_the_precision_served(tmp_path):
-    model_dir = _build("qwen2", tmp_path / "hf")
+    model_dir = _build("qwen2", tmp_path / "hf", extra=GGUF_FAMILIES["qwen2"])
     ids = _ids(24)
     with torch.inference_mode():
         expected = _reference(model_dir)(torch.tensor([ids])).logits[0]
@@ -73,7 +66,7 @@ def test_quantized_blocks_are_dequantized_and_name_the_precision_served(tmp_path
 
 
 def test_what_a_gguf_file_cannot_say_is_refused_by_name(tmp_path):
-    model_dir = _build("qwen2", tmp_path / "hf")
+    model_dir = _build("qwen2", tmp_path / "hf", extra=GGUF_FAMILIES["qwen2"])
     odd = write_gguf(model_dir, tmp_path / "odd.gguf", extra_tensors={"blk.0.attn_q.scale": np.ones(4, np.int32)})
     with pytest.raises(UnsupportedModel, match=r"GGUF tensor 'blk.0.attn_q.scale' is of type I32"):
         open_gguf(odd)

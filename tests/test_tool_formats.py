@@ -116,9 +116,10 @@ def _request(choice: dict | None = None, parallel: bool | None = None) -> gatewa
     return request
 
 
-LLAMA_CALL, LLAMA_TIME = '{"name": "get_weather", "parameters": {"city": "Paris"}}', '{"name": "get_time", "parameters": {}}'
+LLAMA_CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+LLAMA_TIME = '{"name": "get_time", "parameters": {}}'
 MISTRAL_CALL = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
-MISTRAL_TWO = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]'
+MISTRAL_TWO = MISTRAL_CALL[:-1] + ', {"name": "get_time", "arguments": {}}]'
 ANSWERS = {
     # text, one call, two calls, text then a call, off-schema arguments, an unknown function
     "llama3": ["It is sunny.", LLAMA_CALL, f"{LLAMA_CALL}; {LLAMA_TIME}", f"Sure. {LLAMA_CALL}",

@@ -90,7 +90,8 @@ def _leading_calls_grammar(request, mode: str, tools, tool_format: ToolFormat) -
     if tool_format.name == "llama3_json":
         calls = 'calls: fn ("; " fn)*' if several else "calls: fn"
     else:
-        marker = f"<[{tool_format.marker_token}]>" if tool_format.marker_token is not None else json.dumps(MISTRAL_CALLS)
+        token = tool_format.marker_token
+        marker = f"<[{token}]>" if token is not None else json.dumps(MISTRAL_CALLS)  # the token, not its text
         more = '(", " fn)* ' if several else ""
         calls = f'calls: {marker} " [" fn {more}"]"'
     start = (f"start: calls | PLAIN\nPLAIN: /{_not_beginning(CALL_LEADS[tool_format.name])}/" if mode == "auto"
