@@ -281,7 +281,7 @@ def open_model_file(path: str, parser: argparse.ArgumentParser) -> Path:
     print(f"[launcher] opening {path} (converted once, then reused)", flush=True)
     try:
         return open_gguf(path)
-    except UnsupportedModel as exc:
+    except (UnsupportedModel, OSError) as exc:
         parser.error(f"cannot serve {path}: {exc}")
 
 

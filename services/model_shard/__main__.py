@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if is_gguf(args.model):  # converted once into a checkpoint folder beside it (model/gguf_checkpoint.py)
         try:
             args.model = str(open_gguf(args.model))
-        except UnsupportedModel as exc:
+        except (UnsupportedModel, OSError) as exc:
             log.critical("cannot serve %s: %s", args.model, exc)
             parser.error(f"cannot serve {args.model}: {exc}")
     dtype = resolve_dtype(args.dtype)

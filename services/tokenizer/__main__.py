@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             model = open_gguf(model)
-        except UnsupportedModel as exc:
+        except (UnsupportedModel, OSError) as exc:
             parser.error(f"cannot serve {args.model}: {exc}")
     if not (model / "tokenizer.json").exists():
         parser.error(f"{args.model} has no tokenizer (tokenizer.json; a GGUF file's is converted with transformers)")

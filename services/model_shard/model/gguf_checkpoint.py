@@ -50,16 +50,21 @@ def is_gguf(path: str | Path) -> bool:
 
 def open_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Path:
     """The checkpoint folder of a GGUF file, converted on first use. cache_dir: where converted files
-    are kept (default: beside the file, else ~/.cache/llm-mesh/gguf where that is read-only)."""
+    are kept (default: beside the file; where that is read-only, ~/.cache/llm-mesh/gguf, else the
+    temporary directory, e.g. a pod's emptyDir)."""
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.blake2b(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=6).hexdigest()
-    root = Path(cache_dir) if cache_dir else (path.parent if os.access(path.parent, os.W_OK)
-                                              else Path.home() / ".cache" / "llm-mesh" / "gguf")
+    roots = [Path(cache_dir)] if cache_dir else [path.parent, Path.home() / ".cache" / "llm-mesh" / "gguf",
+                                                 Path(tempfile.gettempdir()) / "llm-mesh-gguf"]
+    for root in roots:
+        out = root / f".{path.stem}.{key}"
+        if (out / "config.json").exists():
+            return out
+    root = next((r for r in roots if _writable(r)), None)
+    if root is None:
+        raise OSError(f"nowhere to convert {path.name} into: none of {', '.join(map(str, roots))} is writable")
     out = root / f".{path.stem}.{key}"
-    if (out / "config.json").exists():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=root) as tmp:
         staging = Path(tmp) / "model"
         staging.mkdir()
@@ -70,6 +75,14 @@ def open_gguf(path: str | Path, cache_dir: str | Path | None = None) -> Path:
             if not (out / "config.json").exists():  # not another process's finished conversion
                 raise
     return out
+
+
+def _writable(root: Path) -> bool:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(root, os.W_OK)
 
 
 def convert_gguf(path: Path, out: Path) -> None:
