@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.tokenizer.tool_prompt import TOOL_FORMATS
+
 
 @dataclass
 class ServiceSpec:
@@ -271,9 +273,22 @@ Metrics: http://127.0.0.1:{metrics}/metrics (gateway). Ctrl-C stops the mesh.
 """
 
 
+def open_model_file(path: str, parser: argparse.ArgumentParser) -> Path:
+    """A GGUF file's checkpoint folder, converted once here before the services start (they find it)."""
+    from services.model_shard.model.families import UnsupportedModel
+    from services.model_shard.model.gguf_checkpoint import open_gguf
+
+    print(f"[launcher] opening {path} (converted once, then reused)", flush=True)
+    try:
+        return open_gguf(path)
+    except (UnsupportedModel, OSError) as exc:
+        parser.error(f"cannot serve {path}: {exc}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="llm-mesh", description="Run the whole mesh locally")
-    parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default="models/SmolLM2-135M-Instruct",
+                        help="a checkpoint folder (config.json, *.safetensors, tokenizer) or a GGUF file")
     parser.add_argument("--shards", type=int, default=1, help="model shard replicas behind the gateway")
     parser.add_argument("--host", default="127.0.0.1", help="where the gateway listens (gRPC and HTTP); the other "
                         "services always listen on 127.0.0.1")
@@ -300,10 +315,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages in each shard")
     parser.add_argument("--chat-template", help="a Jinja chat template to use instead of the model's (e.g. one "
                         "that renders tools)")
+    parser.add_argument("--tool-call-format", choices=["auto", *TOOL_FORMATS], default="auto",
+                        help="the tool call format the model writes and the gateway parses (auto: the chat "
+                             "template's, else the model family's)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
     args = parser.parse_args(argv)
     if args.shards < 1:
         parser.error("--shards must be at least 1")
+    name = Path(args.model).stem if args.model.endswith(".gguf") else Path(args.model).name
+    if args.model.endswith(".gguf") and Path(args.model).is_file():
+        args.model = str(open_model_file(args.model, parser))
     if not (Path(args.model) / "config.json").exists():
         parser.error(f"no model at {args.model}: run `make model` first")
     plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port, tls_dir=args.tls_dir,
@@ -312,11 +333,13 @@ def main(argv: list[str] | None = None) -> None:
                                  "--pipeline-parallel-size", str(args.pipeline_parallel_size),
                                  "--quantization", args.quantization, "--speculative", args.speculative,
                                  "--num-speculative-tokens", str(args.num_speculative_tokens)],
-                     tokenizer_args=["--chat-template", args.chat_template] if args.chat_template else None,
+                     tokenizer_args=[*(["--chat-template", args.chat_template] if args.chat_template else []),
+                                     "--tool-call-format", args.tool_call_format],
                      gateway_args=[*(["--http-listen", f"{args.host}:{args.http_port}"] if args.http_port else []),
                                    *(["--api-keys-file", args.api_keys_file] if args.api_keys_file else []),
                                    *(["--shared-prefix-cache"] if args.shared_prefix_cache else []),
-                                   *(["--shared-response-cache"] if args.shared_response_cache else [])])
+                                   *(["--shared-response-cache"] if args.shared_response_cache else []),
+                                   "--model-name", name])
     mesh = Mesh(plan)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -328,9 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[launcher] the mesh failed to start:\n{exc}", file=sys.stderr)
         sys.exit(1)
     http = (f"\nOpenAI-compatible HTTP API: http://{args.host}:{args.http_port}/v1 (e.g. the openai package's\n"
-            f"OpenAI(base_url=..., api_key=...).chat.completions.create(model=\"{Path(args.model).name}\", ...))"
+            f"OpenAI(base_url=..., api_key=...).chat.completions.create(model=\"{name}\", ...))"
             if args.http_port else "")
-    print(USAGE.format(model=Path(args.model).name, gateway=mesh.gateway_address, shards=args.shards,
+    print(USAGE.format(model=name, gateway=mesh.gateway_address, shards=args.shards,
                        s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port, http=http), flush=True)
     supervise(mesh, stop)
     print("[launcher] stopping (draining in-flight requests)", flush=True)

@@ -57,10 +57,12 @@ FAMILIES = {
 MOE = {"mixtral", "qwen3_moe"}
 
 
-def _build(family: str, out: Path, max_shard_size: str | None = None) -> Path:
+def _build(family: str, out: Path, max_shard_size: str | None = None, extra: dict | None = None) -> Path:
+    """extra: config fields instead of the family's in FAMILIES."""
     import transformers
 
-    config_cls, extra = FAMILIES[family]
+    config_cls, fields = FAMILIES[family]
+    extra = fields if extra is None else extra
     config = getattr(transformers, config_cls)(**{**SMALL, **extra})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()

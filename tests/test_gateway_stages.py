@@ -235,10 +235,10 @@ def test_the_encode_stage_gets_the_templates_tokens_and_reports_a_missing_tokeni
     request = gateway_pb2.GenerateRequest(messages=[common.ChatMessage(role="user", content="Bonjour !")])
 
     async def encodes(tokenizer, stub):
-        ids, version = await encode_prompt(stub, request, time.monotonic() + 10, 5.0)
+        ids, version, _ = await encode_prompt(stub, request, time.monotonic() + 10, 5.0)
         assert ids == tokenizer.encode_chat([Message("user", "Bonjour !")]) and version
         turn = Continuation(context_ids=ids)  # a stored turn's next message: its ids come back as they are
-        again, _ = await encode_prompt(stub, request, time.monotonic() + 10, 5.0, turn)
+        again, _, _ = await encode_prompt(stub, request, time.monotonic() + 10, 5.0, turn)
         assert again[:len(ids)] == ids and turn.prompt_ids == again
 
     async def no_tokenizer():

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmmesh.v1 import common_pb2 as llmmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allmmesh/v1/tokenizer.proto\x12\nllmmesh.v1\x1a\x17llmmesh/v1/common.proto\"\x15\n\x13GetTokenizerRequest\"9\n\x0eTokenizerFiles\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12TokenTextsResponse\x12\r\n\x05texts\x18\x01 \x03(\t\"\x86\x01\n\rEncodeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\x1f\n\x05tools\x18\x03 \x03(\x0b\x32\x10.llmmesh.v1.Tool\x12\x19\n\x11\x63ontext_token_ids\x18\x04 \x03(\r\"U\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x19\n\x11tokenizer_version\x18\x02 \x01(\t\x12\x15\n\rreused_tokens\x18\x03 \x01(\r\"?\n\rDecodeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x16\n\x14TokenizerInfoRequest\"n\n\rTokenizerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x12\n\nchat_roles\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t2\xbf\x03\n\tTokenizer\x12?\n\x06\x45ncode\x12\x19.llmmesh.v1.EncodeRequest\x1a\x1a.llmmesh.v1.EncodeResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.llmmesh.v1.DecodeRequest\x1a\x1a.llmmesh.v1.DecodeResponse\x12U\n\x10\x44\x65tokenizeStream\x12\x1d.llmmesh.v1.DetokenizeRequest\x1a\x1e.llmmesh.v1.DetokenizeResponse(\x01\x30\x01\x12\x43\n\x04Info\x12 .llmmesh.v1.TokenizerInfoRequest\x1a\x19.llmmesh.v1.TokenizerInfo\x12G\n\nTokenTexts\x12\x19.llmmesh.v1.DecodeRequest\x1a\x1e.llmmesh.v1.TokenTextsResponse\x12K\n\x0cGetTokenizer\x12\x1f.llmmesh.v1.GetTokenizerRequest\x1a\x1a.llmmesh.v1.TokenizerFilesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allmmesh/v1/tokenizer.proto\x12\nllmmesh.v1\x1a\x17llmmesh/v1/common.proto\"\x15\n\x13GetTokenizerRequest\"9\n\x0eTokenizerFiles\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12TokenTextsResponse\x12\r\n\x05texts\x18\x01 \x03(\t\"\x86\x01\n\rEncodeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\x1f\n\x05tools\x18\x03 \x03(\x0b\x32\x10.llmmesh.v1.Tool\x12\x19\n\x11\x63ontext_token_ids\x18\x04 \x03(\r\"\xaf\x01\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x19\n\x11tokenizer_version\x18\x02 \x01(\t\x12\x15\n\rreused_tokens\x18\x03 \x01(\r\x12\x18\n\x10tool_call_format\x18\x04 \x01(\t\x12#\n\x16tool_call_marker_token\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x19\n\x17_tool_call_marker_token\"?\n\rDecodeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x16\n\x14TokenizerInfoRequest\"\x88\x01\n\rTokenizerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x12\n\nchat_roles\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x18\n\x10tool_call_format\x18\x06 \x01(\t2\xbf\x03\n\tTokenizer\x12?\n\x06\x45ncode\x12\x19.llmmesh.v1.EncodeRequest\x1a\x1a.llmmesh.v1.EncodeResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.llmmesh.v1.DecodeRequest\x1a\x1a.llmmesh.v1.DecodeResponse\x12U\n\x10\x44\x65tokenizeStream\x12\x1d.llmmesh.v1.DetokenizeRequest\x1a\x1e.llmmesh.v1.DetokenizeResponse(\x01\x30\x01\x12\x43\n\x04Info\x12 .llmmesh.v1.TokenizerInfoRequest\x1a\x19.llmmesh.v1.TokenizerInfo\x12G\n\nTokenTexts\x12\x19.llmmesh.v1.DecodeRequest\x1a\x1e.llmmesh.v1.TokenTextsResponse\x12K\n\x0cGetTokenizer\x12\x1f.llmmesh.v1.GetTokenizerRequest\x1a\x1a.llmmesh.v1.TokenizerFilesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,20 +40,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENTEXTSRESPONSE']._serialized_end=184
   _globals['_ENCODEREQUEST']._serialized_start=187
   _globals['_ENCODEREQUEST']._serialized_end=321
-  _globals['_ENCODERESPONSE']._serialized_start=323
-  _globals['_ENCODERESPONSE']._serialized_end=408
-  _globals['_DECODEREQUEST']._serialized_start=410
-  _globals['_DECODEREQUEST']._serialized_end=473
-  _globals['_DECODERESPONSE']._serialized_start=475
-  _globals['_DECODERESPONSE']._serialized_end=505
-  _globals['_DETOKENIZEREQUEST']._serialized_start=507
-  _globals['_DETOKENIZEREQUEST']._serialized_end=574
-  _globals['_DETOKENIZERESPONSE']._serialized_start=576
-  _globals['_DETOKENIZERESPONSE']._serialized_end=610
-  _globals['_TOKENIZERINFOREQUEST']._serialized_start=612
-  _globals['_TOKENIZERINFOREQUEST']._serialized_end=634
-  _globals['_TOKENIZERINFO']._serialized_start=636
-  _globals['_TOKENIZERINFO']._serialized_end=746
-  _globals['_TOKENIZER']._serialized_start=749
-  _globals['_TOKENIZER']._serialized_end=1196
+  _globals['_ENCODERESPONSE']._serialized_start=324
+  _globals['_ENCODERESPONSE']._serialized_end=499
+  _globals['_DECODEREQUEST']._serialized_start=501
+  _globals['_DECODEREQUEST']._serialized_end=564
+  _globals['_DECODERESPONSE']._serialized_start=566
+  _globals['_DECODERESPONSE']._serialized_end=596
+  _globals['_DETOKENIZEREQUEST']._serialized_start=598
+  _globals['_DETOKENIZEREQUEST']._serialized_end=665
+  _globals['_DETOKENIZERESPONSE']._serialized_start=667
+  _globals['_DETOKENIZERESPONSE']._serialized_end=701
+  _globals['_TOKENIZERINFOREQUEST']._serialized_start=703
+  _globals['_TOKENIZERINFOREQUEST']._serialized_end=725
+  _globals['_TOKENIZERINFO']._serialized_start=728
+  _globals['_TOKENIZERINFO']._serialized_end=864
+  _globals['_TOKENIZER']._serialized_start=867
+  _globals['_TOKENIZER']._serialized_end=1314
 # @@protoc_insertion_point(module_scope)

@@ -38,14 +38,18 @@ class EncodeRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.Tool, _Mapping]]] = ..., context_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("token_ids", "tokenizer_version", "reused_tokens")
+    __slots__ = ("token_ids", "tokenizer_version", "reused_tokens", "tool_call_format", "tool_call_marker_token")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_VERSION_FIELD_NUMBER: _ClassVar[int]
     REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_MARKER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokenizer_version: str
     reused_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokenizer_version: _Optional[str] = ..., reused_tokens: _Optional[int] = ...) -> None: ...
+    tool_call_format: str
+    tool_call_marker_token: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokenizer_version: _Optional[str] = ..., reused_tokens: _Optional[int] = ..., tool_call_format: _Optional[str] = ..., tool_call_marker_token: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("token_ids", "keep_special_tokens")
@@ -80,15 +84,17 @@ class TokenizerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TokenizerInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "eos_token_ids", "chat_roles", "version")
+    __slots__ = ("model", "vocab_size", "eos_token_ids", "chat_roles", "version", "tool_call_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHAT_ROLES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     chat_roles: _containers.RepeatedScalarFieldContainer[str]
     version: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., chat_roles: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ...) -> None: ...
+    tool_call_format: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., chat_roles: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., tool_call_format: _Optional[str] = ...) -> None: ...

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from llmmesh.v1 import common_pb2
 from services.gateway.stop_strings import StopStringMatcher
-from services.gateway.tools import ToolCallParser
+from services.gateway.tool_parsers import make_parser
+from services.gateway.tools import HERMES, ToolFormat
 
 
 @dataclass
@@ -21,12 +22,13 @@ class Piece:
 
 
 class AnswerText:
-    def __init__(self, session, stop: list[str], tool_names: frozenset[str] | None = None):
+    def __init__(self, session, stop: list[str], tool_names: frozenset[str] | None = None,
+                 tool_format: ToolFormat = HERMES):
         """session: push(token_ids) -> text, flush() -> text (detokenize.py); tool_names: the calls to
-        take out of the text (None: no tools)."""
+        take out of the text (None: no tools), written in tool_format."""
         self.session = session
         self.matcher = StopStringMatcher(stop)
-        self.calls = ToolCallParser(set(tool_names)) if tool_names is not None else None
+        self.calls = make_parser(set(tool_names), tool_format) if tool_names is not None else None
 
     async def feed(self, token_ids, shard_finish_reason: str = "") -> Piece:
         """The text a shard message's tokens complete; shard_finish_reason: the message's own."""

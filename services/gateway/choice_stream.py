@@ -20,6 +20,7 @@ from services.gateway.errors import RpcError
 from services.gateway.routing import PrefixAffinity
 from services.gateway.shard_calls import ShardLost, next_shard_message, open_shard_stream
 from services.gateway.shards import Replica, ShardPool
+from services.gateway.tools import HERMES, ToolFormat
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class ChoiceCall:
     retain_blocks: bool = False  # a stored conversation's turn: the shard keeps its blocks longest
     cache_scope: bytes = b""  # whose cached prefix blocks it may reuse (block_hash.cache_scope)
     answer_scope: bytes = b""  # whose earlier answers the shard may propose to it (speculative decoding)
+    tool_format: ToolFormat = HERMES  # the format the prompt asked the model to call tools in
 
 
 def resume_request(request: shard_pb2.ShardGenerateRequest, delivered: list[int]) -> shard_pb2.ShardGenerateRequest:
@@ -91,7 +93,7 @@ class ChoiceStreams:
         if detok is None:  # the vocabulary of this request's Encode is not held here (yet)
             detok = DetokenizeSession(self.tokenizer, timeout=max(c.deadline - time.monotonic(), 0.001),
                                       reply_timeout_s=self.tokenizer_timeout_s)
-        answer = AnswerText(detok, stop, c.tool_names)
+        answer = AnswerText(detok, stop, c.tool_names, c.tool_format)
         replica, call, span = None, None, trace.get_current_span()
         first_wait = self.first_message_timeout_s
         try:

@@ -18,7 +18,7 @@ from llmmesh.v1 import gateway_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.gateway import message_counts
 from services.gateway.errors import RpcError
 from services.gateway.shard_calls import downstream_error
-from services.gateway.tools import tool_mode
+from services.gateway.tools import ToolFormat, tool_mode
 
 
 @dataclass
@@ -33,9 +33,10 @@ class Continuation:
 
 async def encode_prompt(tokenizer: tokenizer_pb2_grpc.TokenizerStub, request: gateway_pb2.GenerateRequest,
                         deadline: float, timeout_s: float,
-                        continuation: Continuation | None = None) -> tuple[list[int], str]:
-    """The prompt's token ids, and the version of the vocabulary that made them; RpcError for the
-    caller (UNAVAILABLE when no tokenizer answered, INVALID_ARGUMENT for a prompt of no tokens)."""
+                        continuation: Continuation | None = None) -> tuple[list[int], str, ToolFormat]:
+    """The prompt's token ids, the version of the vocabulary that made them, and the format its
+    rendering asked the model to call tools in; RpcError for the caller (UNAVAILABLE when no tokenizer
+    answered, INVALID_ARGUMENT for a prompt of no tokens)."""
     # tool_choice none: the tools are not shown, so the model does not try to call them.
     tools = request.tools if tool_mode(request) != "none" else []
     encode = tokenizer_pb2.EncodeRequest(prompt=request.prompt, messages=request.messages, tools=tools,
@@ -58,4 +59,8 @@ async def encode_prompt(tokenizer: tokenizer_pb2_grpc.TokenizerStub, request: ga
     if continuation is not None:
         continuation.prompt_ids = list(reply.token_ids)
         trace.get_current_span().set_attribute("llmmesh.reused_context_tokens", reply.reused_tokens)
-    return list(reply.token_ids), reply.tokenizer_version
+    try:
+        tool_format = ToolFormat.of_encoding(reply)
+    except ValueError as exc:  # a tokenizer newer than this gateway: a deployment fault, not the request's
+        raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+    return list(reply.token_ids), reply.tokenizer_version, tool_format

@@ -211,16 +211,17 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
             check_request(request, self.config.limits)
         except InvalidRequest as exc:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        calls_grammar = tool_grammar(request)
-        if calls_grammar is not None:  # part of the request from here on: the shard and the cache key see it
-            request.sampling.structured.lark = calls_grammar
         tool_names = frozenset(t.name for t in request.tools) if tool_mode(request) != "none" else None
         request_id = request.request_id
         span.set_attribute("llmmesh.request_id", request_id)
         span.set_attribute("llmmesh.call_id", call_id)
 
-        prompt_ids, tokenizer_version = await encode_prompt(self.tokenizer, request, deadline,
-                                                            self.config.tokenizer_timeout_s, continuation)
+        prompt_ids, tokenizer_version, tool_format = await encode_prompt(
+            self.tokenizer, request, deadline, self.config.tokenizer_timeout_s, continuation)
+        # In the format the prompt asked for; part of the request from here on: the shard and the cache key see it.
+        calls_grammar = tool_grammar(request, tool_format)
+        if calls_grammar is not None:
+            request.sampling.structured.lark = calls_grammar
         info = await self._shard_info(deadline)
         try:
             max_tokens = resolve_max_tokens(request.sampling, len(prompt_ids), info.max_model_len, self.config.limits)
@@ -254,7 +255,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
                  else self.shards.ordered(tenant))
         calls = [ChoiceCall(i, request_id, call_id, prompt_ids, choice_sampling(sampling, i), tokenizer_version,
                             deadline, order, hashes, tenant, priority, weight, tool_names, continuation is not None,
-                            prefix_scope, answer_scope)
+                            prefix_scope, answer_scope, tool_format)
                  for i in range(n)]
         streams = [self.choice_streams.stream(c, list(request.sampling.stop)) for c in calls]
         messages = streams[0] if n == 1 else merge_choices(streams)
@@ -305,7 +306,7 @@ class GatewayServicer(ConversationRpcs, gateway_pb2_grpc.GatewayServicer):
         except InvalidRequest as exc:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.config.default_timeout_s)
-        prompt_ids, _ = await encode_prompt(self.tokenizer, request, deadline, self.config.tokenizer_timeout_s)
+        prompt_ids, _, _ = await encode_prompt(self.tokenizer, request, deadline, self.config.tokenizer_timeout_s)
         return len(prompt_ids)
 
     async def token_texts(self, token_ids: list[int]) -> list[str]:

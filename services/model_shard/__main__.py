@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from prometheus_client import REGISTRY
@@ -23,6 +24,7 @@ from services.model_shard.engine.fairness import POLICIES, FairnessConfig
 from services.model_shard.engine.speculative import SpeculativeConfig
 from services.model_shard.executor.ray_workers import connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
+from services.model_shard.model.gguf_checkpoint import is_gguf, open_gguf
 from services.model_shard.model.llama import LlamaConfig, UnsupportedModel, check_parallel
 from services.model_shard.model.precision import resolve_dtype, resolve_quantization
 from services.model_shard.server import EngineCollector, ModelShardServicer, PrefixIndexFeed, observe_step
@@ -90,6 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("shard", args.log_level, args.log_format)
     log = logging.getLogger(__name__)
     setup_tracing("model_shard", instance_id(args.listen))
+    served_name = Path(args.model).stem if is_gguf(args.model) else args.model.rstrip("/").rsplit("/", 1)[-1]
+    if is_gguf(args.model):  # converted once into a checkpoint folder beside it (model/gguf_checkpoint.py)
+        try:
+            args.model = str(open_gguf(args.model))
+        except (UnsupportedModel, OSError) as exc:
+            log.critical("cannot serve %s: %s", args.model, exc)
+            parser.error(f"cannot serve {args.model}: {exc}")
     dtype = resolve_dtype(args.dtype)
     quantization = resolve_quantization(args.quantization, args.model, dtype.value, not args.no_native_kernels)
     refusal = unsupported_model(args.model, quantization.value)
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             shared.start()
             servicer.shared_kv = shared_ref["shared"] = shared
 
-    servicer = ModelShardServicer(engine, model_name=args.model.rstrip("/").rsplit("/", 1)[-1],
+    servicer = ModelShardServicer(engine, model_name=served_name,
                                   retry_after_s=args.retry_after, prefix_feed=prefix_feed,
                                   grammar_timeout_s=args.grammar_timeout)
 

@@ -38,8 +38,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 ids = self.tokenizer.encode(request.prompt)
         except ChatTemplateError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return tokenizer_pb2.EncodeResponse(token_ids=ids, tokenizer_version=self.tokenizer.version,
-                                            reused_tokens=reused)
+        reply = tokenizer_pb2.EncodeResponse(token_ids=ids, tokenizer_version=self.tokenizer.version,
+                                             reused_tokens=reused)
+        if request.tools:
+            reply.tool_call_format = self.tokenizer.tool_format
+            if self.tokenizer.tool_marker_id is not None:
+                reply.tool_call_marker_token = self.tokenizer.tool_marker_id
+        return reply
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest, context):
         if not self._check_ids(request.token_ids):
@@ -75,6 +80,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             eos_token_ids=self.tokenizer.eos_token_ids,
             chat_roles=list(CHAT_ROLES),
             version=self.tokenizer.version,
+            tool_call_format=self.tokenizer.tool_format,
         )
 
     async def GetTokenizer(self, request, context):

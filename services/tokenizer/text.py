@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from services.tokenizer.tool_prompt import Call, ToolDef, folded_messages, hf_messages
+from services.tokenizer.tool_prompt import (MISTRAL_CALLS, TOOL_FORMATS, Call, ToolDef, detect_format,
+                                            folded_messages, hf_messages)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -30,24 +32,33 @@ class ChatTemplateError(ValueError):
 
 
 class TextTokenizer:
-    def __init__(self, model_dir: str | Path, chat_template: str | Path | None = None):
-        """chat_template: a Jinja file used instead of the model's own (e.g. one that renders tools)."""
+    def __init__(self, model_dir: str | Path, chat_template: str | Path | None = None, tool_format: str | None = None):
+        """chat_template: a Jinja file used instead of the model's own (e.g. one that renders tools);
+        tool_format: the call format the model is asked for and read back in (None: the template's)."""
         model_dir = Path(model_dir)
         self.name = model_dir.name
-        self.tokenizer_json = (model_dir / "tokenizer.json").read_text()
-        self.version = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
-        self.tokenizer = Tokenizer.from_str(self.tokenizer_json)
         config = _read_json(model_dir / "tokenizer_config.json")
         template_file = model_dir / "chat_template.jinja"
         template = template_file.read_text() if template_file.exists() else config.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if chat_template is not None:
             template = Path(chat_template).read_text()
-        # Rendered like transformers does: a sandbox, blocks trimmed.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
+        env = _template_environment()
         self._template = env.from_string(template) if template else None
         # A template that reads `tools` shows them itself; others get them folded in (tool_prompt.py).
         self.renders_tools = bool(template) and "tools" in meta.find_undeclared_variables(env.parse(template))
+        if tool_format is not None and tool_format not in TOOL_FORMATS:
+            raise ValueError(f"tool call format {tool_format!r}: expected one of {', '.join(TOOL_FORMATS)}")
+        model_type = _read_json(model_dir / "config.json").get("model_type", "")
+        self.tool_format = tool_format or detect_format(template, self.renders_tools, model_type)
+        self.tokenizer_json = _marker_kept((model_dir / "tokenizer.json").read_text(), self.tool_format)
+        self.version = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
+        self.tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        # Where the format's marker is one token of the vocabulary, the grammar names that token.
+        marker_id = self.tokenizer.token_to_id(MISTRAL_CALLS) if self.tool_format == "mistral" else None
+        self.tool_marker_id = marker_id if marker_id is not None and self.tokenizer.decode(
+            [marker_id], skip_special_tokens=False) == MISTRAL_CALLS else None
         self._special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         eos_ids = set()
         gen_config = _read_json(model_dir / "generation_config.json")
@@ -72,9 +83,10 @@ class TextTokenizer:
                 raise ChatTemplateError(f"messages[{i}].role is {m.role!r}; expected one of {', '.join(CHAT_ROLES)}")
         tools = list(tools)
         if self.renders_tools:
-            shown = {"messages": hf_messages(messages), **({"tools": [t.as_hf() for t in tools]} if tools else {})}
+            shown = {"messages": hf_messages(messages, self.tool_format),
+                     **({"tools": [t.as_hf() for t in tools]} if tools else {})}
         else:
-            shown = {"messages": folded_messages(messages, tools)}
+            shown = {"messages": folded_messages(messages, tools, self.tool_format)}
         return self._template.render(**shown, add_generation_prompt=True, **self._special)
 
     def encode_chat(self, messages: list[Message], tools: list[ToolDef] = ()) -> list[int]:
@@ -95,6 +107,32 @@ class TextTokenizer:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _template_environment() -> ImmutableSandboxedEnvironment:
+    """The Jinja environment transformers renders chat templates in: a sandbox, blocks trimmed, loop
+    controls, and its tojson (no HTML escaping, keys in their order, indent and separators)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _marker_kept(tokenizer_json: str, tool_format: str) -> str:
+    """The vocabulary with the format's call marker no longer special, so that decoding (which drops
+    special tokens) keeps it in the text the gateway's parser reads."""
+    if tool_format != "mistral" or MISTRAL_CALLS not in tokenizer_json:
+        return tokenizer_json
+    data = json.loads(tokenizer_json)
+    for token in data.get("added_tokens", []):
+        if token.get("content") == MISTRAL_CALLS:
+            token["special"] = False
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _read_json(path: Path) -> dict:
