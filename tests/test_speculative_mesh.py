@@ -55,14 +55,14 @@ def test_a_copying_answer_is_the_plain_shard_s_and_comes_several_tokens_a_messag
         messages=[common_pb2.ChatMessage(role="user", content=question)],
         sampling=common_pb2.SamplingParams(max_tokens=48)), timeout=120))
     tokens = [t for c in chunks for t in c.token_ids]
-    assert tokens == [t for c in plain for t in c.token_ids] and len(tokens) == 48
+    assert tokens == [t for c in plain for t in c.token_ids] and len(tokens) > 24
     assert "".join(c.text for c in chunks) == "".join(c.text for c in plain)
     assert max(len(c.token_ids) for c in chunks) > 1  # accepted proposals arrive with their step's token
     assert _accepted(spec_mesh, "ngram") > before
 
     def decode_span():
         spans = [s for s in load_spans(spec_mesh.trace_dir) if s["name"] == "decode"
-                 and s["attributes"].get("llmmesh.completion_tokens") == 48]
+                 and s["attributes"].get("llmmesh.completion_tokens") == len(tokens)]
         return spans[-1] if spans else None
 
     assert wait_for(decode_span)["attributes"]["llmmesh.speculative_accepted_tokens"] > 0
