@@ -183,3 +183,25 @@ def test_a_grammar_constrains_the_rows_sampled_by_parallel_workers(vocab_sized_t
     local = run()
     assert run(tensor_parallel_size=2, pipeline_parallel_size=2) == local
     assert re.fullmatch("[a-z]{3,10}( [a-z]{3,10}){2}", tok.decode(local))
+
+
+def test_speculative_drafts_are_checked_by_parallel_workers(tiny_model_dir, ray_cluster):
+    """A drafted row's positions sample on the workers as locally: the same tokens as without speculation."""
+    from services.model_shard.engine.speculative import SpeculativeConfig
+
+    prompts = [[5, 6, 7, 8] * 6, [9, 10, 11, 12, 13] * 4]
+    params = [SamplingParams(max_tokens=24), SamplingParams(max_tokens=24, temperature=0.9, seed=3)]
+
+    def run(method: str, **parallel) -> tuple[list[list[int]], int]:
+        engine = LLMEngine.from_dir(tiny_model_dir, EngineConfig(block_size=4, kv_cache_bytes=1 << 20, **parallel,
+                                                                 speculative=SpeculativeConfig(method=method)))
+        try:
+            tokens = [engine.generate([p], sp)[0] for p in prompts for sp in params]
+            speculator = engine.scheduler.speculator
+            return tokens, speculator.totals().checks if speculator else 0
+        finally:
+            engine.shutdown()
+
+    local, _ = run("off")
+    split, checks = run("ngram", tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert split == local and checks > 0
