@@ -86,7 +86,9 @@ def _sampling(req: _Common, max_tokens: int | None) -> common_pb2.SamplingParams
 
 class _AdmitFirst:
     """ASGI middleware: before anything reads a request's body, its key (every /v1/ path), then the
-    body's declared size. A refusal is OpenAI-shaped and nothing else of the request is looked at."""
+    body's declared size; a body sent without one (Transfer-Encoding: chunked) is counted as it
+    arrives and refused at the limit. A refusal is OpenAI-shaped and nothing else of the request is
+    looked at."""
 
     def __init__(self, app, front: "OpenAIFront"):
         self.app = app
@@ -98,11 +100,38 @@ class _AdmitFirst:
             try:
                 if request.url.path.startswith("/v1/"):
                     request.state.tenant = self.front._authenticate(request)
-                self.front._check_size(request)
+                if self.front._check_size(request):
+                    receive = await _bounded_body(receive, self.front.max_body_bytes)
+                    if receive is None:
+                        return  # the client left before its body ended: nobody to answer
             except OpenAIError as err:
                 await self.front.error_response(request, err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def _bounded_body(receive, limit: int):
+    """Read a body of undeclared length, counting its bytes as they arrive; OpenAIError 413 once they
+    pass limit (the rest is never read). Returns a receive that hands the app the body, then the
+    connection's later messages (its disconnect); None when the client left before the body ended."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            raise OpenAIError(413, f"the body passed {limit} bytes (sent chunked); at most {limit} are accepted",
+                              code="request_too_large")
+        if not message.get("more_body", False):
+            break
+    pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 async def _client_gone(request: Request) -> None:
@@ -261,16 +290,18 @@ class OpenAIFront:
         tenant = getattr(request.state, "tenant", None)
         return tenant if tenant is not None else self._authenticate(request)
 
-    def _check_size(self, request: Request) -> None:
-        """A body larger than a valid request can be is refused before it is read."""
+    def _check_size(self, request: Request) -> bool:
+        """A body declared larger than a valid request can be is refused before it is read. True: the
+        body comes without a declared length (chunked) and must be counted as it is read."""
         if request.method not in ("POST", "PUT", "PATCH"):
-            return
+            return False
         length = request.headers.get("content-length")
         if length is None:
-            raise OpenAIError(411, "send the body with a content-length header", code="length_required")
+            return True
         if not length.isdigit() or int(length) > self.max_body_bytes:
             raise OpenAIError(413, f"the body is {length} bytes; at most {self.max_body_bytes} are accepted",
                               code="request_too_large")
+        return False
 
     @staticmethod
     def _timeout(request: Request) -> float | None:
