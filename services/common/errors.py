@@ -13,13 +13,13 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 REQUEST_FAILED_KEY = "llmmesh-request-failed"
 
 
-def retry_later(message: str, retry_after_s: float) -> grpc.Status:
-    """RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to try again."""
+def retry_later(message: str, retry_after_s: float, code: int = code_pb2.RESOURCE_EXHAUSTED) -> grpc.Status:
+    """RESOURCE_EXHAUSTED (or code, a google.rpc.Code) with a google.rpc.RetryInfo saying when to try again."""
     delay = duration_pb2.Duration()
     delay.FromMilliseconds(int(retry_after_s * 1000))
     detail = status_pb2.Status().details.add()
     detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=f"{message}; retry in {retry_after_s:g}s")
+    status = status_pb2.Status(code=code, message=f"{message}; retry in {retry_after_s:g}s")
     status.details.append(detail)
     return rpc_status.to_status(status)
 

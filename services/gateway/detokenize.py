@@ -132,9 +132,10 @@ class TokenizerMirror:
         """Fetch the service's vocabulary; False (and the old one kept) when it cannot be had."""
         try:
             files = await self._stub.GetTokenizer(tokenizer_pb2.GetTokenizerRequest(), timeout=self._timeout_s)
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, RpcError) as exc:  # RpcError: no replica serves now
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
             log.info("the tokenizer's vocabulary could not be fetched (%s); detokenizing through the service",
-                     exc.code().name)
+                     code.name)
             return False
         if hashlib.sha256(files.tokenizer_json.encode()).hexdigest() != files.version:
             log.warning("the tokenizer's vocabulary does not match its version; detokenizing through the service")

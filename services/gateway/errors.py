@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import grpc
+from google.rpc import code_pb2
+
+from services.common.errors import retry_later
 
 
 class RpcError(Exception):
@@ -15,3 +18,11 @@ class RpcError(Exception):
         self.code = code
         self.trailing_metadata = trailing_metadata
         self.retry_after_s = retry_after_s
+
+
+def unavailable_for_now(message: str, retry_after_s: float) -> RpcError:
+    """UNAVAILABLE with a RetryInfo (gRPC) and a Retry-After (HTTP): a dependency known to be down,
+    refused without waiting on it, while its probe looks for its return."""
+    status = retry_later(message, retry_after_s, code_pb2.UNAVAILABLE)
+    return RpcError(grpc.StatusCode.UNAVAILABLE, status.details, status.trailing_metadata,
+                    retry_after_s=retry_after_s)
