@@ -7,20 +7,28 @@ mesh's plumbing, not the model's answers."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.block_hash import ROOT, cache_scope, chain_block_hashes, scope_root
+from services.common.errors import retry_delay_s
 from services.gateway.auth import hash_key
 from services.launcher import Mesh, plan_mesh, wait_healthy
 
-from .conftest import ROOT as REPO, free_ports
+from .conftest import REAL_MODEL_DIR, ROOT as REPO, free_ports, wait_for
 
 pytestmark = pytest.mark.e2e
 MODEL = "SmolLM2-135M-Instruct"
@@ -82,14 +90,19 @@ class Gateway:
 
 
 def _post(base: str, path: str, body: dict, tenant: str = "tenant-a", timeout: float = 60) -> tuple[int, dict]:
+    return _post_with_headers(base, path, body, tenant, timeout)[:2]
+
+
+def _post_with_headers(base: str, path: str, body: dict, tenant: str = "tenant-a",
+                       timeout: float = 60) -> tuple[int, dict, dict]:
     request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
                                      headers={"content-type": "application/json",
                                               "authorization": f"Bearer {KEYS[tenant]}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.status, json.loads(reply.read())
+            return reply.status, json.loads(reply.read()), {k.lower(): v for k, v in reply.headers.items()}
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
 
 
 # --- prefix-cache scopes ---
@@ -223,3 +236,99 @@ def test_a_sweep_of_grammar_sizes_finds_only_200_or_4xx(http_mesh):
         outcomes[name] = (status, reply.get("error", {}).get("message", "")[:160])
     bad = {name: outcome for name, outcome in outcomes.items() if not (outcome[0] == 200 or 400 <= outcome[0] < 500)}
     assert not bad, bad
+
+
+# --- a chunked body, counted as it streams ---
+
+
+def _chunked_post(port: int, path: str, pieces, tenant: str = "tenant-a") -> tuple[int, dict, dict]:
+    """POST a body as Transfer-Encoding: chunked (no Content-Length), one chunk per piece; the answer
+    is read once every piece went out, or as soon as the server answers early (and stops reading)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.putrequest("POST", path)
+        for name, value in (("content-type", "application/json"), ("transfer-encoding", "chunked"),
+                            ("authorization", f"Bearer {KEYS[tenant]}")):
+            connection.putheader(name, value)
+        connection.endheaders()
+        try:
+            for piece in pieces:
+                connection.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            connection.send(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the rest was sent
+        reply = connection.getresponse()
+        return reply.status, json.loads(reply.read()), dict(reply.getheaders())
+    finally:
+        connection.close()
+
+
+def test_a_chunked_body_is_read_and_refused_past_the_limit(mesh):
+    body = json.dumps({"model": MODEL, "prompt": "Hello there", "max_tokens": 2}).encode()
+    status, reply, _ = _chunked_post(mesh.http_port, "/v1/completions", [body[i:i + 7] for i in range(0, len(body), 7)])
+    assert status == 200 and reply["usage"]["completion_tokens"] == 2, reply
+    # Past the limit in 64 KiB chunks: refused once the count passes it, the rest never sent.
+    piece = b" " * (64 << 10)
+    pieces = (piece for _ in range(MAX_REQUEST_BYTES // len(piece) + 1))
+    status, reply, _ = _chunked_post(mesh.http_port, "/v1/completions", pieces)
+    assert status == 413 and reply["error"]["code"] == "request_too_large", reply
+    assert str(MAX_REQUEST_BYTES) in reply["error"]["message"]
+    # The Anthropic path shapes the same refusal its own way.
+    status, reply, _ = _chunked_post(mesh.http_port, "/v1/messages", (piece for _ in range(20)))
+    assert status == 413 and reply["error"]["type"] == "request_too_large", reply
+
+
+# --- no tokenizer serving: refused at once, served again at its return ---
+
+
+def _tokenizer(root, name: str) -> tuple[str, subprocess.Popen]:
+    listen = f"127.0.0.1:{free_ports(1)[0]}"
+    with open(root / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.tokenizer", "--listen", listen, "--metrics-port", "0",
+                                 "--model", str(REAL_MODEL_DIR)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    wait_healthy(listen, 60, proc)
+    return listen, proc
+
+
+def _ready(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_no_serving_tokenizer_fails_requests_at_once_until_one_answers(mesh, root):
+    listen, tokenizer = _tokenizer(root, "tokenizer-stopped")
+    # A tokenizer timeout far above the bound below: a request that waited on the stopped one shows.
+    gateway = Gateway(mesh, root, "gateway-stopped-tokenizer", "--tokenizer-timeout", "20", tokenizer=listen)
+    body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 2}
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}"))
+    auth = (("authorization", f"Bearer {KEYS['tenant-a']}"),)
+    request = gateway_pb2.GenerateRequest(prompt="Hello there", sampling=common_pb2.SamplingParams(max_tokens=2))
+    try:
+        assert _post(gateway.http, "/v1/completions", body)[0] == 200
+        os.kill(tokenizer.pid, signal.SIGSTOP)  # hung: its connections stay open, nothing answers
+        try:
+            assert wait_for(lambda: not _ready(f"127.0.0.1:{gateway.grpc_port}"), timeout=10)
+            for _ in range(3):
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Generate(request, metadata=auth, timeout=30)
+                took = time.monotonic() - started
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+                assert "no tokenizer replica serves" in err.value.details() and took < 1.0, (took, err.value.details())
+                assert retry_delay_s(err.value) == 0.5
+                started = time.monotonic()
+                status, reply, headers = _post_with_headers(gateway.http, "/v1/completions", body)
+                took = time.monotonic() - started
+                assert status == 503 and headers.get("retry-after") == "1" and took < 1.0, (status, reply, took)
+        finally:
+            os.kill(tokenizer.pid, signal.SIGCONT)
+        assert wait_for(lambda: _ready(f"127.0.0.1:{gateway.grpc_port}"), timeout=5)
+        assert stub.Generate(request, metadata=auth, timeout=30).usage.completion_tokens == 2
+    finally:
+        gateway.stop()
+        tokenizer.terminate()
+        tokenizer.wait(30)
