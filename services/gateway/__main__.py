@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             probes.extend(tokenizer.probes(lambda up: readiness.set("tokenizer", up)))
             probes.extend(cache_probes.start())
             await runtime.set_dependencies_ok(readiness.ready)
+            if store is not None:  # its health is its own: stateless requests go on while it is down
+                probes.append(asyncio.get_running_loop().create_task(store.db.watch_forever()))
             if store is not None and store.retention_s:
                 probes.append(asyncio.get_running_loop().create_task(purge_expired_forever(store)))
             await vocabulary.refresh()  # best effort: a tokenizer not up yet is asked again by the first request

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from llmmesh.v1 import common_pb2, gateway_pb2
-from services.gateway.errors import RpcError
+from services.gateway.errors import RpcError, unavailable_for_now
 from services.gateway.items import item_messages, message_item
 from services.gateway.prompt_encoding import Continuation
 from services.gateway.store.database import StoreUnavailable
@@ -63,8 +63,8 @@ class Conversations:
         elif conversation_id:
             history = await self.found(lambda s: s.conversation_history(tenant, conversation_id),
                                        f"conversation {conversation_id!r}")
-        if store or conversation_id:
-            self._store()  # refused now, not after the answer was made
+        if store or conversation_id:  # refused now, not after the answer was made
+            await self._call(self._writable())
         system = [common_pb2.ChatMessage(role="system", content=instructions)] if instructions else []
         return TurnPlan(tenant, new_id("resp"), int(time.time()), input_items,
                         system + item_messages(history.items + input_items), history.context_ids, instructions,
@@ -130,6 +130,10 @@ class Conversations:
                            "(--conversation-store none); send store: false and the whole history")
         return self.store
 
+    async def _writable(self) -> None:
+        """The store, if it can take this turn: there is one, and its database is not known down."""
+        self._store().db.refuse_if_down()
+
     async def call(self, operation):
         """operation(store), a store call for a front (get, delete, list, ...), its faults as RpcError."""
         return await self._call(operation(self._store()))
@@ -147,6 +151,8 @@ class Conversations:
         try:
             return await operation
         except StoreUnavailable as exc:
+            if exc.retry_after_s is not None:
+                raise unavailable_for_now(str(exc), exc.retry_after_s) from None
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except SealError as exc:
             raise RpcError(grpc.StatusCode.INTERNAL, f"a stored item cannot be read: {exc}") from None

@@ -1,18 +1,25 @@
 """The store's database connection: SQLite (embedded, WAL) or PostgreSQL, both through SQLAlchemy's
 asyncio engine, so no query blocks the gateway's event loop. The schema is brought up to date on the
 first use rather than at start: a database that is down then does not stop the gateway from serving
-requests that store nothing, and it is tried again on the next request that needs it."""
+requests that store nothing, and it is tried again on the next request that needs it.
+
+The database is probed (a `SELECT 1` twice a second, watch_forever) and a request that finds it
+unreachable marks it so too; while it is, requests that need it are refused at once with a retry delay
+instead of each waiting out --store-timeout, and served again from the first probe that passes. A
+write refused for want of space is that write's failure only: reads go on, and the next write tries."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import sqlite3
 from pathlib import Path
 
-from prometheus_client import Counter
-from sqlalchemy import event
-from sqlalchemy.exc import InterfaceError, OperationalError
+from prometheus_client import Counter, Gauge
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.gateway.store.schema import migrate
@@ -22,8 +29,21 @@ STORE_ERRORS = Counter("llmmesh_store_errors", "Conversation store transactions 
                        "unreachable or did not answer in time", ["dialect"])
 
 
+PROBE_INTERVAL_S = 0.5
+STORE_UP = Gauge("llmmesh_conversation_store_up", "1 while the conversation store's database answers its probe")
+# SQLSTATE classes of a database that is away, not of a bad statement: connection exceptions (08),
+# operator intervention (57: shutting down, starting up, killed), insufficient resources (53).
+UNAVAILABLE_SQLSTATES = ("08", "57", "53")
+AWAY = "is unreachable"
+
+
 class StoreUnavailable(RuntimeError):
-    """The database cannot be reached (or did not answer in time)."""
+    """The database cannot be reached (or did not answer in time), or cannot take this write now.
+    retry_after_s: set when the database is known down (a probe will tell when it is back)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def engine_url(location: str) -> str:
@@ -52,20 +72,58 @@ class Database:
                                               connect_args={"timeout": timeout_s, "command_timeout": timeout_s})
         self._ready = False
         self._migrating = asyncio.Lock()
+        self.up, self.down_reason = True, ""
+        STORE_UP.set(1)
 
     @contextlib.asynccontextmanager
     async def transaction(self):
-        """One transaction, the schema made current first; StoreUnavailable when the database is down."""
+        """One transaction, the schema made current first; StoreUnavailable when the database is down
+        (at once while it is known to be), or out of space for this write."""
+        self.refuse_if_down()
         try:
             async with asyncio.timeout(self.timeout_s * 2):
                 if not self._ready:
                     await self._migrate()
                 async with self.engine.begin() as conn:
                     yield conn
-        except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - sorted by _fault; a statement's own fault is re-raised
+            fault = _fault(exc)
+            if fault is None:
+                raise
             STORE_ERRORS.labels(self.dialect).inc()
-            raise StoreUnavailable(f"the conversation store ({self.dialect}) is unreachable: "
-                                   f"{_reason(exc)}") from None
+            if fault == AWAY:
+                self._set_up(False, _reason(exc))
+            raise StoreUnavailable(f"the conversation store ({self.dialect}) {fault}: {_reason(exc)}") from None
+
+    def refuse_if_down(self) -> None:
+        """StoreUnavailable, with a retry delay, while the database is known to be down."""
+        if not self.up:
+            raise StoreUnavailable(f"the conversation store ({self.dialect}) is unreachable (its last check "
+                                   f"failed: {self.down_reason})", PROBE_INTERVAL_S)
+
+    async def check(self, timeout_s: float = 1.0) -> bool:
+        """One probe: whether the database answers a query within timeout_s (recorded in self.up)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - whatever the failure, the database did not answer
+            self._set_up(False, _reason(exc))
+            return False
+        self._set_up(True)
+        return True
+
+    async def watch_forever(self, interval_s: float = PROBE_INTERVAL_S) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(interval_s)
+
+    def _set_up(self, up: bool, reason: str = "") -> None:
+        if up != self.up:
+            log.log(logging.INFO if up else logging.WARNING, "the conversation store (%s) is %s%s", self.dialect,
+                    "up" if up else "down: ", reason)
+        self.up, self.down_reason = up, reason
+        STORE_UP.set(1 if up else 0)
 
     async def _migrate(self) -> None:
         async with self._migrating:
@@ -87,6 +145,29 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlstate(exc: BaseException) -> str:
+    """The SQLSTATE of a PostgreSQL error, raw (asyncpg's, e.g. while connecting) or wrapped by SQLAlchemy."""
+    return str(getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(exc, "sqlstate", None) or "")
+
+
+def _fault(exc: BaseException) -> str | None:
+    """How a failed transaction failed, as a phrase for its message: the database is out of space
+    (this write's failure only; reads go on), busy (SQLite's lock, held past the timeout by another
+    writer), or away (down, restarting, connection lost). None: the statement's own fault."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if (code == sqlite3.SQLITE_FULL or _sqlstate(exc) == "53100"
+            or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)):
+        return "is out of space, so nothing of this request was stored"
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return "is busy"
+    if (isinstance(exc, (OperationalError, InterfaceError, OSError, TimeoutError))
+            or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+            or _sqlstate(exc).startswith(UNAVAILABLE_SQLSTATES)):
+        return AWAY
+    return None
 
 
 def _reason(exc: BaseException) -> str:
