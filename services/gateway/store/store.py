@@ -78,7 +78,7 @@ class ConversationStore:
         doc = {"response": turn.response, "input_items": turn.input_items, "context_ids": context}
         async with self.db.transaction() as conn:
             if turn.conversation_id is not None and not await self._owns(conn, conversations, turn.conversation_id,
-                                                                          tenant):
+                                                                          tenant, lock=True):
                 raise KeyError(turn.conversation_id)  # deleted while the turn ran
             await conn.execute(responses.insert().values(
                 id=response_id, tenant=tenant, conversation_id=turn.conversation_id,
@@ -163,7 +163,7 @@ class ConversationStore:
 
     async def add_items(self, tenant: str, conversation_id: str, items: list[dict]) -> list[dict] | None:
         async with self.db.transaction() as conn:
-            if not await self._owns(conn, conversations, conversation_id, tenant):
+            if not await self._owns(conn, conversations, conversation_id, tenant, lock=True):
                 return None
             return await self._insert_items(conn, tenant, conversation_id, items, None, time.time())
 
@@ -206,9 +206,11 @@ class ConversationStore:
                 return None
             rows = (await conn.execute(select(conversation_items).where(c.conversation_id == conversation_id)
                                        .order_by(c.position))).all()
-            latest = (await conn.execute(select(responses).where(
-                responses.c.conversation_id == conversation_id, responses.c.tenant == tenant)
-                .order_by(responses.c.created_at.desc()).limit(1))).first()
+            # The latest turn is the last one in the conversation's order (its commit order), not
+            # the one whose save started last.
+            latest_id = next((r.response_id for r in reversed(rows) if r.response_id), None)
+            latest = None if latest_id is None else (await conn.execute(select(responses).where(
+                responses.c.id == latest_id, responses.c.tenant == tenant))).first()
         context = self._open("responses", latest)["context_ids"] if latest is not None else []
         return History([self._open("conversation_items", r) for r in rows], context)
 
@@ -240,8 +242,13 @@ class ConversationStore:
         return (await conn.execute(select(conversations).where(conversations.c.id == conversation_id,
                                                                conversations.c.tenant == tenant))).first()
 
-    async def _owns(self, conn, table, row_id: str, tenant: str) -> bool:
-        found = await conn.execute(select(table.c.id).where(table.c.id == row_id, table.c.tenant == tenant))
+    async def _owns(self, conn, table, row_id: str, tenant: str, lock: bool = False) -> bool:
+        """lock: hold the row until the transaction ends. Appends to one conversation then take their
+        positions one transaction after the other, so its order is their commit order, each turn's
+        items together (PostgreSQL hands out positions as rows are inserted, not as they commit;
+        SQLite has one writer at a time anyway)."""
+        query = select(table.c.id).where(table.c.id == row_id, table.c.tenant == tenant)
+        found = await conn.execute(query.with_for_update() if lock else query)
         return found.first() is not None
 
     async def _insert_items(self, conn, tenant: str, conversation_id: str, items: list[dict],
