@@ -223,6 +223,28 @@ def test_unreachable_database_is_unavailable_fast(tmp_path):
     _run(scenario())
 
 
+def test_a_store_known_down_is_refused_at_once_until_a_probe_passes(postgres):
+    from services.launcher import free_port
+
+    async def scenario():
+        db = Database(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", timeout_s=5)
+        try:
+            assert not await db.check()  # nothing listens there
+            with pytest.raises(StoreUnavailable, match="unreachable") as refused:
+                async with asyncio.timeout(0.5):  # no connection attempt, no --store-timeout
+                    async with db.transaction():
+                        pass
+            assert refused.value.retry_after_s == 0.5
+            db.engine = Database(postgres.url).engine  # the database is back where the probe looks
+            assert await db.check() and db.up
+            async with db.transaction() as conn:
+                await conn.run_sync(lambda c: None)
+        finally:
+            await db.close()
+
+    _run(scenario())
+
+
 # --- a turn's history as token ids ---
 
 def test_encode_reuses_the_previous_turns_tokens_exactly():
