@@ -163,7 +163,7 @@ def test_postgres_killed_under_sixteen_stored_turns(gateways, postgres):
     done, succeeded = threading.Condition(), []
 
     def turn(k: int):
-        result = _turn(a, conversations[k], max_tokens=4 + 4 * k)  # they finish one after another
+        result = _turn(a, conversations[k], max_tokens=4 + 8 * k)  # they finish one after another
         with done:
             if isinstance(result, str):
                 succeeded.append(result)
@@ -180,6 +180,12 @@ def test_postgres_killed_under_sixteen_stored_turns(gateways, postgres):
     assert failed and len(failed) < 16, results
     for r in failed:  # reported to the caller as the store's fault, never a hang or a 500
         assert r.status_code == 503 and "conversation store" in r.message, r
+    # While it is down, a new stored turn is refused before anything is generated.
+    assert wait_for(lambda: not _store_up(a), timeout=10)
+    started = time.monotonic()
+    refused = _turn(a, conversations[0], max_tokens=200)
+    assert isinstance(refused, openai.APIStatusError) and refused.status_code == 503, refused
+    assert refused.response.headers["retry-after"] == "1" and time.monotonic() - started < 1.0
     postgres.restart()
     for conversation, result in zip(conversations, results):
         items = _items(postgres, conversation)
