@@ -20,6 +20,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.gateway.store.schema import migrate
@@ -67,9 +68,15 @@ class Database:
             Path(self.url.split(":///", 1)[1]).expanduser().parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_async_engine(self.url, connect_args={"timeout": timeout_s})
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            self._probe_engine = create_async_engine(self.url, connect_args={"timeout": timeout_s})
         else:
+            connect_args = {"timeout": timeout_s, "command_timeout": timeout_s}
             self.engine = create_async_engine(self.url, pool_pre_ping=True, pool_timeout=timeout_s,
-                                              connect_args={"timeout": timeout_s, "command_timeout": timeout_s})
+                                              connect_args=connect_args)
+            # The probe's own connection: requests that hold every pooled one make the pool busy, not
+            # the database down.
+            self._probe_engine = create_async_engine(self.url, pool_pre_ping=True, pool_size=1, max_overflow=0,
+                                                     connect_args=connect_args)
         self._ready = False
         self._migrating = asyncio.Lock()
         self.up, self.down_reason = True, ""
@@ -101,11 +108,12 @@ class Database:
             raise StoreUnavailable(f"the conversation store ({self.dialect}) is unreachable (its last check "
                                    f"failed: {self.down_reason})", PROBE_INTERVAL_S)
 
-    async def check(self, timeout_s: float = 1.0) -> bool:
-        """One probe: whether the database answers a query within timeout_s (recorded in self.up)."""
+    async def check(self) -> bool:
+        """One probe: whether the database answers a query within --store-timeout, as a request must
+        (recorded in self.up)."""
         try:
-            async with asyncio.timeout(timeout_s):
-                async with self.engine.connect() as conn:
+            async with asyncio.timeout(self.timeout_s):
+                async with self._probe_engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
         except Exception as exc:  # noqa: BLE001 - whatever the failure, the database did not answer
             self._set_up(False, _reason(exc))
@@ -136,6 +144,7 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        await self._probe_engine.dispose()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -154,15 +163,14 @@ def _sqlstate(exc: BaseException) -> str:
 
 def _fault(exc: BaseException) -> str | None:
     """How a failed transaction failed, as a phrase for its message: the database is out of space
-    (this write's failure only; reads go on), busy (SQLite's lock, held past the timeout by another
-    writer), or away (down, restarting, connection lost). None: the statement's own fault."""
+    (this write's failure only; reads go on), busy (this request's failure only), or away (down, restarting, connection lost). None: the statement's own fault."""
     orig = getattr(exc, "orig", exc)
     code = getattr(orig, "sqlite_errorcode", None)
     if (code == sqlite3.SQLITE_FULL or _sqlstate(exc) == "53100"
             or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)):
         return "is out of space, so nothing of this request was stored"
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return "is busy"
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or isinstance(exc, PoolTimeout):
+        return "is busy"  # every connection in use past the timeout, or SQLite's lock held that long
     if (isinstance(exc, (OperationalError, InterfaceError, OSError, TimeoutError))
             or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
             or _sqlstate(exc).startswith(UNAVAILABLE_SQLSTATES)):
