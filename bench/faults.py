@@ -2,7 +2,8 @@
 window while one service is killed (then restarted) or hung (SIGSTOP, then SIGCONT).
 
 Printed per fault: streams completed, failed (by gRPC status; a client sends its next request as
-soon as one fails), and the recovery time: from the moment the service is back (restarted and
+soon as one fails), how long a failed request took to fail (median; a dependency known down should
+refuse at once rather than after its timeout), and the recovery time: from the moment the service is back (restarted and
 healthy, or continued) to the first token of the first request started after that moment which
 completes.
 
@@ -39,7 +40,7 @@ FAULTS = {  # name: (service, kind)
 
 
 async def client(stub, stop_at: float, results: list, max_tokens: int) -> None:
-    """Requests one after another until stop_at: (start, first token, status) for each."""
+    """Requests one after another until stop_at: (start, first token, status, end) for each."""
     i = 0
     while time.monotonic() < stop_at:
         request = gateway_pb2.GenerateRequest(prompt=f"Write about rivers, part {i}",
@@ -52,7 +53,7 @@ async def client(stub, stop_at: float, results: list, max_tokens: int) -> None:
             status = "OK"
         except grpc.aio.AioRpcError as exc:
             status = exc.code().name
-        results.append((start, first, status))
+        results.append((start, first, status, time.monotonic()))
         i += 1
 
 
@@ -84,10 +85,12 @@ async def run_fault(mesh: Mesh, name: str, streams: int, window_s: float, fault_
         fault.start()
         await asyncio.gather(*clients)
         await asyncio.to_thread(fault.join)
-    statuses = Counter(status for _, _, status in results)
+    statuses = Counter(status for _, _, status, _ in results)
     back = healed.get("at")
-    after = sorted(first for start, first, status in results if back is not None and start >= back and status == "OK")
+    after = sorted(first for start, first, status, _ in results if back is not None and start >= back and status == "OK")
+    failing = sorted(end - start for start, _, status, end in results if status != "OK")
     return {"fault": name, "completed": statuses.pop("OK", 0), "failed": dict(statuses),
+            "fail_median_s": failing[len(failing) // 2] if failing else None,
             "recovery_s": (after[0] - back) if after else None}
 
 
@@ -119,11 +122,12 @@ def main() -> None:
             print(f"  measured {name}", flush=True)
     print(f"\n{args.streams} streams, {args.window:g}s per fault, fault at {args.fault_at:g}s, outage {args.outage:g}s; "
           f"{args.dtype}{'' if args.quantization == 'none' else ' + ' + args.quantization}, 2 shard replicas\n")
-    print(f"{'fault':16} {'completed':>9}  {'recovery':>9}  failed (by status)")
+    print(f"{'fault':16} {'completed':>9}  {'recovery':>9}  {'fails in':>9}  failed (by status)")
     for r in rows:
         recovery = f"{r['recovery_s']:.2f}s" if r["recovery_s"] is not None else "never"
+        fails_in = f"{r['fail_median_s'] * 1000:.0f}ms" if r["fail_median_s"] is not None else "-"
         failed = ", ".join(f"{k} {v}" for k, v in sorted(r["failed"].items())) or "none"
-        print(f"{r['fault']:16} {r['completed']:9d}  {recovery:>9}  {failed}")
+        print(f"{r['fault']:16} {r['completed']:9d}  {recovery:>9}  {fails_in:>9}  {failed}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
