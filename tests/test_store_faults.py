@@ -109,9 +109,10 @@ def test_two_gateways_appending_to_the_same_conversations_keep_commit_order(gate
         assert turns[0::2] == turns[1::2]  # each turn's input and output together
         assert set(turns) == {r for (_, c), r in zip(jobs, made) if c == conversation}
         # Positions in commit order: each row's transaction committed no earlier than the one before.
-        committed = postgres.sql(f"SELECT pg_xact_commit_timestamp(xmin) FROM conversation_items "
-                                 f"WHERE conversation_id = '{conversation}' ORDER BY position")
-        assert [c for (c,) in committed] == sorted(c for (c,) in committed)
+        committed = [float(c) for (c,) in postgres.sql(
+            f"SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin)) FROM conversation_items "
+            f"WHERE conversation_id = '{conversation}' ORDER BY position")]
+        assert committed == sorted(committed)
     # What a client lists is that order, through either gateway.
     listed = [i.id for i in gateways[1].client().conversations.items.list(conversations[0], order="asc")]
     assert listed == [i for i, _ in _items(postgres, conversations[0])]

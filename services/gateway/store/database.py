@@ -3,8 +3,8 @@ asyncio engine, so no query blocks the gateway's event loop. The schema is broug
 first use rather than at start: a database that is down then does not stop the gateway from serving
 requests that store nothing, and it is tried again on the next request that needs it.
 
-The database is probed (a `SELECT 1` twice a second, watch_forever) and a request that finds it
-unreachable marks it so too; while it is, requests that need it are refused at once with a retry delay
+The database is probed (a `SELECT 1` twice a second, watch_forever; two failures in a row mark it
+down) and a request that finds it unreachable marks it so too; while it is, requests that need it are refused at once with a retry delay
 instead of each waiting out --store-timeout, and served again from the first probe that passes. A
 write refused for want of space is that write's failure only: reads go on, and the next write tries."""
 
@@ -31,6 +31,7 @@ STORE_ERRORS = Counter("llmmesh_store_errors", "Conversation store transactions 
 
 
 PROBE_INTERVAL_S = 0.5
+PROBE_FAILURES_DOWN = 2
 STORE_UP = Gauge("llmmesh_conversation_store_up", "1 while the conversation store's database answers its probe")
 # SQLSTATE classes of a database that is away, not of a bad statement: connection exceptions (08),
 # operator intervention (57: shutting down, starting up, killed), insufficient resources (53).
@@ -79,7 +80,7 @@ class Database:
                                                      connect_args=connect_args)
         self._ready = False
         self._migrating = asyncio.Lock()
-        self.up, self.down_reason = True, ""
+        self.up, self.down_reason, self._failed_checks = True, "", 0
         STORE_UP.set(1)
 
     @contextlib.asynccontextmanager
@@ -109,15 +110,20 @@ class Database:
                                    f"failed: {self.down_reason})", PROBE_INTERVAL_S)
 
     async def check(self) -> bool:
-        """One probe: whether the database answers a query within --store-timeout, as a request must
-        (recorded in self.up)."""
+        """One probe: whether the database answers a query within --store-timeout, as a request must.
+        Two failures in a row mark it down (one slow answer on a loaded machine, or a first connection
+        that also reads the server's settings, is not an outage); a request that finds it unreachable
+        marks it down at once, and one probe that passes marks it up."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._probe_engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
         except Exception as exc:  # noqa: BLE001 - whatever the failure, the database did not answer
-            self._set_up(False, _reason(exc))
+            self._failed_checks += 1
+            if self._failed_checks >= PROBE_FAILURES_DOWN:
+                self._set_up(False, _reason(exc))
             return False
+        self._failed_checks = 0
         self._set_up(True)
         return True
 
