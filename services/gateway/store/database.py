@@ -27,7 +27,7 @@ from services.gateway.store.schema import migrate
 
 log = logging.getLogger(__name__)
 STORE_ERRORS = Counter("llmmesh_store_errors", "Conversation store transactions that failed: the database was "
-                       "unreachable or did not answer in time", ["dialect"])
+                       "unreachable, did not answer in time, or was known down", ["dialect"])
 
 
 PROBE_INTERVAL_S = 0.5
@@ -106,6 +106,7 @@ class Database:
     def refuse_if_down(self) -> None:
         """StoreUnavailable, with a retry delay, while the database is known to be down."""
         if not self.up:
+            STORE_ERRORS.labels(self.dialect).inc()  # counted as before: each request the store failed
             raise StoreUnavailable(f"the conversation store ({self.dialect}) is unreachable (its last check "
                                    f"failed: {self.down_reason})", PROBE_INTERVAL_S)
 
