@@ -119,6 +119,19 @@ def shard_process(model_dir: Path, log_path: Path, *args: str, env: dict[str, st
             proc.wait(60)
 
 
+def grpc_serving(address: str) -> bool:
+    """Whether the gRPC server at address says SERVING to a health check (False when it cannot answer)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def free_ports(n: int) -> list[int]:
     from services.launcher import free_port
 
@@ -149,6 +162,16 @@ def ray_cluster():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of the module's own, in a temporary directory (tests/postgres.py)."""
+    from .postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from services.launcher import wait_healthy
 from services.tokenizer.text import Message, TextTokenizer
 
 from .conftest import REAL_MODEL_DIR, free_ports, metric
-from .postgres import PostgresServer, postgres_bin
+from .postgres import postgres_bin
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(postgres_bin() is None, reason="no PostgreSQL server (apt-get install postgresql)")]
@@ -81,13 +81,6 @@ def root(tmp_path_factory):
     (root / "keys").write_text(f"team-a {hash_key(KEY_A)}\nteam-b {hash_key(KEY_B)}\n")
     (root / "store-keys").write_text(new_key_line("k1") + "\n")
     return root
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    server = PostgresServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.launcher import Mesh, plan_mesh, supervise, wait_healthy
 
-from .conftest import free_ports, wait_for
+from .conftest import free_ports, grpc_serving, wait_for
 
 pytestmark = pytest.mark.e2e
 TOKENIZER_TIMEOUT_S = 1.0
@@ -37,13 +36,6 @@ def mesh(real_model_dir, vocab_sized_tiny_model, tmp_path):
         yield m
 
 
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _ask(stub, timeout: float | None = None):
@@ -73,7 +65,7 @@ def _fails_fast(stub, fragment: str, bound_s: float) -> None:
 def _serves_again_within(mesh, stub, bound_s: float) -> None:
     """From now, the gateway is ready and answers within bound_s."""
     back = time.monotonic()
-    assert wait_for(lambda: _serving(mesh.gateway_address), timeout=bound_s)
+    assert wait_for(lambda: grpc_serving(mesh.gateway_address), timeout=bound_s)
     assert _ask(stub, 30).usage.completion_tokens > 0
     assert time.monotonic() - back < bound_s
 
@@ -83,7 +75,7 @@ def test_a_hung_tokenizer_fails_requests_fast_and_is_reflected_in_readiness(mesh
     assert _ask(stub, 60).usage.completion_tokens > 0
     with _hung(mesh.processes["tokenizer"]):
         _fails_fast(stub, "tokenizer", TOKENIZER_TIMEOUT_S + 2)
-        assert wait_for(lambda: not _serving(mesh.gateway_address), timeout=5)
+        assert wait_for(lambda: not grpc_serving(mesh.gateway_address), timeout=5)
     _serves_again_within(mesh, stub, 5)
 
 
@@ -91,7 +83,7 @@ def test_a_dead_tokenizer_is_noticed_and_its_return_served_within_a_second_or_so
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(mesh.gateway_address))
     assert _ask(stub, 60).usage.completion_tokens > 0
     mesh.kill("tokenizer")
-    assert wait_for(lambda: not _serving(mesh.gateway_address), timeout=5)
+    assert wait_for(lambda: not grpc_serving(mesh.gateway_address), timeout=5)
     with pytest.raises(grpc.RpcError) as err:
         _ask(stub, 30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -118,7 +110,7 @@ def test_the_launcher_restarts_a_service_that_dies(mesh):
         assert wait_for(lambda: mesh.processes["shard-0"] is not first, timeout=30)
         wait_healthy(mesh.plan.shards[0].listen, 120, mesh.processes["shard-0"])
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(mesh.gateway_address))
-        assert wait_for(lambda: _serving(mesh.gateway_address), timeout=10)
+        assert wait_for(lambda: grpc_serving(mesh.gateway_address), timeout=10)
         assert _ask(stub, 60).usage.completion_tokens > 0
     finally:
         stop.set()

@@ -20,7 +20,6 @@ import uuid
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.block_hash import ROOT, cache_scope, chain_block_hashes, scope_root
@@ -28,7 +27,7 @@ from services.common.errors import retry_delay_s
 from services.gateway.auth import hash_key
 from services.launcher import Mesh, plan_mesh, wait_healthy
 
-from .conftest import REAL_MODEL_DIR, ROOT as REPO, free_ports, wait_for
+from .conftest import REAL_MODEL_DIR, ROOT as REPO, free_ports, grpc_serving, wait_for
 
 pytestmark = pytest.mark.e2e
 MODEL = "SmolLM2-135M-Instruct"
@@ -290,13 +289,6 @@ def _tokenizer(root, name: str) -> tuple[str, subprocess.Popen]:
     return listen, proc
 
 
-def _ready(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_no_serving_tokenizer_fails_requests_at_once_until_one_answers(mesh, root):
@@ -311,7 +303,7 @@ def test_no_serving_tokenizer_fails_requests_at_once_until_one_answers(mesh, roo
         assert _post(gateway.http, "/v1/completions", body)[0] == 200
         os.kill(tokenizer.pid, signal.SIGSTOP)  # hung: its connections stay open, nothing answers
         try:
-            assert wait_for(lambda: not _ready(f"127.0.0.1:{gateway.grpc_port}"), timeout=10)
+            assert wait_for(lambda: not grpc_serving(f"127.0.0.1:{gateway.grpc_port}"), timeout=10)
             for _ in range(3):
                 started = time.monotonic()
                 with pytest.raises(grpc.RpcError) as err:
@@ -326,7 +318,7 @@ def test_no_serving_tokenizer_fails_requests_at_once_until_one_answers(mesh, roo
                 assert status == 503 and headers.get("retry-after") == "1" and took < 1.0, (status, reply, took)
         finally:
             os.kill(tokenizer.pid, signal.SIGCONT)
-        assert wait_for(lambda: _ready(f"127.0.0.1:{gateway.grpc_port}"), timeout=5)
+        assert wait_for(lambda: grpc_serving(f"127.0.0.1:{gateway.grpc_port}"), timeout=5)
         assert stub.Generate(request, metadata=auth, timeout=30).usage.completion_tokens == 2
     finally:
         gateway.stop()

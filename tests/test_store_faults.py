@@ -26,7 +26,7 @@ from services.gateway.store.sealing import new_key_line
 from services.launcher import Mesh, plan_mesh
 
 from .conftest import free_ports, metric, wait_for
-from .postgres import PostgresServer, postgres_bin
+from .postgres import postgres_bin
 from .test_conversations import KEY_A, KEY_B, MODEL, Gateway
 
 pytestmark = [pytest.mark.e2e,
@@ -39,13 +39,6 @@ def root(tmp_path_factory):
     (root / "keys").write_text(f"team-a {hash_key(KEY_A)}\nteam-b {hash_key(KEY_B)}\n")
     (root / "store-keys").write_text(new_key_line("k1") + "\n")
     return root
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    server = PostgresServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
