@@ -1,0 +1,174 @@
+"""The int8 KV cache (model/kv_format.py): rows written by the native kernel and by torch are the
+same bytes; attention over them, native and torch, for decode rows and prompt chunks, stays within
+a stated tolerance of float32 attention over the unquantized keys and values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.model_shard.engine.engine import EngineConfig, LLMEngine
+from services.model_shard.engine.request import SamplingParams
+from services.model_shard.model import native
+from services.model_shard.model.kv_format import dequantize_rows, quantize_rows, resolve_kv_cache_dtype
+from services.model_shard.model.llama import (AttentionMetadata, DecodeBatch, PrefillSpan, RotaryEmbedding,
+                                              load_model)
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+# Against float32 attention over the unquantized rows (randn keys and values, |x| up to ~4): an int8
+# step is absmax / 127 ~ 0.03, so a score moves by ~5e-3 and an output by ~1e-2 at worst.
+TOL_VS_FP32 = 3e-2
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
+    """float64 attention of q [B, H, D] over each row's context in k, v [KVH, S, D] (float)."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    kvh, heads, dim = k.shape[0], q.shape[1], q.shape[2]
+    for b, (blocks, length) in enumerate(zip(batch.block_tables.tolist(), batch.context_lens.tolist())):
+        slots = torch.tensor([blk * batch.block_size + i for blk in blocks for i in range(batch.block_size)])[:length]
+        kb = k[:, slots].double().repeat_interleave(heads // kvh, dim=0)
+        vb = v[:, slots].double().repeat_interleave(heads // kvh, dim=0)
+        probs = (q[b].double().unsqueeze(1) @ kb.transpose(1, 2) * dim**-0.5).softmax(-1)
+        out[b] = (probs @ vb).squeeze(1)
+    return out
+
+
+def scattered_tables(lengths: list[int], block_size: int, num_blocks: int, gen) -> list[list[int]]:
+    order, tables, used = torch.randperm(num_blocks, generator=gen).tolist(), [], 0
+    for n in lengths:
+        count = -(-n // block_size)
+        tables.append(order[used: used + count])
+        used += count
+    return tables
+
+
+def test_torch_rows_round_trip_within_half_a_step():
+    x = torch.randn(5, 3, 64) * torch.tensor([0.01, 1.0, 30.0]).view(1, 3, 1)
+    x[0, 0] = 0  # an all-zero row has scale 0 and reads back as zeros
+    rows = quantize_rows(x)
+    assert rows.dtype == torch.int8 and rows.shape == (5, 3, 66)
+    back = dequantize_rows(rows, torch.float32)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert torch.all((back - x).abs() <= step * 0.51 + 1e-12)
+    assert torch.equal(back[0, 0], torch.zeros(64))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_cache_write_is_the_torch_rows_bytes(dtype):
+    heads, kv_heads, dim, tokens, slots = 9, 3, 64, 37, 64
+    gen = torch.Generator().manual_seed(1)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen) * 3).to(dtype)
+    rope = RotaryEmbedding.from_parameters({"rope_theta": 10000.0}, dim, 256)
+    cos_sin = rope.lookup(torch.arange(tokens))
+    where = torch.randperm(slots, generator=gen)[:tokens]
+    k_cache, v_cache = (torch.zeros(kv_heads, slots, dim + 2, dtype=torch.int8) for _ in range(2))
+    q, k = native.rope_and_cache(qkv, *cos_sin, where, k_cache, v_cache, heads)
+    values = qkv[:, (heads + kv_heads) * dim:].view(tokens, kv_heads, dim)
+    assert torch.equal(k_cache[:, where], quantize_rows(k).transpose(0, 1))
+    assert torch.equal(v_cache[:, where], quantize_rows(values).transpose(0, 1))
+    float_k, float_v = (torch.zeros(kv_heads, slots, dim, dtype=dtype) for _ in range(2))
+    q_float, k_float = native.rope_and_cache(qkv, *cos_sin, where, float_k, float_v, heads)
+    assert torch.equal(q, q_float) and torch.equal(k, k_float)  # the rotation is the float cache's
+
+
+def int8_case(dtype, heads, kv_heads, dim, lengths, block_size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 96
+    k, v = (torch.randn(kv_heads, num_blocks * block_size, dim, generator=gen).to(dtype) for _ in range(2))
+    tables = scattered_tables(lengths, block_size, num_blocks, gen)
+    q = torch.randn(len(lengths), heads, dim, generator=gen).to(dtype)
+    return q, k, v, DecodeBatch.build(list(range(len(lengths))), tables, lengths, block_size)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
+@pytest.mark.parametrize("lengths", [[1, 16, 17, 100, 5, 64], [333]], ids=["decode-batch", "one-stream"])
+def test_native_int8_decode_attention_against_float32(dtype, heads, kv_heads, dim, lengths):
+    """Within TOL_VS_FP32 of float32 attention over the unquantized rows, and within float rounding
+    of attention over the rows as dequantized (the kernel adds no error of its own)."""
+    q, k, v, batch = int8_case(dtype, heads, kv_heads, dim, lengths)
+    k8, v8 = quantize_rows(k), quantize_rows(v)
+    got = native.paged_decode_attention(q, k8, v8, batch.block_tables, batch.context_lens, batch.block_size, dim**-0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.double(), reference(q, k.float(), v.float(), batch), atol=TOL_VS_FP32, rtol=0)
+    exact = reference(q, dequantize_rows(k8, torch.float64), dequantize_rows(v8, torch.float64), batch)
+    rounding = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), exact, atol=rounding, rtol=rounding)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_int8_prompt_chunk_attention_against_float32(dtype):
+    """A chunk of 40 tokens after 50 cached ones, as the model runs it: each token a row of the paged
+    kernel over the context up to itself (PrefillSpan.paged)."""
+    heads, kv_heads, dim, block = 9, 3, 64, 16
+    gen = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(kv_heads, 12 * block, dim, generator=gen).to(dtype) for _ in range(2))
+    span = PrefillSpan(0, 40, 50, torch.randperm(12, generator=gen).tolist()[:6], block)
+    rows = span.paged
+    q = torch.randn(40, heads, dim, generator=gen).to(dtype)
+    got = native.paged_decode_attention(q, quantize_rows(k), quantize_rows(v), rows.block_tables, rows.context_lens,
+                                        block, dim**-0.5)
+    torch.testing.assert_close(got.double(), reference(q, k.float(), v.float(), rows), atol=TOL_VS_FP32, rtol=0)
+
+
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native", "torch"])
+def test_model_logits_with_int8_kv_against_float32_kv(tiny_model_dir, native_kernels):
+    """The tiny model, float32: a 30-token prompt in two chunks (the second over the first's cached
+    blocks), then 4 decode steps, with an int8 cache against a float32 one; native and torch paths."""
+    if native_kernels and not native.available():
+        pytest.skip("native kernels unavailable")
+    model = load_model(tiny_model_dir, torch.float32, native_kernels=native_kernels)
+    prompt = torch.randint(0, model.cfg.vocab_size, (34,), generator=torch.Generator().manual_seed(3))
+    logits = {kv: run_chunks_then_decodes(model, prompt, kv) for kv in ("auto", "int8")}
+    scale = logits["auto"].abs().max().item()
+    torch.testing.assert_close(logits["int8"], logits["auto"], atol=0.02 * scale, rtol=0)
+    assert not torch.equal(logits["int8"], logits["auto"])  # the int8 cache was really read
+
+
+def run_chunks_then_decodes(model, ids: torch.Tensor, kv_cache_dtype: str) -> torch.Tensor:
+    """Logits of the last row of each step: chunks [0, 18), [18, 30), then tokens 30..33 one a step."""
+    from services.model_shard.model.kv_format import new_kv_cache
+
+    block, blocks = 8, list(range(5))
+    caches = [new_kv_cache(model.num_kv_heads, 5 * block, model.cfg.head_dim, model.dtype, kv_cache_dtype)
+              for _ in model.layers]
+    out = []
+    with torch.inference_mode():
+        for start, end in ((0, 18), (18, 30)):
+            span = PrefillSpan(0, end - start, start, blocks, block)
+            meta = AttentionMetadata(slot_mapping=torch.arange(start, end), prefills=[span])
+            hidden = model(ids[start:end], torch.arange(start, end), caches, meta)
+            out.append(model.compute_logits(hidden[-1:]))
+        for pos in range(30, 34):
+            meta = AttentionMetadata(slot_mapping=torch.tensor([pos]),
+                                     decode=DecodeBatch.build([0], [blocks], [pos + 1], block))
+            hidden = model(ids[pos: pos + 1], torch.tensor([pos]), caches, meta)
+            out.append(model.compute_logits(hidden))
+    return torch.cat(out)
+
+
+def test_kv_cache_dtype_choices():
+    assert resolve_kv_cache_dtype("auto", "bfloat16").value == "bfloat16"
+    assert resolve_kv_cache_dtype("int8", "float32").value == "int8"
+    assert resolve_kv_cache_dtype("float32", "float32").value == "float32"
+    with pytest.raises(ValueError, match="stored at the model's dtype"):
+        resolve_kv_cache_dtype("bfloat16", "float32")
+    with pytest.raises(ValueError, match="unknown KV cache dtype"):
+        resolve_kv_cache_dtype("fp8", "bfloat16")
+
+
+def test_int8_blocks_hold_nearly_twice_the_tokens(tiny_model_dir):
+    """Same memory, bfloat16 KV against int8: (D + 2) bytes a row against 2 D; a layout of its own."""
+    model = load_model(tiny_model_dir, torch.bfloat16)
+    engines = {kv: LLMEngine(model, EngineConfig(dtype="bfloat16", block_size=4, kv_cache_bytes=1 << 20,
+                                                 kv_cache_dtype=kv)) for kv in ("auto", "int8")}
+    d = model.cfg.head_dim
+    assert engines["int8"].kv_capacity.blocks == engines["auto"].kv_capacity.blocks * 2 * d // (d + 2)
+    assert engines["int8"].kv_capacity.bytes_per_token * 2 * d == engines["auto"].kv_capacity.bytes_per_token * (d + 2)
+    assert engines["int8"].executor.kv_cache_bytes_per_block == engines["int8"].kv_capacity.bytes_per_token * 4
+    assert engines["int8"].kv_layout != engines["auto"].kv_layout and "int8" in engines["int8"].kv_layout
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7]]
+    assert engines["int8"].generate(prompts, SamplingParams(max_tokens=6))  # serves
