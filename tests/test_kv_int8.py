@@ -172,3 +172,105 @@ def test_int8_blocks_hold_nearly_twice_the_tokens(tiny_model_dir):
     assert engines["int8"].kv_layout != engines["auto"].kv_layout and "int8" in engines["int8"].kv_layout
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7]]
     assert engines["int8"].generate(prompts, SamplingParams(max_tokens=6))  # serves
+
+
+# --- the real model: perplexity and answers against bfloat16 KV ---
+
+# A fixed Chinese text (plain descriptive prose) beside test_quality's English one.
+CHINESE = ("长江是中国最长的河流，发源于青藏高原，流经十一个省份，最后注入东海。几千年来，人们在江边种植水稻，"
+           "捕鱼，修建城市。每年春天，江水上涨，农民们忙着耕地和插秧。到了秋天，稻田变成金黄色，村子里到处都是丰收的笑声。"
+           "今天，长江上有许多大桥和港口，船只来来往往，把货物运到全国各地。")
+# Greedy tokens of each quality question that int8 KV must give exactly as bfloat16 KV does (of 24).
+AGREED_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def bf16_model(real_model_dir):
+    return load_model(real_model_dir, torch.bfloat16)
+
+
+@pytest.mark.parametrize("language", ["english", "chinese"])
+def test_perplexity_with_int8_kv_within_one_percent_of_bfloat16_kv(real_model_dir, bf16_model, language):
+    from services.model_shard.model.evaluate import perplexity
+    from services.tokenizer.text import TextTokenizer
+
+    from .test_quality import TEXT
+
+    ids = TextTokenizer(real_model_dir).encode(TEXT if language == "english" else CHINESE)
+    bf16, int8 = perplexity(bf16_model, ids), perplexity(bf16_model, ids, "int8")
+    print(f"perplexity {language}: bfloat16 KV {bf16:.3f}, int8 KV {int8:.3f}")
+    assert abs(int8 - bf16) / bf16 < 0.01
+
+
+def test_greedy_answers_with_int8_kv_agree_with_bfloat16_kv(real_model_dir, bf16_model):
+    from services.tokenizer.text import Message, TextTokenizer
+
+    from .test_quality import EXPECTED, QUESTIONS
+
+    tok = TextTokenizer(real_model_dir)
+    prompts = [tok.encode_chat([Message("user", q)]) for q in QUESTIONS]
+    answers = {kv: LLMEngine(bf16_model, EngineConfig(dtype="bfloat16", kv_cache_bytes=32 << 20, kv_cache_dtype=kv))
+               .generate(prompts, SamplingParams(max_tokens=24)) for kv in ("auto", "int8")}
+    for ref, got, expected in zip(answers["auto"], answers["int8"], EXPECTED):
+        agreed = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+        print(f"agreed for {agreed} tokens: {tok.decode(got)!r}")
+        assert agreed >= min(AGREED_TOKENS, len(ref)) and expected in tok.decode(got).lower()
+
+
+# --- blocks through the cache service ---
+
+
+def test_int8_blocks_are_shared_between_int8_replicas_and_refused_to_bfloat16_ones(tiny_model_dir):
+    """A real cache service on loopback: replica A (int8 KV) uploads its prompt blocks; replica B
+    (int8) fetches and serves from them, with A's tokens; replica C (bfloat16 KV) is given none,
+    and refuses A's bytes if handed them."""
+    import asyncio
+
+    import grpc
+
+    from llmmesh.v1 import cache_pb2_grpc
+    from services.cache.server import CacheServicer
+    from services.cache.store import LRUByteStore
+    from services.common.block_hash import chain_block_hashes
+    from services.common.hash_ring import HashRing
+    from services.model_shard.kv_share import SharedKvBlocks
+
+    model = load_model(tiny_model_dir, torch.bfloat16)
+
+    def replica(kv: str, **config) -> LLMEngine:
+        return LLMEngine(model, EngineConfig(dtype="bfloat16", block_size=4, kv_cache_bytes=1 << 20,
+                                             kv_cache_dtype=kv, **config), model_id="tiny")
+
+    a, b, c = replica("int8"), replica("int8"), replica("auto")
+    cold = replica("int8", enable_prefix_caching=False)
+    prefix = [(7 * i) % 250 + 3 for i in range(40)]  # 10 blocks
+    prompt, params = prefix + [21, 22, 23], SamplingParams(max_tokens=8)
+    hashes = chain_block_hashes(prompt, 4)[: (len(prompt) - 1) // 4]
+
+    async def scenario():
+        server = grpc.aio.server()
+        cache_pb2_grpc.add_CacheServicer_to_server(CacheServicer(LRUByteStore(1 << 20), LRUByteStore(8 << 20)), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        shared = {e: SharedKvBlocks(HashRing({"cache": cache_pb2_grpc.CacheStub(channel)}), e.kv_layout)
+                  for e in (a, b, c)}
+        try:
+            shared[a].start()
+            a.prompt_block_listener = lambda h, data, retain: shared[a].offer(h, data, retain)
+            a.generate([prefix + [11, 12]], params)
+            await shared[a].drain()
+            return [await shared[e].fetch(hashes) for e in (b, c)]
+        finally:
+            await shared[a].stop()
+            await channel.close()
+            await server.stop(0)
+
+    to_b, to_c = asyncio.run(scenario())
+    assert len(to_b.values) == 10 and all(len(v) == b.executor.kv_cache_bytes_per_block for v in to_b.values)
+    assert b.import_blocks(hashes, to_b.values) == 10
+    assert b.generate([prompt], params) == cold.generate([prompt], params)
+    assert b.stats.computed_tokens == cold.stats.computed_tokens - 40
+    assert to_c.values == []  # another layout: the cache holds nothing for it
+    with pytest.raises(ValueError, match="bytes"):
+        c.import_blocks(hashes, to_b.values)
