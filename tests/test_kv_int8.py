@@ -274,3 +274,17 @@ def test_int8_blocks_are_shared_between_int8_replicas_and_refused_to_bfloat16_on
     assert to_c.values == []  # another layout: the cache holds nothing for it
     with pytest.raises(ValueError, match="bytes"):
         c.import_blocks(hashes, to_b.values)
+
+
+def test_tensor_and_pipeline_parallel_int8_kv_matches_the_local_engine(tiny_model_dir, ray_cluster):
+    """Each rank quantizes its own KV heads' rows, so a 2 x 2 split gives the local engine's tokens;
+    a block is the ranks' int8 shares together, the local block's size."""
+    config = dict(block_size=4, kv_cache_bytes=1 << 20, kv_cache_dtype="int8")
+    prompts, params = [[5, 6, 7, 8, 9, 10, 11], [30 + i for i in range(40)]], SamplingParams(max_tokens=10)
+    local = LLMEngine.from_dir(tiny_model_dir, EngineConfig(**config))
+    split = LLMEngine.from_dir(tiny_model_dir, EngineConfig(**config, tensor_parallel_size=2, pipeline_parallel_size=2))
+    try:
+        assert split.generate(prompts, params) == local.generate(prompts, params)
+        assert split.executor.kv_cache_bytes_per_block == local.executor.kv_cache_bytes_per_block
+    finally:
+        split.shutdown()

@@ -3,15 +3,17 @@
 An int8 cache holds, per layer, k and v tensors int8 [KVH, slots, D + 2]: each (token, KV head) row
 is D int8 values then its scale as bfloat16 (csrc/kv_int8.h writes the same bytes). Why this choice:
 - Per (token, KV head) rather than llama.cpp's groups of 32: a row is written once, when its token
-  is, so its scale never changes; with SmolLM2's head_dim 64 a group of 32 would cost a second scale
-  for no measurable gain (perplexity within 0.1 % of bfloat16 KV either way at this size: see
-  tests/test_kv_int8.py), and one scale per row keeps the kernel's inner loop the float one, the
-  scale applied once per score and once per probability.
-- Symmetric (absmax / 127): RoPE'd keys and values are centred; no zero point to subtract.
+  is, so its scale never changes, and one scale per row keeps the kernel's inner loop the float one
+  (the scale applied once per score and once per probability). Measured on SmolLM2-135M's attention
+  inputs (a Chinese prompt, 10 layers' caches): groups of 32 cut the attention output's RMS error by
+  ~25 % but cost 68 bytes a row (1.88x bfloat16's tokens, not 1.94x). Most of the error is the
+  keys' (quantized values alone give a third of its RMS or less): a few RoPE'd channels of large
+  magnitude set a row's scale, in either half of it, as RoPE pairs channel i with i + D/2.
+- Symmetric (absmax / 127): no zero point for the kernel to subtract.
 - The scale as bfloat16, beside its row: a row is 66 bytes where bfloat16's is 128 (1.94x the
   tokens in the same memory; a float32 scale would make it 1.88x), and the kernel reads the scale
-  with the row it scales. Its 8-bit mantissa rounds the scale by at most 0.4 %, which moves a value
-  less than the int8 rounding already does (half a step of absmax / 127).
+  with the row it scales. Its 8-bit mantissa rounds the scale by at most 0.2 %, which moves the
+  row's largest value by a quarter of a step, less than the int8 rounding's half step.
 - Blocks travel through the cache service as these bytes; the layout names the format (kv_layout).
 """
 
@@ -37,8 +39,10 @@ def resolve_kv_cache_dtype(requested: str, model_dtype: str) -> KvChoice:
     if requested not in KV_CACHE_DTYPES:
         raise ValueError(f"unknown KV cache dtype {requested!r}; expected one of {', '.join(KV_CACHE_DTYPES)}")
     if requested == "auto":
+        # Not int8: with bfloat16 weights it stays within 1 % of bfloat16 KV's perplexity (tests/test_kv_int8.py),
+        # but with the int4 weights this CPU serves by default a Chinese text's perplexity rose 3.5 %.
         return KvChoice(model_dtype, "auto: the model's dtype; --kv-cache-dtype int8 stores 1.94x the tokens in "
-                                     "the same memory (perplexity within 1 % of bfloat16 KV, tests/test_kv_int8.py)")
+                                     "the same memory, at a small cost in quality (model/kv_format.py)")
     if requested == "int8":
         return KvChoice("int8", "asked for: int8 rows with a bfloat16 scale per token and KV head")
     if requested != model_dtype:
