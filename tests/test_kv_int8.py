@@ -288,3 +288,39 @@ def test_tensor_and_pipeline_parallel_int8_kv_matches_the_local_engine(tiny_mode
         assert split.executor.kv_cache_bytes_per_block == local.executor.kv_cache_bytes_per_block
     finally:
         split.shutdown()
+
+
+# --- the shard process ---
+
+
+def test_a_shard_serves_int8_kv_and_reports_its_capacity(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import grpc
+
+    from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+
+    from .conftest import ROOT, free_ports, scrape_metrics, shard_process
+
+    (port,) = free_ports(1)
+    log = tmp_path / "shard.log"
+    with shard_process(tiny_model_dir, log, "--dtype", "bfloat16", "--kv-cache-dtype", "int8", "--kv-cache-mb", "4",
+                       "--threads", "1", "--metrics-port", str(port)) as (listen, _):
+        with grpc.insecure_channel(listen) as channel:
+            request = shard_pb2.ShardGenerateRequest(prompt_token_ids=[5, 6, 7, 8, 9],
+                                                     sampling=common_pb2.SamplingParams(max_tokens=6))
+            tokens = [t for m in shard_pb2_grpc.ModelShardStub(channel).Generate(request, timeout=60) for t in m.token_ids]
+        samples = scrape_metrics(port)
+    assert len(tokens) == 6
+    per_token = 2 * 2 * 2 * (16 + 2)  # K and V, 2 layers, 2 KV heads, 16-dim rows + their scale
+    assert samples[("llmmesh_kv_cache_bytes_per_token", ())] == per_token
+    assert samples[("llmmesh_kv_cache_tokens", ())] == samples[("llmmesh_kv_cache_blocks", ())] * 16
+    assert samples[("llmmesh_kv_cache_tokens", ())] == (4 << 20) // (per_token * 16) * 16
+    assert samples[("llmmesh_kv_cache_info", (("dtype", "int8"),))] == 1
+    assert "KV cache dtype int8" in log.read_text() and f"{per_token} bytes per token" in log.read_text()
+
+    refused = subprocess.run([sys.executable, "-m", "services.model_shard", "--model", str(tiny_model_dir),
+                              "--dtype", "float32", "--kv-cache-dtype", "bfloat16"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "stored at the model's dtype" in refused.stderr
