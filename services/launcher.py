@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="int8 (per channel) or int4 (groups of 32) linear weights; auto: the precision the "
                              "checkpoint was published in (Q4_1: int4) where a native kernel runs it, else none")
     parser.add_argument("--kv-cache-mb", type=int, default=1024, help="KV cache memory per shard (per worker when parallel)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float32", "int8"],
+                        help="KV cache storage: auto (the model's dtype), or int8 rows with a scale per token and KV "
+                             "head (1.94x the tokens in --kv-cache-mb)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="Ray workers per layer in each shard")
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages in each shard")
     parser.add_argument("--chat-template", help="a Jinja chat template to use instead of the model's (e.g. one "
@@ -329,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"no model at {args.model}: run `make model` first")
     plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port, tls_dir=args.tls_dir,
                      shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb),
+                                 "--kv-cache-dtype", args.kv_cache_dtype,
                                  "--tensor-parallel-size", str(args.tensor_parallel_size),
                                  "--pipeline-parallel-size", str(args.pipeline_parallel_size),
                                  "--quantization", args.quantization, "--speculative", args.speculative,

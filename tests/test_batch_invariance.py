@@ -9,6 +9,7 @@ import torch
 
 from services.model_shard.model import native
 from services.model_shard.model.dense import DenseLinear
+from services.model_shard.model.kv_format import quantize_rows
 from services.model_shard.model.quant import Int4Linear, Int8Linear
 
 ROWS = 300
@@ -93,10 +94,11 @@ def test_quantized_linear_rows_do_not_depend_on_the_batch_up_to_300(linear, out_
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_paged_attention_rows_do_not_depend_on_the_batch(dtype):
+@pytest.mark.parametrize("dtype, kv_int8", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True),
+                                            (torch.float32, True)], ids=["bf16", "fp32", "bf16-int8kv", "fp32-int8kv"])
+def test_paged_attention_rows_do_not_depend_on_the_batch(dtype, kv_int8):
     """Decode rows of up to 300 sequences of different lengths over one cache: sequence 0's output is
-    the same whatever sequences come with it."""
+    the same whatever sequences come with it; over a float cache or an int8 one (kv_format.py)."""
     heads, kv_heads, dim, block = 9, 3, 64, 16
     gen = torch.Generator().manual_seed(9)
     lengths = torch.randint(1, 80, (ROWS,), generator=gen)
@@ -104,6 +106,8 @@ def test_paged_attention_rows_do_not_depend_on_the_batch(dtype):
     width = -(-int(lengths.max()) // block)
     tables = torch.randperm(ROWS * width, generator=gen).view(ROWS, width)
     k_cache, v_cache = (torch.randn(kv_heads, ROWS * width * block, dim, generator=gen).to(dtype) for _ in range(2))
+    if kv_int8:
+        k_cache, v_cache = quantize_rows(k_cache), quantize_rows(v_cache)
     q = torch.randn(ROWS, heads, dim, generator=gen).to(dtype)
 
     @rows_of

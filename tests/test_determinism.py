@@ -16,7 +16,9 @@ SYSTEM = ("You are a helpful assistant for a bicycle shop. Answer in two or thre
 QUESTIONS = ["Describe a cat to someone who has never seen one.", "How do I fix a flat tyre?",
              "What is the capital of France?", "Which bicycle suits a child of eight?",
              "Write a haiku about rain.", "Why is the sky blue?"]
-CONFIGS = [("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4")]
+# (dtype, quantization, KV cache dtype): the int8 KV cache with the weights this CPU serves by default.
+CONFIGS = [("float32", None, "auto"), ("bfloat16", None, "auto"), ("bfloat16", "int8", "auto"),
+           ("bfloat16", "int4", "auto"), ("bfloat16", "int4", "int8")]
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +27,15 @@ def prompts(real_model_dir):
     return [tok.encode_chat([Message("system", SYSTEM), Message("user", q)]) for q in QUESTIONS]
 
 
-@pytest.mark.parametrize("dtype,quantization", CONFIGS)
-def test_greedy_tokens_are_the_same_cold_warm_chunked_and_batched(real_model_dir, prompts, dtype, quantization):
+@pytest.mark.parametrize("dtype,quantization,kv_cache_dtype", CONFIGS)
+def test_greedy_tokens_are_the_same_cold_warm_chunked_and_batched(real_model_dir, prompts, dtype, quantization,
+                                                                  kv_cache_dtype):
     model = load_model(real_model_dir, DTYPES[dtype], quantization)
     params = SamplingParams(max_tokens=24)
 
     def engine(**config) -> LLMEngine:
         return LLMEngine(model, EngineConfig(dtype=dtype, quantization=quantization, kv_cache_bytes=64 << 20,
-                                             **config))
+                                             kv_cache_dtype=kv_cache_dtype, **config))
 
     cold = engine(enable_prefix_caching=False)
     expected = [cold.generate([p], params)[0] for p in prompts]
@@ -57,8 +60,8 @@ def answers(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams)
     return [got[f"p{i}"] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("dtype,quantization", CONFIGS)
-def test_greedy_logprobs_alone_are_the_same_bits_in_a_crowd(real_model_dir, dtype, quantization):
+@pytest.mark.parametrize("dtype,quantization,kv_cache_dtype", CONFIGS)
+def test_greedy_logprobs_alone_are_the_same_bits_in_a_crowd(real_model_dir, dtype, quantization, kv_cache_dtype):
     """Six questions asked alone, then again among 42 streams that share their system prompt: prefills
     of hundreds of rows beside decodes of dozens, and prefix blocks reused. Not only the tokens but
     their log-probabilities must be the same bits: the row counts here are where torch's linears
@@ -69,7 +72,7 @@ def test_greedy_logprobs_alone_are_the_same_bits_in_a_crowd(real_model_dir, dtyp
              for i in range(7) for q in QUESTIONS]
     model = load_model(real_model_dir, DTYPES[dtype], quantization)
     params = SamplingParams(max_tokens=12, logprobs=True, raw_logprobs=True)
-    config = dict(dtype=dtype, quantization=quantization, kv_cache_bytes=64 << 20)
+    config = dict(dtype=dtype, quantization=quantization, kv_cache_bytes=64 << 20, kv_cache_dtype=kv_cache_dtype)
     alone = LLMEngine(model, EngineConfig(enable_prefix_caching=False, **config))
     expected = [answers(alone, [p], params)[0] for p in crowd[::7]]
     together = LLMEngine(model, EngineConfig(max_batched_tokens=512, **config))

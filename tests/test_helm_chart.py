@@ -108,6 +108,12 @@ def test_defaults_wire_the_services_together(chart):
         f"prod-llm-mesh-{c}" for c in ("gateway", "tokenizer", "cache", "shard")}
 
 
+def test_the_kv_cache_dtype_reaches_the_shards(chart):
+    assert "--kv-cache-dtype=auto" in container(find(render(chart, {}), "StatefulSet", "prod-llm-mesh-shard"))["args"]
+    docs = render(chart, {"shards": {"kvCacheDtype": "int8"}})
+    assert "--kv-cache-dtype=int8" in container(find(docs, "StatefulSet", "prod-llm-mesh-shard"))["args"]
+
+
 def test_gpu_shards_request_a_gpu_per_tensor_parallel_rank(chart):
     docs = render(chart, VALUE_SETS["gpu-tp2"])
     shard_set = find(docs, "StatefulSet", "prod-llm-mesh-shard")
@@ -157,6 +163,7 @@ def test_kuberay_puts_the_workers_in_a_ray_cluster(chart):
 
 @pytest.mark.parametrize("values, message", [
     ({"shards": {"dtype": "fp8"}}, "/shards/dtype"),
+    ({"shards": {"kvCacheDtype": "fp8"}}, "/shards/kvCacheDtype"),
     ({"shards": {"replicas": -1}}, "/shards/replicas"),
     ({"shards": {"tensorParallelSize": 0}}, "/shards/tensorParallelSize"),
     ({"shardz": {"replicas": 2}}, "shardz"),

@@ -25,6 +25,7 @@ from services.model_shard.engine.speculative import SpeculativeConfig
 from services.model_shard.executor.ray_workers import connect_ray
 from services.model_shard.kv_share import SharedKvBlocks
 from services.model_shard.model.gguf_checkpoint import is_gguf, open_gguf
+from services.model_shard.model.kv_format import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from services.model_shard.model.llama import LlamaConfig, UnsupportedModel, check_parallel
 from services.model_shard.model.precision import resolve_dtype, resolve_quantization
 from services.model_shard.server import EngineCollector, ModelShardServicer, PrefixIndexFeed, observe_step
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
                              "the checkpoint was published in, where a native kernel runs it here; else none")
     parser.add_argument("--kv-cache-mb", type=int, default=int(env_default("LLMMESH_KV_CACHE_MB", "1024")),
                         help="memory for the paged KV cache")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=env_default("LLMMESH_KV_CACHE_DTYPE", "auto"),
+                        help="how the KV cache stores keys and values: auto (the model's dtype), bfloat16 or float32 "
+                             "(which must be --dtype), or int8 with a scale per token and KV head: 1.94x the tokens "
+                             "in --kv-cache-mb (model/kv_format.py)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=int(env_default("LLMMESH_MAX_MODEL_LEN", "8192")))
     parser.add_argument("--max-running", type=int, default=64, help="sequences in one batch at most")
@@ -108,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("dtype %s: %s", dtype.value, dtype.reason)
     log.info("quantization %s: %s", quantization.value or "none", quantization.reason)
     args.dtype, args.quantization = dtype.value, quantization.value
+    try:
+        kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, args.dtype)
+    except ValueError as exc:
+        parser.error(str(exc))
+    log.info("KV cache dtype %s: %s", kv_dtype.value, kv_dtype.reason)
     config = EngineConfig(
         dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_mb << 20, max_model_len=args.max_model_len, max_running=args.max_running,
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         threads_per_worker=args.threads_per_worker, placement_strategy=args.placement_strategy,
         placement_timeout_s=args.placement_timeout,
-        native_kernels=not args.no_native_kernels, speculative=speculative,
+        native_kernels=not args.no_native_kernels, speculative=speculative, kv_cache_dtype=kv_dtype.value,
     )
     if config.parallel:  # a split the model cannot take is refused here, before anything starts
         try:

@@ -11,7 +11,7 @@ from collections import Counter
 import grpc
 from opentelemetry import propagate, trace
 from prometheus_client import Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
@@ -323,6 +323,15 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("llmmesh_requests_waiting", "Requests waiting to be scheduled", value=len(e.scheduler.waiting))
         yield GaugeMetricFamily("llmmesh_kv_blocks_used_ratio", "Share of KV blocks in use",
                                 value=e.pool.num_used / e.pool.num_blocks)
+        capacity = e.kv_capacity
+        yield GaugeMetricFamily("llmmesh_kv_cache_blocks", "KV blocks the cache holds", value=capacity.blocks)
+        yield GaugeMetricFamily("llmmesh_kv_cache_tokens", "Tokens the KV cache holds", value=capacity.tokens)
+        yield GaugeMetricFamily("llmmesh_kv_cache_bytes_per_token", "KV cache bytes one token costs a worker, "
+                                "all its layers' keys and values (int8 rows with their scales)",
+                                value=capacity.bytes_per_token)
+        info = InfoMetricFamily("llmmesh_kv_cache", "How the KV cache stores keys and values")
+        info.add_metric([], {"dtype": e.kv_cache_dtype})
+        yield info
         yield GaugeMetricFamily("llmmesh_kv_blocks_retained", "Free KV blocks of stored conversations' turns, "
                                 "evicted after all other free blocks", value=e.pool.num_retained)
         # Hit rates as counters (queries, hits), so any window's ratio can be computed from rates.

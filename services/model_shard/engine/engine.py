@@ -21,6 +21,7 @@ from services.model_shard.engine.sampler import seed_as_int64
 from services.model_shard.engine.scheduler import Scheduler, SchedulerConfig
 from services.model_shard.engine.speculative import SpeculativeConfig, Speculator
 from services.model_shard.executor.local import LocalExecutor, kv_cache_bytes_per_block
+from services.model_shard.model.kv_format import resolve_kv_cache_dtype
 from services.model_shard.model.llama import (LlamaConfig, LlamaForServing, check_parallel, load_model,
                                               weights_fingerprint)
 
@@ -60,10 +61,24 @@ class EngineConfig:
     placement_timeout_s: float = 60.0  # how long one try to place the parallel workers may wait
     native_kernels: bool = True  # the native kernels where they build and the CPU has them (model/native.py)
     speculative: SpeculativeConfig = SpeculativeConfig()  # proposals checked in the batch (speculative.py)
+    kv_cache_dtype: str = "auto"  # auto (dtype's), bfloat16, float32 or int8 (model/kv_format.py)
 
     @property
     def parallel(self) -> bool:
         return self.tensor_parallel_size * self.pipeline_parallel_size > 1
+
+
+@dataclass(frozen=True)
+class KvCapacity:
+    """What the KV cache holds: its blocks, their tokens, and what a token costs a worker."""
+
+    blocks: int
+    block_size: int
+    bytes_per_token: int
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.block_size
 
 
 @dataclass
@@ -94,7 +109,9 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         check_parallel(cfg, tp, pp)
-        per_block = kv_cache_bytes_per_block(cfg, config.block_size, DTYPES[config.dtype], tp, pp)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, config.dtype).value
+        storage = "int8" if self.kv_cache_dtype == "int8" else "auto"
+        per_block = kv_cache_bytes_per_block(cfg, config.block_size, DTYPES[config.dtype], tp, pp, storage)
         num_blocks = config.kv_cache_bytes // per_block  # the budget is per worker
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {config.block_size} tokens")
@@ -118,15 +135,17 @@ class LLMEngine:
         if executor_factory is not None:
             self.executor = executor_factory(num_blocks)
         else:
-            self.executor = LocalExecutor(model, num_blocks, config.block_size)
+            self.executor = LocalExecutor(model, num_blocks, config.block_size, storage)
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self.stats = EngineStats()
         self.failed_steps = 0  # consecutive
         # Everything that decides a KV block's bytes: blocks are shared only between equal layouts.
         self.kv_layout = (f"{model_id}/{config.dtype}/{config.quantization or 'none'}/b{config.block_size}"
-                          f"/l{cfg.num_layers}h{cfg.num_kv_heads}d{cfg.head_dim}/tp{tp}pp{pp}/kv1")
-        log.info("engine ready: %d KV blocks of %d tokens, context %d, tensor x pipeline parallel %d x %d",
-                 num_blocks, config.block_size, self.max_model_len, tp, pp)
+                          f"/l{cfg.num_layers}h{cfg.num_kv_heads}d{cfg.head_dim}/tp{tp}pp{pp}/kv1-{self.kv_cache_dtype}")
+        self.kv_capacity = KvCapacity(num_blocks, config.block_size, per_block // config.block_size)
+        log.info("engine ready: %d KV blocks of %d tokens (%d tokens, %s KV, %d bytes per token per worker), "
+                 "context %d, tensor x pipeline parallel %d x %d", num_blocks, config.block_size,
+                 self.kv_capacity.tokens, self.kv_cache_dtype, self.kv_capacity.bytes_per_token, self.max_model_len, tp, pp)
 
     def enable_grammars(self, tokenizer_dir: str | Path) -> None:
         """Serve structured output with the tokenizer in tokenizer_dir (its tokenizer.json)."""

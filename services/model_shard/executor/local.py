@@ -8,16 +8,18 @@ import torch
 
 from services.model_shard.engine.sampler import SamplingBatch, sample, token_logprobs
 from services.model_shard.engine.request import Sequence
+from services.model_shard.model.kv_format import new_kv_cache, row_bytes
 from services.model_shard.engine.scheduler import ModelRunnerOutput, PromptLogprobs, ScheduledSeq, SchedulerOutput
 from services.model_shard.model.llama import (AttentionMetadata, DecodeBatch, LlamaConfig, LlamaForServing, PrefillSpan,
                                               slots_of, stage_layers)
 
 
 def kv_cache_bytes_per_block(cfg: LlamaConfig, block_size: int, dtype: torch.dtype, tensor_parallel: int = 1,
-                             pipeline_parallel: int = 1) -> int:
-    """KV bytes one block costs a worker: its KV heads, in the largest pipeline stage's layers."""
+                             pipeline_parallel: int = 1, kv_cache_dtype: str = "auto") -> int:
+    """KV bytes one block costs a worker: its KV heads, in the largest pipeline stage's layers, stored
+    as kv_cache_dtype (kv_format.py)."""
     first, last = stage_layers(cfg.num_layers, pipeline_parallel, 0)  # stage 0 is never smaller
-    per_token = 2 * (last - first) * (cfg.num_kv_heads // tensor_parallel) * cfg.head_dim * torch.finfo(dtype).bits // 8
+    per_token = 2 * (last - first) * (cfg.num_kv_heads // tensor_parallel) * row_bytes(cfg.head_dim, dtype, kv_cache_dtype)
     return per_token * block_size
 
 
@@ -27,18 +29,14 @@ PROMPT_LOGITS_ROWS = 128  # prompt positions turned into logits at once (each ro
 class LocalExecutor:
     """Runs steps on a model (or a worker's partition of one) in this process."""
 
-    def __init__(self, model: LlamaForServing, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaForServing, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"):
+        """kv_cache_dtype: "auto" (the model's dtype) or "int8" (kv_format.py)."""
         self.model = model
         self.block_size = block_size
         cfg, dtype = model.cfg, model.dtype
         num_slots = num_blocks * block_size
-        self.kv_caches = [
-            (
-                torch.zeros(model.num_kv_heads, num_slots, cfg.head_dim, dtype=dtype),
-                torch.zeros(model.num_kv_heads, num_slots, cfg.head_dim, dtype=dtype),
-            )
-            for _ in model.layers
-        ]
+        self.kv_caches = [new_kv_cache(model.num_kv_heads, num_slots, cfg.head_dim, dtype, kv_cache_dtype)
+                          for _ in model.layers]
         k0 = self.kv_caches[0][0]
         self.kv_cache_bytes_per_block = 2 * len(self.kv_caches) * k0[:, :block_size].numel() * k0.element_size()
     def _block_slots(self, block_ids: list[int]) -> torch.Tensor:
@@ -48,7 +46,7 @@ class LocalExecutor:
     @torch.inference_mode()
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of the blocks' K and V for every layer: uint8 [n, kv_cache_bytes_per_block], each row
-        laid out [layer, k/v, kv_head, offset, head_dim] (see kv_layout)."""
+        laid out [layer, k/v, kv_head, offset, cached row] (see kv_layout; an int8 row ends in its scale)."""
         slots = self._block_slots(block_ids)
         n, (kvh, _, d) = len(block_ids), self.kv_caches[0][0].shape
         per_layer = [torch.stack([k.index_select(1, slots), v.index_select(1, slots)]) for k, v in self.kv_caches]

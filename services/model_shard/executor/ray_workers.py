@@ -118,8 +118,9 @@ class ModelWorker:
     """One rank: a partition of the model and of the KV cache. Made a Ray actor by RayExecutor."""
 
     def __init__(self, model_dir: str, dtype: str, quantization: str | None, rank: int, tensor_parallel: int,
-                 pipeline_parallel: int, threads: int, native_kernels: bool = True):
+                 pipeline_parallel: int, threads: int, native_kernels: bool = True, kv_cache_dtype: str = "auto"):
         self.model_dir, self.dtype, self.quantization = model_dir, dtype, quantization
+        self.kv_cache_dtype = kv_cache_dtype
         self.native_kernels = native_kernels
         self.rank, self.tp, self.pp = rank, tensor_parallel, pipeline_parallel
         self.tp_rank, self.stage = rank % tensor_parallel, rank // tensor_parallel
@@ -177,7 +178,7 @@ class ModelWorker:
         self.model = model
         self.hidden_size = cfg.hidden_size
         self.is_last_stage = self.stage == self.pp - 1
-        self.runner = LocalExecutor(model, num_blocks, block_size)
+        self.runner = LocalExecutor(model, num_blocks, block_size, self.kv_cache_dtype)
         return self.runner.kv_cache_bytes_per_block
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
@@ -289,7 +290,7 @@ class RayExecutor:
             actor.options(num_cpus=1, num_gpus=1 if use_gpu else 0, runtime_env={"env_vars": env},
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank))
             .remote(str(model_dir), config.dtype, config.quantization, rank, self.tp, self.pp, config.threads_per_worker,
-                    config.native_kernels)
+                    config.native_kernels, config.kv_cache_dtype)
             for rank in range(world)
         ]
         self._output_rank = world - self.tp  # the last stage's tensor rank 0 samples

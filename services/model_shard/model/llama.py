@@ -25,6 +25,7 @@ from services.model_shard.model.attention import (AttentionMetadata, DecodeBatch
                                                   decode_attention, slots_of)
 from services.model_shard.model.config import LlamaConfig
 from services.model_shard.model.families import UnsupportedModel, family_named
+from services.model_shard.model.kv_format import dequantize_rows, is_int8, quantize_rows
 from services.model_shard.model.moe import SparseMoE
 from services.model_shard.model.rope import RotaryEmbedding
 
@@ -156,14 +157,17 @@ class Attention(DirectModule):
         if self.q_norm is not None:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             qkv = torch.cat([self.q_norm(q.view(T, H, D)).view(T, -1), self.k_norm(k.view(T, KVH, D)).view(T, -1), v], -1)
-        k_cache, v_cache = kv_cache  # [KVH, S, D]
+        k_cache, v_cache = kv_cache  # [KVH, S, D], or int8 rows [KVH, S, D + 2] (kv_format.py)
         if self.native:
             q, k = native.rope_and_cache(qkv, *cos_sin, meta.slot_mapping, k_cache, v_cache, H)
         else:
             qk = RotaryEmbedding.rotate(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, D), cos_sin)
             q, k = qk[:, :H], qk[:, H:]
-            k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-            v_cache.index_copy_(1, meta.slot_mapping, self._values(qkv).transpose(0, 1))
+            ks, vs = k, self._values(qkv)
+            if is_int8(k_cache):
+                ks, vs = quantize_rows(ks), quantize_rows(vs)
+            k_cache.index_copy_(1, meta.slot_mapping, ks.transpose(0, 1))
+            v_cache.index_copy_(1, meta.slot_mapping, vs.transpose(0, 1))
 
         if meta.decode is not None and not meta.prefills:  # decode only: its tokens are the decode rows, in order
             return self._project(self._decode(q, k_cache, v_cache, meta.decode).view(T, self.q_size))
@@ -183,9 +187,13 @@ class Attention(DirectModule):
             if not span.context_start:
                 kp = k[span.start : span.end].transpose(0, 1)  # [KVH, L, D]
                 vp = v[span.start : span.end].transpose(0, 1)
+                if is_int8(k_cache):  # the numbers the cache holds, as a later chunk will read them
+                    kp, vp = (dequantize_rows(quantize_rows(x), q.dtype) for x in (kp, vp))
             else:
                 kp = k_cache[:, span.kv_slots]  # [KVH, C, D]
                 vp = v_cache[:, span.kv_slots]
+                if is_int8(k_cache):
+                    kp, vp = dequantize_rows(kp, q.dtype), dequantize_rows(vp, q.dtype)
             out[span.start : span.end] = self._prompt(qp, kp, vp, span).transpose(0, 1)
         return self._project(out.view(T, self.q_size))
 
@@ -216,10 +224,12 @@ class Attention(DirectModule):
             return native.paged_decode_attention(q, k_cache, v_cache, d.block_tables, d.context_lens, d.block_size,
                                                  self.scale)
         # Stock torch: copy each sequence's blocks out into a padded [KVH, B, L, D], then matmuls.
-        B, KVH, D = q.shape[0], self.num_kv_heads, self.head_dim
+        B, KVH, W = q.shape[0], self.num_kv_heads, k_cache.shape[-1]
         flat_blocks = d.block_tables.view(-1)
-        kd = k_cache.view(KVH, -1, d.block_size, D).index_select(1, flat_blocks).view(KVH, B, -1, D)
-        vd = v_cache.view(KVH, -1, d.block_size, D).index_select(1, flat_blocks).view(KVH, B, -1, D)
+        kd = k_cache.view(KVH, -1, d.block_size, W).index_select(1, flat_blocks).view(KVH, B, -1, W)
+        vd = v_cache.view(KVH, -1, d.block_size, W).index_select(1, flat_blocks).view(KVH, B, -1, W)
+        if is_int8(k_cache):
+            kd, vd = dequantize_rows(kd, q.dtype), dequantize_rows(vd, q.dtype)
         bias = d.bias if self.window is None else d.windowed_bias(self.window)
         return decode_attention(q, kd, vd, bias, self.scale, self.softcap)
 

@@ -46,15 +46,17 @@ LLMMESH_AVX512 inline __m256i bf16_round16(__m512 f) {
   return _mm512_cvtepi32_epi16(bits);
 }
 
-// 16 values of T (float32, bfloat16 or float16) from p, as float32.
+// 16 values of T (float32, bfloat16, float16 or int8) from p, as float32.
 template <typename T>
 LLMMESH_AVX512 inline __m512 load16(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, int8_t>) {  // an int8 KV row's values, unscaled
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return bf16_widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   } else {
-    static_assert(std::is_same_v<T, c10::Half>, "float32, bfloat16 or float16");
+    static_assert(std::is_same_v<T, c10::Half>, "float32, bfloat16, float16 or int8");
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
 }
