@@ -19,6 +19,7 @@ from llmmesh.v1 import (cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gate
                         shard_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc)
 from services.common.internal_auth import TOKEN_ENV, TOKEN_FILE_ENV, write_token_file
 from services.launcher import Mesh, client_channel, plan_mesh, wait_healthy
+from services.launcher import main as launcher_main
 
 from .conftest import INTERNAL_TOKEN, ROOT, free_ports, internal_channel
 
@@ -179,6 +180,19 @@ def test_the_launcher_plans_one_credential_per_mesh(tmp_path):
     insecure = plan_mesh("m", insecure_internal=True)
     assert insecure.internal_token is None
     assert all("--insecure-internal" in s.args for s in [insecure.gateway, *insecure.backends])
+
+
+def test_the_launcher_refuses_a_token_it_would_not_use(real_model_dir, tmp_path, capsys):
+    token_file = write_token_file(tmp_path / "token", "a-token")
+    loose = tmp_path / "loose"
+    loose.write_text("a-token")
+    loose.chmod(0o640 | 0o004)
+    for argv, message in ([["--internal-token-file", str(token_file), "--tls-dir", str(tmp_path)], "--tls-dir"],
+                          [["--internal-token-file", str(token_file), "--insecure-internal"], "--insecure-internal"],
+                          [["--internal-token-file", str(loose)], "chmod 600"]):
+        with pytest.raises(SystemExit) as exit_:
+            launcher_main(["--model", str(real_model_dir), *argv])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def _generates(mesh: Mesh) -> int:
