@@ -297,8 +297,15 @@ Call it from Python:
 
 or from this checkout:  .venv/bin/python -m services.client "What is the capital of France?"
 {http}
+{internal}
 Metrics: http://127.0.0.1:{metrics}/metrics (gateway). Ctrl-C stops the mesh.
 """
+INTERNAL = {
+    "token": "The tokenizer, cache and shards serve only this mesh's services, which hold its internal token; to\n"
+             "add a service by hand, set LLMMESH_INTERNAL_TOKEN for the launcher and for it.",
+    "tls": "The tokenizer, cache and shards serve only callers with a certificate from the mesh's CA.",
+    "insecure": "Warning: the tokenizer, cache and shards serve any local caller (--insecure-internal).",
+}
 
 
 def open_model_file(path: str, parser: argparse.ArgumentParser) -> Path:
@@ -399,7 +406,9 @@ def main(argv: list[str] | None = None) -> None:
             f"OpenAI(base_url=..., api_key=...).chat.completions.create(model=\"{name}\", ...))"
             if args.http_port else "")
     print(USAGE.format(model=name, gateway=mesh.gateway_address, shards=args.shards,
-                       s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port, http=http), flush=True)
+                       s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port, http=http,
+                       internal=INTERNAL["insecure" if args.insecure_internal else "tls" if args.tls_dir else "token"]),
+          flush=True)
     supervise(mesh, stop)
     print("[launcher] stopping (draining in-flight requests)", flush=True)
     mesh.stop()
