@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from llmmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, shard_pb2, shard_pb2_grpc  # noqa: E402
-from services.launcher import Mesh, free_port, plan_mesh  # noqa: E402
+from services.launcher import Mesh, client_channel, free_port, plan_mesh  # noqa: E402
 
 SENTENCES = ["The {0} archive kept letters from every harbour town along the coast.",
              "Each letter in the {0} collection was sorted by the year it was written.",
@@ -50,8 +50,8 @@ def long_text(name: str, tokenizer, tokens: int) -> str:
     return text.strip()
 
 
-def shard_ttft(address: str, prompt: list[int]) -> tuple[float, int]:
-    with grpc.insecure_channel(address) as channel:
+def shard_ttft(address: str, prompt: list[int], token: str | None) -> tuple[float, int]:
+    with client_channel(address, token=token) as channel:  # the mesh's internal token: shards serve only the mesh
         stub = shard_pb2_grpc.ModelShardStub(channel)
         start = time.perf_counter()
         request = shard_pb2.ShardGenerateRequest(prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(max_tokens=4))
@@ -76,14 +76,14 @@ def gateway_ttft(stub, system: str, question: str) -> tuple[float, int]:
     return ttft, cached
 
 
-def cache_blocks(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+def cache_blocks(address: str, token: str | None) -> int:
+    with client_channel(address, token=token) as channel:
         return cache_pb2_grpc.CacheStub(channel).Stats(cache_pb2.CacheStatsRequest(), timeout=10).kv_blocks
 
 
-def wait_for_blocks(address: str, blocks: int, timeout: float = 10.0) -> None:
+def wait_for_blocks(address: str, blocks: int, token: str | None, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while cache_blocks(address) < blocks and time.monotonic() < deadline:
+    while cache_blocks(address, token) < blocks and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -126,10 +126,12 @@ def main() -> None:
         for r in range(args.rounds + 1):  # round 0 warms the processes up
             prefix = tokenizer.encode(long_text(f"shard-run-{r}", tokenizer, args.prefix_tokens)).ids[: args.prefix_tokens]
             q = [tokenizer.encode(" " + question).ids for question in QUESTIONS[:3]]
-            held = cache_blocks(plan.cache.listen)
-            results = [shard_ttft(a, prefix + q[0]), shard_ttft(a, prefix + q[1])]
-            wait_for_blocks(plan.cache.listen, held + args.prefix_tokens // 16)  # uploads run off the token path
-            results.append(shard_ttft(b, prefix + q[2]))
+            token = plan.internal_token
+            held = cache_blocks(plan.cache.listen, token)
+            results = [shard_ttft(a, prefix + q[0], token), shard_ttft(a, prefix + q[1], token)]
+            # uploads run off the token path
+            wait_for_blocks(plan.cache.listen, held + args.prefix_tokens // 16, token)
+            results.append(shard_ttft(b, prefix + q[2], token))
             if r:
                 for row, (ttft, cached) in zip((cold, same, across), results):
                     row.ttft_ms.append(ttft * 1e3)

@@ -19,6 +19,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.internal_auth import (INSECURE_ENV, TOKEN_ENV, TOKEN_FILE_ENV, SendInternalTokenSync, new_token,
+                                           read_token_file)
 from services.tokenizer.tool_prompt import TOOL_FORMATS
 
 
@@ -42,6 +44,9 @@ class MeshPlan:
     cache: ServiceSpec
     shards: list[ServiceSpec]
     tls_dir: Path | None = None  # certificates from services.common.tls; None: plaintext
+    # The mesh's internal token, given to every service in its environment (None: mutual TLS is the
+    # credential, or --insecure-internal).
+    internal_token: str | None = field(default=None, repr=False)
 
     @property
     def backends(self) -> list[ServiceSpec]:
@@ -67,16 +72,20 @@ def plan_mesh(
     tokenizer_args: list[str] | None = None,
     gateway_metrics_port: int = 9400,
     tls_dir: Path | None = None,
+    internal_token: str | None = None,
+    insecure_internal: bool = False,
 ) -> MeshPlan:
     """ports / metrics_ports: tokenizer, cache, then one per shard (defaults: 50052.. and 9401..);
-    a metrics port of 0 turns that service's /metrics off."""
+    a metrics port of 0 turns that service's /metrics off. Internal calls carry a credential: the
+    client certificate with tls_dir, else internal_token (default: a fresh random one); insecure_internal:
+    none, and the tokenizer, cache and shards serve any caller."""
     n = 2 + shards
     ports = ports or [50052, 50053, *range(50061, 50061 + shards)]
     metrics_ports = metrics_ports or [9401, 9402, *range(9410, 9410 + shards)]
     if len(ports) != n or len(metrics_ports) != n:
         raise ValueError(f"need {n} ports and {n} metrics ports")
-    # Only the gateway listens on `host`: the tokenizer, cache and shards trust their callers, so a
-    # local mesh keeps them on loopback whatever the gateway is exposed on (across hosts: mutual TLS).
+    # Only the gateway listens on `host`: a local mesh keeps the tokenizer, cache and shards on loopback
+    # whatever the gateway is exposed on, and they serve only callers with the mesh's credential.
     addr = [f"127.0.0.1:{p}" for p in ports]
     threads = max(1, (os.cpu_count() or 1) // shards)
     shard_specs = [
@@ -97,9 +106,15 @@ def plan_mesh(
         # Clients reach the gateway over TLS; services reach each other over mutual TLS.
         for spec in [plan.gateway, *plan.backends]:
             cert = "shard" if spec.name.startswith("shard") else spec.name
+            client_auth = spec is not plan.gateway and not insecure_internal
             spec.args += ["--tls-cert", str(tls_dir / f"{cert}.pem"), "--tls-key", str(tls_dir / f"{cert}-key.pem"),
-                          "--tls-ca", str(tls_dir / "ca.pem"), *(["--tls-client-auth"] if spec is not plan.gateway else [])]
+                          "--tls-ca", str(tls_dir / "ca.pem"), *(["--tls-client-auth"] if client_auth else [])]
     plan.tls_dir = tls_dir
+    if insecure_internal:
+        for spec in [plan.gateway, *plan.backends]:
+            spec.args.append("--insecure-internal")
+    elif tls_dir is None:
+        plan.internal_token = internal_token or new_token()
     return plan
 
 
@@ -107,13 +122,17 @@ class ServiceFailed(RuntimeError):
     pass
 
 
-def client_channel(address: str, tls_dir: Path | None = None) -> grpc.Channel:
-    """A channel to a mesh service, presenting the `client` certificate when the mesh runs TLS."""
+def client_channel(address: str, tls_dir: Path | None = None, token: str | None = None) -> grpc.Channel:
+    """A channel to a mesh service, presenting the `client` certificate when the mesh runs TLS, and
+    sending the mesh's internal token when it has one."""
     if tls_dir is None:
-        return grpc.insecure_channel(address)
-    creds = grpc.ssl_channel_credentials((tls_dir / "ca.pem").read_bytes(), (tls_dir / "client-key.pem").read_bytes(),
-                                         (tls_dir / "client.pem").read_bytes())
-    return grpc.secure_channel(address, creds)
+        channel = grpc.insecure_channel(address)
+    else:
+        creds = grpc.ssl_channel_credentials((tls_dir / "ca.pem").read_bytes(),
+                                             (tls_dir / "client-key.pem").read_bytes(),
+                                             (tls_dir / "client.pem").read_bytes())
+        channel = grpc.secure_channel(address, creds)
+    return grpc.intercept_channel(channel, SendInternalTokenSync(token)) if token else channel
 
 
 def wait_healthy(address: str, timeout: float, process: subprocess.Popen | None = None,
@@ -155,13 +174,22 @@ class Mesh:
     def gateway_address(self) -> str:
         return self.plan.gateway.listen
 
+    def channel(self, address: str) -> grpc.Channel:
+        """A channel to one of the mesh's services with the mesh's credential (e.g. to call a shard)."""
+        return client_channel(address, self.plan.tls_dir, self.plan.internal_token)
+
     def _spawn(self, spec: ServiceSpec) -> subprocess.Popen:
+        # The token goes in the environment, which only this user can read (/proc/PID/environ), never
+        # in the command line, which every user can. The plan alone decides the credential.
+        env = {k: v for k, v in self.env.items() if k not in (TOKEN_ENV, TOKEN_FILE_ENV, INSECURE_ENV)}
+        if self.plan.internal_token:
+            env[TOKEN_ENV] = self.plan.internal_token
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(out)
-        proc = subprocess.Popen(spec.argv(), env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+        proc = subprocess.Popen(spec.argv(), env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
                                 cwd=Path(__file__).resolve().parent.parent)
         self.processes[spec.name] = proc
         return proc
@@ -269,8 +297,15 @@ Call it from Python:
 
 or from this checkout:  .venv/bin/python -m services.client "What is the capital of France?"
 {http}
+{internal}
 Metrics: http://127.0.0.1:{metrics}/metrics (gateway). Ctrl-C stops the mesh.
 """
+INTERNAL = {
+    "token": "The tokenizer, cache and shards serve only this mesh's services, which hold its internal token; to\n"
+             "add a service by hand, set LLMMESH_INTERNAL_TOKEN for the launcher and for it.",
+    "tls": "The tokenizer, cache and shards serve only callers with a certificate from the mesh's CA.",
+    "insecure": "Warning: the tokenizer, cache and shards serve any local caller (--insecure-internal).",
+}
 
 
 def open_model_file(path: str, parser: argparse.ArgumentParser) -> Path:
@@ -305,6 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="most tokens proposed per step")
     parser.add_argument("--tls-dir", type=Path,
                         help="certificates from `make certs`: TLS to the gateway, mutual TLS between services")
+    parser.add_argument("--internal-token-file", type=Path,
+                        help=f"the mesh's internal token (a file of mode 0600); default: ${TOKEN_ENV}, else a fresh "
+                             "random token. Services started by hand beside the mesh need the same one")
+    parser.add_argument("--insecure-internal", action="store_true",
+                        help="no internal credential: the tokenizer, cache and shards serve any local caller")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 where the hardware computes it natively, else float32")
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
@@ -330,7 +370,19 @@ def main(argv: list[str] | None = None) -> None:
         args.model = str(open_model_file(args.model, parser))
     if not (Path(args.model) / "config.json").exists():
         parser.error(f"no model at {args.model}: run `make model` first")
+    if args.internal_token_file and (args.tls_dir or args.insecure_internal):
+        parser.error("--internal-token-file is for a mesh without --tls-dir or --insecure-internal (with --tls-dir "
+                     "the client certificates are the credential)")
+    try:
+        token = read_token_file(args.internal_token_file) if args.internal_token_file else os.environ.get(TOKEN_ENV)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.insecure_internal:
+        print("[launcher] warning: internal calls are not authenticated (--insecure-internal): any local process can "
+              "call the tokenizer, cache and shards, bypassing the gateway's keys, limits and audit",
+              file=sys.stderr, flush=True)
     plan = plan_mesh(args.model, args.shards, args.host, args.gateway_port, tls_dir=args.tls_dir,
+                     internal_token=(token or "").strip() or None, insecure_internal=args.insecure_internal,
                      shard_args=["--dtype", args.dtype, "--kv-cache-mb", str(args.kv_cache_mb),
                                  "--kv-cache-dtype", args.kv_cache_dtype,
                                  "--tensor-parallel-size", str(args.tensor_parallel_size),
@@ -358,7 +410,9 @@ def main(argv: list[str] | None = None) -> None:
             f"OpenAI(base_url=..., api_key=...).chat.completions.create(model=\"{name}\", ...))"
             if args.http_port else "")
     print(USAGE.format(model=name, gateway=mesh.gateway_address, shards=args.shards,
-                       s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port, http=http), flush=True)
+                       s="" if args.shards == 1 else "s", metrics=plan.gateway.metrics_port, http=http,
+                       internal=INTERNAL["insecure" if args.insecure_internal else "tls" if args.tls_dir else "token"]),
+          flush=True)
     supervise(mesh, stop)
     print("[launcher] stopping (draining in-flight requests)", flush=True)
     mesh.stop()

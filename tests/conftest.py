@@ -18,6 +18,32 @@ ROOT = Path(__file__).resolve().parent.parent
 REAL_MODEL_DIR = Path(os.environ.get("LLMMESH_MODEL_DIR", ROOT / "models" / "SmolLM2-135M-Instruct"))
 
 
+def _session_token() -> str:
+    """The internal token of every service the tests start by hand (they inherit the environment), and
+    of the session's mesh, so that a gateway started beside it reaches its backends."""
+    from services.common.internal_auth import TOKEN_ENV, new_token
+
+    return os.environ.setdefault(TOKEN_ENV, new_token())
+
+
+INTERNAL_TOKEN = _session_token()
+
+
+def internal_channel(address: str):
+    """A blocking channel that sends the session's internal token (to call a shard, tokenizer or cache)."""
+    from services.launcher import client_channel
+
+    return client_channel(address, token=INTERNAL_TOKEN)
+
+
+def internal_aio_channel(address: str):
+    import grpc
+
+    from services.common.internal_auth import send_token_interceptors
+
+    return grpc.aio.insecure_channel(address, interceptors=send_token_interceptors(INTERNAL_TOKEN))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama saved like a real checkpoint (heads divide 2 and 4 for later TP tests)."""
@@ -191,7 +217,8 @@ def mesh(real_model_dir, tmp_path_factory, otlp_receiver):
     shards = 2
     ports = free_ports(2 * (2 + shards) + 2)
     plan = plan_mesh(str(real_model_dir), shards=shards, gateway_port=ports[0], ports=ports[1:5],
-                     metrics_ports=ports[5:9], gateway_metrics_port=ports[9], shard_args=["--kv-cache-mb", "256"])
+                     metrics_ports=ports[5:9], gateway_metrics_port=ports[9], shard_args=["--kv-cache-mb", "256"],
+                     internal_token=INTERNAL_TOKEN)
     root = tmp_path_factory.mktemp("mesh")
     trace_dir = root / "traces"
     env = {

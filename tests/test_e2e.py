@@ -56,7 +56,7 @@ def test_unary_equals_stream_and_repeat_is_a_cache_hit(gateway):
 
 
 def test_seeded_repeat_is_counted_by_the_cache_service(mesh, gateway):
-    with grpc.insecure_channel(mesh.plan.cache.listen) as channel:
+    with mesh.channel(mesh.plan.cache.listen) as channel:
         cache = cache_pb2_grpc.CacheStub(channel)
         before = cache.Stats(cache_pb2.CacheStatsRequest(), timeout=10)
         sampling = common_pb2.SamplingParams(max_tokens=8, temperature=0.7, seed=42)  # seeded: cacheable
@@ -78,7 +78,7 @@ def test_chinese_streams_without_broken_characters(mesh, gateway):
     assert all("\ufffd" not in c.text for c in chunks)
     text = "".join(c.text for c in chunks)
     assert "北京" in text
-    tokenizer = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(mesh.plan.tokenizer.listen))
+    tokenizer = tokenizer_pb2_grpc.TokenizerStub(mesh.channel(mesh.plan.tokenizer.listen))
     ids = [t for c in chunks for t in c.token_ids]
     assert text == tokenizer.Decode(tokenizer_pb2.DecodeRequest(token_ids=ids), timeout=10).text
     # Some message carried tokens but no text: a character was held until it was whole.
@@ -147,7 +147,7 @@ def test_every_service_answers_health_and_reflection(mesh):
     }
     specs = {s.name: s for s in [mesh.plan.gateway, *mesh.plan.backends]}
     for name, service in expected.items():
-        with grpc.insecure_channel(specs[name].listen) as channel:
+        with mesh.channel(specs[name].listen) as channel:  # reflection, like every call but health, needs the token
             health = health_pb2_grpc.HealthStub(channel)
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, name

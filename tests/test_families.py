@@ -303,14 +303,14 @@ def test_a_gemma3_shard_process_streams_transformers_tokens(tmp_path):
 
     from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 
-    from .conftest import shard_process
+    from .conftest import internal_channel, shard_process
 
     model_dir = _build("gemma3", tmp_path / "gemma3")
     prompt = _ids(11, seed=8)
     expected = _hf_greedy(_reference(model_dir), prompt, 12)
     with shard_process(model_dir, tmp_path / "shard.log", "--dtype", "float32", "--quantization", "none",
                        "--kv-cache-mb", "4", "--threads", "1") as (listen, _):
-        with grpc.insecure_channel(listen) as channel:
+        with internal_channel(listen) as channel:
             request = shard_pb2.ShardGenerateRequest(prompt_token_ids=prompt,
                                                      sampling=common_pb2.SamplingParams(max_tokens=12))
             messages = list(shard_pb2_grpc.ModelShardStub(channel).Generate(request, timeout=60))

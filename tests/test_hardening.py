@@ -189,7 +189,7 @@ def test_a_request_id_cannot_forge_a_log_line(stub):
                                             ("cache", "/llmmesh.v1.Cache/PutKvBlocks")])
 def test_garbage_on_internal_streams_is_invalid_argument(mesh, service, method):
     address = getattr(mesh.plan, service).listen
-    with grpc.insecure_channel(address) as channel:
+    with mesh.channel(address) as channel:
         call = channel.stream_stream(method) if "Detokenize" in method else channel.stream_unary(method)
         with pytest.raises(grpc.RpcError) as err:
             result = call(iter([b"\xff\xff\xff\xff"]), timeout=10)

@@ -27,7 +27,7 @@ from services.common.errors import retry_delay_s
 from services.gateway.auth import hash_key
 from services.launcher import Mesh, plan_mesh, wait_healthy
 
-from .conftest import REAL_MODEL_DIR, ROOT as REPO, free_ports, grpc_serving, wait_for
+from .conftest import INTERNAL_TOKEN, REAL_MODEL_DIR, ROOT as REPO, free_ports, grpc_serving, wait_for
 
 pytestmark = pytest.mark.e2e
 MODEL = "SmolLM2-135M-Instruct"
@@ -49,7 +49,8 @@ def mesh(real_model_dir, vocab_sized_tiny_model, root):
                      metrics_ports=[0, 0, 0], gateway_metrics_port=0,
                      shard_args=["--kv-cache-mb", "64", "--dtype", "float32"],
                      gateway_args=["--http-listen", f"127.0.0.1:{ports[4]}", "--api-keys-file", str(root / "keys"),
-                                   "--max-request-bytes", str(MAX_REQUEST_BYTES)])
+                                   "--max-request-bytes", str(MAX_REQUEST_BYTES)],
+                     internal_token=INTERNAL_TOKEN)  # the gateways started beside it have the session's
     shard = plan.shards[0]
     shard.args[shard.args.index("--model") + 1] = str(vocab_sized_tiny_model)
     with Mesh(plan, log_dir=root).start(timeout=120) as m:

@@ -3,6 +3,7 @@ validated strictly against the Kubernetes OpenAPI schemas (kubernetes-validate).
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -37,7 +38,10 @@ VALUE_SETS = {
                                     "slo": {"ttft": {"objective": 0.95, "thresholdSeconds": "2.5"}}}}},
     "kuberay": {"shards": {"ray": {"enabled": True, "workerReplicas": 2}, "gpu": {"enabled": True},
                            "tensorParallelSize": 3, "pipelineParallelSize": 2}},
+    "internal-token-secret": {"internalAuth": {"existingSecret": "mesh-internal"}},
+    "insecure-internal": {"internalAuth": {"insecure": True}, "tls": {"enabled": True, "existingSecret": "mesh-tls"}},
 }
+SERVICES = [("Deployment", "gateway"), ("Deployment", "tokenizer"), ("StatefulSet", "cache"), ("StatefulSet", "shard")]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +151,41 @@ def test_tls_and_auth_reach_every_service(chart):
     env = {e["name"]: e.get("value") for e in gateway["env"]}
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
     assert find(docs, "ServiceMonitor", "prod-llm-mesh")["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def _internal_env(docs: list[dict]) -> dict[str, dict]:
+    """Each service's internal-credential variables, by service."""
+    names = ("LLMMESH_INTERNAL_TOKEN", "LLMMESH_INSECURE_INTERNAL")
+    return {name: {e["name"]: e for e in container(find(docs, kind, f"prod-llm-mesh-{name}"))["env"] if e["name"] in names}
+            for kind, name in SERVICES}
+
+
+def test_every_service_gets_the_internal_token_from_a_secret(chart):
+    docs = render(chart, {})
+    token = base64.b64decode(find(docs, "Secret", "prod-llm-mesh-internal-token")["data"]["token"]).decode()
+    assert len(token) == 48  # random, made by the chart: another install gets another
+    assert base64.b64decode(find(render(chart, {}), "Secret", "prod-llm-mesh-internal-token")["data"]["token"]) \
+        != token.encode()
+    for kind, name in SERVICES:
+        c = container(find(docs, kind, f"prod-llm-mesh-{name}"))
+        ref = _internal_env(docs)[name]["LLMMESH_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "prod-llm-mesh-internal-token", "key": "token"}, name
+        assert token not in " ".join(c["args"])  # the environment, never the command line
+    own = render(chart, VALUE_SETS["internal-token-secret"])
+    assert not [d for d in own if d["kind"] == "Secret" and d["metadata"]["name"].endswith("internal-token")]
+    assert all(env["LLMMESH_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "mesh-internal"
+               for env in _internal_env(own).values())
+
+
+def test_with_tls_the_certificates_are_the_credential_and_insecure_turns_it_off(chart):
+    tls = render(chart, VALUE_SETS["tls-auth"])
+    assert not [d for d in tls if d["kind"] == "Secret" and d["metadata"]["name"].endswith("internal-token")]
+    assert all(env == {} for env in _internal_env(tls).values())  # mutual TLS instead
+    insecure = render(chart, VALUE_SETS["insecure-internal"])
+    assert not [d for d in insecure if d["kind"] == "Secret" and d["metadata"]["name"].endswith("internal-token")]
+    assert all(env["LLMMESH_INSECURE_INTERNAL"]["value"] == "1" for env in _internal_env(insecure).values())
+    for kind, name in SERVICES:
+        assert "--tls-client-auth" not in container(find(insecure, kind, f"prod-llm-mesh-{name}"))["args"]
 
 
 def test_kuberay_puts_the_workers_in_a_ray_cluster(chart):

@@ -195,7 +195,7 @@ def kv_mesh(real_model_dir, tmp_path_factory):
 
 
 def _shard_generate(mesh, index: int, prompt: list[int], max_tokens: int = 8):
-    with grpc.insecure_channel(mesh.plan.shards[index].listen) as channel:
+    with mesh.channel(mesh.plan.shards[index].listen) as channel:
         stub = shard_pb2_grpc.ModelShardStub(channel)
         request = shard_pb2.ShardGenerateRequest(prompt_token_ids=prompt,
                                                  sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
@@ -204,7 +204,7 @@ def _shard_generate(mesh, index: int, prompt: list[int], max_tokens: int = 8):
 
 
 def _cache_stats(mesh):
-    with grpc.insecure_channel(mesh.plan.cache.listen) as channel:
+    with mesh.channel(mesh.plan.cache.listen) as channel:
         return cache_pb2_grpc.CacheStub(channel).Stats(cache_pb2.CacheStatsRequest(), timeout=10)
 
 

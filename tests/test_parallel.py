@@ -21,7 +21,7 @@ from services.model_shard.executor.ray_workers import micro_batches
 from services.model_shard.model.llama import LlamaConfig, check_parallel
 from services.trace_view import load_spans
 
-from .conftest import shard_process, wait_for
+from .conftest import internal_channel, shard_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + i for i in range(40)], [3, 4]]
@@ -98,7 +98,7 @@ def test_a_killed_worker_fails_its_streams_then_the_shard_rebuilds_and_serves(ti
     env = {**os.environ, "LLMMESH_TRACE_DIR": str(tmp_path / "traces"), "OTEL_BSP_SCHEDULE_DELAY": "100"}
     with shard_process(tiny_model_dir, tmp_path / "shard.log", "--tensor-parallel-size", "2", "--kv-cache-mb", "4",
                        env=env) as (listen, _):
-        channel = grpc.insecure_channel(listen)
+        channel = internal_channel(listen)
         stub = shard_pb2_grpc.ModelShardStub(channel)
         info = stub.Info(shard_pb2.ShardInfoRequest(), timeout=30)
         assert info.tensor_parallel_size == 2 and [w.rank for w in info.workers] == [0, 1]

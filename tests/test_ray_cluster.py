@@ -21,7 +21,7 @@ from services.model_shard.engine.engine import EngineConfig, LLMEngine
 from services.model_shard.engine.request import SamplingParams
 
 from .cluster import PORT, RAY_ENV, Cluster, cluster_unavailable, join_ray, start_ray
-from .conftest import wait_for
+from .conftest import internal_channel, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(cluster_unavailable()), reason=str(cluster_unavailable()))]
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
@@ -39,7 +39,7 @@ def ray_cluster_shard(vocab_sized_tiny_model, tmp_path_factory):
                                   "--placement-strategy", "STRICT_SPREAD", "--placement-timeout", "3"],
                         {**RAY_ENV, "RAY_ADDRESS": head})
         wait_healthy(address, 240, shard)
-        yield c, shard_pb2_grpc.ModelShardStub(grpc.insecure_channel(address))
+        yield c, shard_pb2_grpc.ModelShardStub(internal_channel(address))
 
 
 def test_a_shard_split_over_two_ray_hosts_gives_the_local_executors_tokens(ray_cluster_shard, vocab_sized_tiny_model):

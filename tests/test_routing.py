@@ -12,7 +12,7 @@ from services.common.block_hash import chain_block_hashes, index_key
 from services.gateway.routing import PrefixAffinity
 from services.gateway.shards import Replica
 
-from .conftest import metric, shard_process, wait_for
+from .conftest import internal_channel, metric, shard_process, wait_for
 
 
 def _replica(address: str, outstanding: int = 0, serving: bool = True) -> Replica:
@@ -88,7 +88,7 @@ def test_a_shard_streams_its_prefix_index_through_evictions(tiny_model_dir, tmp_
     # float32: 1 MiB holds 128 blocks of the tiny model (the count the evictions below rely on).
     with shard_process(tiny_model_dir, tmp_path / "shard.log", "--kv-cache-mb", "1", "--threads", "1",
                        "--dtype", "float32", timeout=60) as (listen, _):
-        channel = grpc.insecure_channel(listen)
+        channel = internal_channel(listen)
         stub = shard_pb2_grpc.ModelShardStub(channel)
         mirror: set[int] = set()
         removed: list[int] = []

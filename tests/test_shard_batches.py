@@ -17,7 +17,8 @@ from services.gateway.errors import RpcError
 from services.gateway.shard_calls import ShardLost, next_shard_message, open_shard_stream
 from services.gateway.shards import ShardPool
 
-from .conftest import free_ports, metric, shard_process, wait_for
+from .conftest import (INTERNAL_TOKEN, free_ports, internal_aio_channel, internal_channel, metric, shard_process,
+                       wait_for)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
 
@@ -32,7 +33,7 @@ def shard(tiny_model_dir, tmp_path_factory, shard_metrics_port):
     with shard_process(tiny_model_dir, tmp_path_factory.mktemp("shard") / "shard.log", "--kv-cache-mb", "16",
                        "--threads", "1", "--max-running", "4", "--max-waiting", "4", "--retry-after", "0.5",
                        "--cache", "", "--metrics-port", str(shard_metrics_port), timeout=60) as (listen, _), \
-            grpc.insecure_channel(listen) as channel:
+            internal_channel(listen) as channel:
         yield listen, shard_pb2_grpc.ModelShardStub(channel)
 
 
@@ -139,7 +140,7 @@ def test_cancel_and_deadline_end_one_request_and_free_it(shard, shard_metrics_po
 
 
 def _pool(address: str, batched: bool = True) -> ShardPool:
-    pool = ShardPool([address], batched=batched)
+    pool = ShardPool([address], batched=batched, token=INTERNAL_TOKEN)
     pool.replicas[0].serving = True
     return pool
 
@@ -222,7 +223,7 @@ def test_a_shard_without_batch_streams_is_called_per_request(shard):
     tokens = [t for msg in stub.Generate(_request(PROMPTS[0]), timeout=60) for t in msg.token_ids]
 
     async def run():
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with internal_aio_channel(address) as channel:
             server = grpc.aio.server()
             shard_pb2_grpc.add_ModelShardServicer_to_server(_OlderShard(shard_pb2_grpc.ModelShardStub(channel)), server)
             port = server.add_insecure_port("127.0.0.1:0")
@@ -260,7 +261,7 @@ def test_a_shard_upgraded_in_place_gets_its_batch_stream_back(shard):
     tokens = [t for msg in stub.Generate(_request(PROMPTS[1]), timeout=60) for t in msg.token_ids]
 
     async def run():
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with internal_aio_channel(address) as channel:
             server, servicer = grpc.aio.server(), _UpgradedShard(shard_pb2_grpc.ModelShardStub(channel))
             shard_pb2_grpc.add_ModelShardServicer_to_server(servicer, server)
             port = server.add_insecure_port("127.0.0.1:0")

@@ -10,7 +10,7 @@ import pytest
 from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 from services.common.errors import retry_delay_s
 
-from .conftest import shard_process
+from .conftest import internal_channel, shard_process
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def small_shard(tiny_model_dir, tmp_path_factory):
     with shard_process(tiny_model_dir, tmp_path_factory.mktemp("shard") / "shard.log", "--max-running", "1",
                        "--max-waiting", "1", "--retry-after", "0.75", "--kv-cache-mb", "4", "--threads", "1",
                        timeout=60) as (listen, _):
-        with grpc.insecure_channel(listen) as channel:
+        with internal_channel(listen) as channel:
             yield shard_pb2_grpc.ModelShardStub(channel)
 
 

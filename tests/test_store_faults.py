@@ -25,7 +25,7 @@ from services.gateway.auth import hash_key
 from services.gateway.store.sealing import new_key_line
 from services.launcher import Mesh, plan_mesh
 
-from .conftest import free_ports, metric, wait_for
+from .conftest import INTERNAL_TOKEN, free_ports, metric, wait_for
 from .postgres import postgres_bin
 from .test_conversations import KEY_A, KEY_B, MODEL, Gateway
 
@@ -46,7 +46,8 @@ def mesh(real_model_dir, vocab_sized_tiny_model, root):
     ports = free_ports(4)
     plan = plan_mesh(str(real_model_dir), shards=1, gateway_port=ports[0], ports=ports[1:4],
                      metrics_ports=[0, 0, 0], gateway_metrics_port=0, shard_args=["--kv-cache-mb", "64"],
-                     gateway_args=["--conversation-store", "none"])
+                     gateway_args=["--conversation-store", "none"],
+                     internal_token=INTERNAL_TOKEN)  # the gateways started beside it have the session's
     shard = plan.shards[0]
     shard.args[shard.args.index("--model") + 1] = str(vocab_sized_tiny_model)
     with Mesh(plan, log_dir=root).start(timeout=120) as m:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.internal_auth import send_token_interceptors
 from services.common.telemetry import client_interceptors
 from services.common.tls import TlsFiles
 
@@ -35,9 +36,11 @@ GRPC_OPTIONS = [
 ]
 
 
-def make_channel(address: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
-    """tls: present this service's certificate and check the peer against the CA (mutual TLS)."""
+def make_channel(address: str, tls: TlsFiles | None = None, token: str | None = None) -> grpc.aio.Channel:
+    """tls: present this service's certificate and check the peer against the CA (mutual TLS).
+    token: the mesh's internal token, sent on every call (internal_auth.py)."""
+    interceptors = [*(send_token_interceptors(token) if token else []), *client_interceptors()]
     if tls is not None:
         return grpc.aio.secure_channel(address, tls.channel_credentials(), options=GRPC_OPTIONS,
-                                       interceptors=client_interceptors())
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=client_interceptors())
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=interceptors)

@@ -6,6 +6,9 @@ import argparse
 import os
 import socket
 
+from services.common.internal_auth import INSECURE_ENV, INSECURE_WARNING, TOKEN_ENV, TOKEN_FILE_ENV, read_token_file
+from services.common.internal_auth import log as auth_log
+
 
 def env_default(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -29,12 +32,42 @@ def add_service_args(parser: argparse.ArgumentParser, service: str, default_list
                         help="require callers to present a certificate signed by the CA (mutual TLS)")
     parser.add_argument("--log-format", choices=["text", "json"], default=env_default("LLMMESH_LOG_FORMAT", "text"),
                         help="json: one JSON object per line with trace_id/span_id (env LLMMESH_LOG_FORMAT)")
+    parser.add_argument("--internal-token-file", default=env_default(TOKEN_FILE_ENV, ""),
+                        help="file (mode 0600) holding the mesh's internal token, sent on calls to the tokenizer, cache "
+                             f"and shards and required of their callers; or set it in the environment as "
+                             f"{TOKEN_ENV}. Not needed with mutual TLS")
+    parser.add_argument("--insecure-internal", action="store_true",
+                        default=env_default(INSECURE_ENV, "") == "1",
+                        help=f"no internal credential: serve any caller, call without a token (env {INSECURE_ENV}=1)")
 
 
 def tls_from_args(args):
     from services.common.tls import TlsFiles
 
     return TlsFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def internal_token_from_args(parser: argparse.ArgumentParser, args, checks_callers: bool = True) -> str | None:
+    """The mesh's internal token, or None where there is none to use: --insecure-internal (which logs a
+    warning), or mutual TLS, whose client certificate is the credential. Anything else without a token is
+    refused at start, so a service never serves its callers unchecked by accident. checks_callers: the
+    service requires the credential of its callers (all but the gateway, which only sends it)."""
+    if args.insecure_internal:
+        auth_log.warning(INSECURE_WARNING, args.listen)
+        return None
+    if args.internal_token_file:
+        try:
+            return read_token_file(args.internal_token_file)
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip()
+    mutual_tls = tls_from_args(args) is not None and (args.tls_client_auth or not checks_callers)
+    if mutual_tls:
+        return None
+    parser.error(f"internal calls need a credential: set {TOKEN_ENV} or --internal-token-file (the launcher "
+                 f"makes one per mesh), or run mutual TLS (--tls-cert/--tls-key/--tls-ca"
+                 f"{' --tls-client-auth' if checks_callers else ''}); --insecure-internal turns the check off")
 
 
 def instance_id(listen: str) -> str:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from services.common.channels import GRPC_OPTIONS, MAX_MESSAGE_BYTES
+from services.common.internal_auth import RequireInternalToken
 from services.common.tls import TlsFiles
 from services.common.telemetry import server_interceptor
 
@@ -172,6 +173,13 @@ class ServeOptions:
     require_client_auth: bool = False  # with tls: callers must present a certificate (mutual TLS)
     max_receive_bytes: int = MAX_MESSAGE_BYTES  # the largest request message read
     interceptors: tuple = ()  # run first, before anything decodes a request (e.g. authentication)
+    internal_token: str | None = None  # callers must send it (internal_auth.py); health checks stay open
+
+
+def _callers_credential(options: ServeOptions) -> str:
+    if options.internal_token:
+        return "; callers need the internal token"
+    return "; callers need a client certificate" if options.tls is not None and options.require_client_auth else ""
 
 
 class ServiceRuntime:
@@ -221,7 +229,8 @@ async def serve(
     `on_drain` runs beside the gRPC drain (e.g. another front's own drain)."""
     in_flight = InFlightCalls()
     options_ = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
-    server = grpc.aio.server(interceptors=[*options.interceptors, in_flight, RejectMalformedRequests(),
+    check_token = [RequireInternalToken(options.internal_token)] if options.internal_token else []
+    server = grpc.aio.server(interceptors=[*check_token, *options.interceptors, in_flight, RejectMalformedRequests(),
                                            server_interceptor()],
                              options=[*options_, ("grpc.max_receive_message_length", options.max_receive_bytes)])
     service_names = list(register(server))
@@ -248,7 +257,8 @@ async def serve(
         await on_start(runtime)
     await runtime.set_serving(True)
     await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s serving on %s (metrics port %s)", options.name, options.listen, options.metrics_port or "off")
+    log.info("%s serving on %s (metrics port %s%s)", options.name, options.listen, options.metrics_port or "off",
+             _callers_credential(options))
     await runtime.stopping.wait()
     log.info("%s draining (grace %.0fs)", options.name, options.grace_s)
     runtime._up = False

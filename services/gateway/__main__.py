@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY
 
 from llmmesh.v1 import cache_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import make_channel
-from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
+from services.common.cli import add_service_args, env_default, instance_id, internal_token_from_args, tls_from_args
 from services.common.hash_ring import HashRing
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
@@ -88,18 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     setup_tracing("gateway", instance_id(args.listen))
 
     tls = tls_from_args(args)
+    token = internal_token_from_args(parser, args, checks_callers=False)  # sent to the backends, not asked of clients
 
     async def run():
         # Channels belong to the running event loop: make them inside it.
-        tokenizer = TokenizerReplicas([a.strip() for a in args.tokenizer.split(",") if a.strip()], tls)
+        tokenizer = TokenizerReplicas([a.strip() for a in args.tokenizer.split(",") if a.strip()], tls, token=token)
         probes: list[asyncio.Task] = []
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
-        cache_channels = {a: make_channel(a, tls) for a in caches}
+        cache_channels = {a: make_channel(a, tls, token) for a in caches}
         cache = HashRing({a: cache_pb2_grpc.CacheStub(c) for a, c in cache_channels.items()}) if caches else None
         cache_probes = CacheProbes(cache_channels)
         discovered = args.discovery == "kubernetes"
         shards = ShardPool([] if discovered else [a.strip() for a in args.shards.split(",") if a.strip()],
-                           tls=tls, dynamic=discovered, batched=args.shard_streams == "batch")
+                           tls=tls, token=token, dynamic=discovered, batched=args.shard_streams == "batch")
         watcher = None
         limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                         max_prompt_chars=args.max_prompt_chars, max_n=args.max_n)

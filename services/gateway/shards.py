@@ -64,13 +64,14 @@ class Replica:
 
 class ShardPool:
     def __init__(self, addresses: list[str], backoff_s: float = 2.0, tls: TlsFiles | None = None,
-                 dynamic: bool = False, drain_grace_s: float = 600.0, batched: bool = True):
+                 dynamic: bool = False, drain_grace_s: float = 600.0, batched: bool = True, token: str | None = None):
         """dynamic: replicas come and go through set_addresses (discovery); it may start empty.
-        batched: a replica's requests share one GenerateBatch stream (else one Generate call each)."""
+        batched: a replica's requests share one GenerateBatch stream (else one Generate call each).
+        token: the mesh's internal token, sent on every call to a replica."""
         self.batched = batched
         if not addresses and not dynamic:
             raise ValueError("at least one model shard address is needed")
-        self.tls = tls
+        self.tls, self.token = tls, token
         self.replicas = [self._replica(a) for a in addresses]
         self.backoff_s = backoff_s
         self.drain_grace_s = drain_grace_s
@@ -92,7 +93,7 @@ class ShardPool:
             self.on_availability(self.available)
 
     def _replica(self, address: str) -> Replica:
-        channel = make_channel(address, self.tls)
+        channel = make_channel(address, self.tls, self.token)
         stub = shard_pb2_grpc.ModelShardStub(channel)
         return Replica(address, channel, stub, batches=ShardBatchStream(stub, address) if self.batched else None)
 

@@ -22,9 +22,10 @@ PROBE_INTERVAL_S = 0.5
 
 
 class TokenizerReplicas:
-    def __init__(self, addresses: list[str], tls=None, probe_interval_s: float = PROBE_INTERVAL_S):
+    def __init__(self, addresses: list[str], tls=None, probe_interval_s: float = PROBE_INTERVAL_S,
+                 token: str | None = None):
         self.addresses = addresses
-        self.channels = [make_channel(a, tls) for a in addresses]
+        self.channels = [make_channel(a, tls, token) for a in addresses]
         self._stubs = [tokenizer_pb2_grpc.TokenizerStub(c) for c in self.channels]
         self.up = [True] * len(addresses)  # until a probe says otherwise
         self.probe_interval_s = probe_interval_s

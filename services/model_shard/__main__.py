@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from llmmesh.v1 import cache_pb2_grpc, shard_pb2, shard_pb2_grpc
 from services.common.channels import make_channel
-from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
+from services.common.cli import add_service_args, env_default, instance_id, internal_token_from_args, tls_from_args
 from services.common.hash_ring import HashRing
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("shard", args.log_level, args.log_format)
     log = logging.getLogger(__name__)
     setup_tracing("model_shard", instance_id(args.listen))
+    token = internal_token_from_args(parser, args)
     served_name = Path(args.model).stem if is_gguf(args.model) else args.model.rstrip("/").rsplit("/", 1)[-1]
     if is_gguf(args.model):  # converted once into a checkpoint folder beside it (model/gguf_checkpoint.py)
         try:
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         caches = [a.strip() for a in args.cache.split(",") if a.strip()]
         if caches and config.enable_prefix_caching and engine.engine.can_transfer_blocks:
             tls = tls_from_args(args)
-            channels = {a: make_channel(a, tls) for a in caches}
+            channels = {a: make_channel(a, tls, token) for a in caches}
             ring = HashRing({a: cache_pb2_grpc.CacheStub(ch) for a, ch in channels.items()})
             shared = SharedKvBlocks(ring, engine.engine.kv_layout, fetch_timeout_s=args.kv_fetch_timeout,
                                     channels=list(channels.values()))
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         if servicer.shared_kv is not None:
             await servicer.shared_kv.stop()
 
-    asyncio.run(serve(ServeOptions("model_shard", args.listen, args.metrics_port, args.grace, tls_from_args(args), args.tls_client_auth), register,
+    asyncio.run(serve(ServeOptions("model_shard", args.listen, args.metrics_port, args.grace, tls_from_args(args),
+                                   args.tls_client_auth, internal_token=token), register,
                       on_start=on_start, on_stop=on_stop))
     if runtime_ref.get("exit_code"):
         log.critical("the engine failed for good; exiting so that the shard is restarted")

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from llmmesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.cli import add_service_args, env_default, instance_id, tls_from_args
+from services.common.cli import add_service_args, env_default, instance_id, internal_token_from_args, tls_from_args
 from services.common.logs import setup_logging
 from services.common.server import ServeOptions, serve
 from services.common.telemetry import setup_tracing
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging("tokenizer", args.log_level, args.log_format)
     setup_tracing("tokenizer", instance_id(args.listen))
+    token = internal_token_from_args(parser, args)
     tool_format = None if args.tool_call_format == "auto" else args.tool_call_format
     model = Path(args.model)
     if model.suffix == ".gguf" and model.is_file():  # its tokenizer, converted once beside it
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server)
         return [tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name]
 
-    asyncio.run(serve(ServeOptions("tokenizer", args.listen, args.metrics_port, args.grace, tls_from_args(args), args.tls_client_auth), register))
+    asyncio.run(serve(ServeOptions("tokenizer", args.listen, args.metrics_port, args.grace, tls_from_args(args),
+                                   args.tls_client_auth, internal_token=token), register))
 
 
 if __name__ == "__main__":

@@ -68,9 +68,28 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 - --tls-cert=/etc/llm-mesh/tls/tls.crt
 - --tls-key=/etc/llm-mesh/tls/tls.key
 - --tls-ca=/etc/llm-mesh/tls/ca.crt
-{{- if .clientAuth }}
+{{- if and .clientAuth (not .root.Values.internalAuth.insecure) }}
 - --tls-client-auth
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The internal credential of a mesh service: with TLS its client certificate (tlsArgs), else the
+release's internal token, from a Secret into the environment (never the command line). */}}
+{{- define "llm-mesh.internalTokenSecret" -}}
+{{- .Values.internalAuth.existingSecret | default (printf "%s-internal-token" (include "llm-mesh.fullname" .)) -}}
+{{- end -}}
+
+{{- define "llm-mesh.internalAuthEnv" -}}
+{{- if .Values.internalAuth.insecure }}
+- name: LLMMESH_INSECURE_INTERNAL
+  value: "1"
+{{- else if not .Values.tls.enabled }}
+- name: LLMMESH_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llm-mesh.internalTokenSecret" . }}
+      key: token
 {{- end }}
 {{- end -}}
 
