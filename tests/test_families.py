@@ -297,15 +297,17 @@ def test_the_shard_exits_non_zero_naming_what_it_refuses(tmp_path, fields, args,
     assert shard.stderr.count(message) == 2 and "Traceback" not in shard.stderr
 
 
-def test_a_gemma3_shard_process_streams_transformers_tokens(tmp_path):
-    """The family with the most departures, served by a shard process over gRPC, streamed."""
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma3", "mixtral"])
+def test_a_shard_process_streams_transformers_tokens(tmp_path, family):
+    """Llama 3, Qwen3, Gemma 3 (the family with the most departures) and an MoE, each served by a shard
+    process over gRPC, streamed."""
     import grpc
 
     from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 
     from .conftest import internal_channel, shard_process
 
-    model_dir = _build("gemma3", tmp_path / "gemma3")
+    model_dir = _build(family, tmp_path / family)
     prompt = _ids(11, seed=8)
     expected = _hf_greedy(_reference(model_dir), prompt, 12)
     with shard_process(model_dir, tmp_path / "shard.log", "--dtype", "float32", "--quantization", "none",

@@ -297,17 +297,15 @@ def test_a_shard_serves_int8_kv_and_reports_its_capacity(tiny_model_dir, tmp_pat
     import subprocess
     import sys
 
-    import grpc
-
     from llmmesh.v1 import common_pb2, shard_pb2, shard_pb2_grpc
 
-    from .conftest import ROOT, free_ports, scrape_metrics, shard_process
+    from .conftest import ROOT, free_ports, internal_channel, scrape_metrics, shard_process
 
     (port,) = free_ports(1)
     log = tmp_path / "shard.log"
     with shard_process(tiny_model_dir, log, "--dtype", "bfloat16", "--kv-cache-dtype", "int8", "--kv-cache-mb", "4",
                        "--threads", "1", "--metrics-port", str(port)) as (listen, _):
-        with grpc.insecure_channel(listen) as channel:
+        with internal_channel(listen) as channel:
             request = shard_pb2.ShardGenerateRequest(prompt_token_ids=[5, 6, 7, 8, 9],
                                                      sampling=common_pb2.SamplingParams(max_tokens=6))
             tokens = [t for m in shard_pb2_grpc.ModelShardStub(channel).Generate(request, timeout=60) for t in m.token_ids]
