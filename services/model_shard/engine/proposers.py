@@ -53,6 +53,7 @@ class NgramIndex:
 class _Answer:
     scope: bytes
     tokens: list[int]  # the end of its prompt, then the answer
+    content: int  # hash of (scope, tokens): the same answer given again is one entry
     keys: list[tuple[int, int]] = field(default_factory=list)  # (n, key) entries it wrote in the index
 
 
@@ -89,7 +90,7 @@ class AnswerStore:
             self._answers.move_to_end(known)
             return
         aid, self._next_id = self._next_id, self._next_id + 1
-        entry = _Answer(scope, tokens)
+        entry = _Answer(scope, tokens, content)
         for end in range(len(tail), len(tokens)):  # n-grams followed by a token of the answer
             for n in self.sizes:
                 if end >= n:
@@ -125,6 +126,5 @@ class AnswerStore:
         for n, key in entry.keys:
             if self._index[n].get(key, (None,))[0] == aid:
                 del self._index[n][key]
-        content = hash((entry.scope, tuple(entry.tokens)))
-        if self._by_content.get(content) == aid:
-            del self._by_content[content]
+        if self._by_content.get(entry.content) == aid:
+            del self._by_content[entry.content]

@@ -208,9 +208,9 @@ class Scheduler:
         # Decodes first (a stable sort keeps admission order within each kind): a prompt still being
         # chunked never takes the budget a stream's next token needs.
         self.running.sort(key=self.shares.running_order_key)
-        if self.speculator is not None:
-            self.speculator.begin_step(self.running)
         decoding = sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
+        if self.speculator is not None:
+            self.speculator.begin_step(decoding)
         cap = self.config.prefill_tokens_beside_decodes
         prompt_budget = cap if cap is not None and decoding else budget  # prompt tokens, of `budget`
         kv_short = False

@@ -161,10 +161,9 @@ class Speculator:
         return SpeculationStats(*(sum(getattr(s, f) for s in self.stats.values())
                                   for f in ("proposed", "accepted", "checks")))
 
-    def begin_step(self, running: list[Sequence]) -> None:
-        """Decide whether this step speculates."""
+    def begin_step(self, decoding: int) -> None:
+        """Decide whether this step speculates, from how many running sequences decode in it."""
         self._step += 1
-        decoding = sum(s.num_tokens - s.num_computed_tokens == 1 for s in running)
         self._active = decoding <= self.config.max_decoding
 
     def draft(self, seq: Sequence, limit: int) -> list[int]:
