@@ -75,12 +75,16 @@ class Gateway:
         return channel, gateway_pb2_grpc.GatewayStub(channel)
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conversations")
+def write_key_files(root: Path) -> Path:
+    """team-a's and team-b's API keys (root/keys) and the store's sealing key (root/store-keys)."""
     (root / "keys").write_text(f"team-a {hash_key(KEY_A)}\nteam-b {hash_key(KEY_B)}\n")
     (root / "store-keys").write_text(new_key_line("k1") + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return write_key_files(tmp_path_factory.mktemp("conversations"))
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from services.gateway.auth import hash_key
-from services.gateway.store.sealing import new_key_line
 from services.launcher import Mesh, plan_mesh
 
 from .conftest import INTERNAL_TOKEN, free_ports, metric, wait_for
 from .postgres import postgres_bin
-from .test_conversations import KEY_A, KEY_B, MODEL, Gateway
+from .test_conversations import MODEL, Gateway, write_key_files
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(postgres_bin() is None, reason="no PostgreSQL server (apt-get install postgresql)")]
@@ -35,10 +33,7 @@ pytestmark = [pytest.mark.e2e,
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store-faults")
-    (root / "keys").write_text(f"team-a {hash_key(KEY_A)}\nteam-b {hash_key(KEY_B)}\n")
-    (root / "store-keys").write_text(new_key_line("k1") + "\n")
-    return root
+    return write_key_files(tmp_path_factory.mktemp("store-faults"))
 
 
 @pytest.fixture(scope="module")
