@@ -217,6 +217,12 @@ class _OlderShard(shard_pb2_grpc.ModelShardServicer):
         async for msg in self.stub.Generate(request):
             yield msg
 
+    async def GenerateBatch(self, requests, context):
+        # What a server without the method answers. The generated base's handler raises
+        # NotImplementedError instead, which grpc.aio sometimes reports as INTERNAL.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        yield  # an async generator, as a stream-stream handler is
+
 
 def test_a_shard_without_batch_streams_is_called_per_request(shard):
     address, stub = shard
